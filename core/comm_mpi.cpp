@@ -1,0 +1,340 @@
+// defines: the MPI backend (CPU tensors). Each MpiCommunicator owns a duplicate MPI
+// communicator and a worker thread; every operation is queued to that thread and runs in
+// issue order, so async calls overlap with the caller's compute and the issue order is the
+// execution order (the same contract the NCCL backend keeps with its stream).
+#include "core/backend.h"
+#include "core/errors.h"
+
+#include <mpi.h>
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#define MT_MPI_CHECK(call)                                                                 \
+  do {                                                                                     \
+    const int mt_rc_ = (call);                                                             \
+    if (mt_rc_ != MPI_SUCCESS) {                                                           \
+      char mt_msg_[MPI_MAX_ERROR_STRING];                                                  \
+      int mt_len_ = 0;                                                                     \
+      MPI_Error_string(mt_rc_, mt_msg_, &mt_len_);                                         \
+      std::ostringstream mt_os_;                                                           \
+      mt_os_ << #call << " failed at " << __FILE__ << ":" << __LINE__ << ": "              \
+             << std::string(mt_msg_, mt_len_);                                             \
+      throw ::meshtrain::CommError(mt_os_.str());                                          \
+    }                                                                                      \
+  } while (0)
+
+namespace meshtrain {
+namespace {
+
+bool mpi_alive() {
+  int initialized = 0;
+  int finalized = 0;
+  MPI_Initialized(&initialized);
+  MPI_Finalized(&finalized);
+  return initialized != 0 && finalized == 0;
+}
+
+// Wire datatype. bf16/fp16 travel as 16-bit words when no arithmetic is needed.
+MPI_Datatype wire_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return MPI_FLOAT;
+    case at::kDouble:
+      return MPI_DOUBLE;
+    case at::kBFloat16:
+    case at::kHalf:
+      return MPI_UINT16_T;
+    case at::kInt:
+      return MPI_INT32_T;
+    case at::kLong:
+      return MPI_INT64_T;
+    case at::kByte:
+      return MPI_UINT8_T;
+    default:
+      MT_ASSERT(false, "unsupported dtype reached the MPI backend: ", t);
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+MPI_Op mpi_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+    case ReduceOp::kAvg:  // sum, then divided by the group size
+      return MPI_SUM;
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
+  }
+  return MPI_OP_NULL;
+}
+
+bool is_half_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// Completion state shared between the caller and the worker thread.
+class MpiWork final : public Work {
+ public:
+  bool is_completed() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return done_;
+  }
+
+  bool wait(std::chrono::milliseconds timeout) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (timeout.count() < 0) {
+      cv_.wait(lock, [&] { return done_; });
+    } else if (!cv_.wait_for(lock, timeout, [&] { return done_; })) {
+      return false;
+    }
+    if (error_) {
+      std::rethrow_exception(error_);
+    }
+    return true;
+  }
+
+  void finish(std::exception_ptr error) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_ = true;
+      error_ = std::move(error);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::exception_ptr error_;
+};
+
+class MpiCommunicator final : public Communicator {
+ public:
+  MpiCommunicator(MPI_Comm comm, const std::string& name)
+      : Communicator(name, comm_rank(comm), comm_size(comm)), comm_(comm) {
+    MT_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    worker_ = std::thread([this] { run_worker(); });
+  }
+
+  ~MpiCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+    if (mpi_alive()) {
+      MPI_Comm_free(&comm_);
+    }
+  }
+
+ protected:
+  WorkPtr do_all_reduce(const at::Tensor& tensor, ReduceOp op) override {
+    return enqueue([this, tensor, op] {
+      if (is_half_precision(tensor.scalar_type())) {
+        auto wide = tensor.to(at::kFloat);
+        MT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, wide.data_ptr(), count(wide), MPI_FLOAT,
+                                   mpi_op(op), comm_));
+        finish_avg(wide, op);
+        tensor.copy_(wide);
+        return;
+      }
+      MT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor),
+                                 wire_type(tensor.scalar_type()), mpi_op(op), comm_));
+      finish_avg(tensor, op);
+    });
+  }
+
+  WorkPtr do_reduce_scatter(const at::Tensor& input, const at::Tensor& output,
+                            ReduceOp op) override {
+    return enqueue([this, input, output, op] {
+      if (is_half_precision(input.scalar_type())) {
+        auto wide_in = input.to(at::kFloat);
+        auto wide_out = at::empty({output.numel()}, at::kFloat);
+        MT_MPI_CHECK(MPI_Reduce_scatter_block(wide_in.data_ptr(), wide_out.data_ptr(),
+                                              count(wide_out), MPI_FLOAT, mpi_op(op), comm_));
+        finish_avg(wide_out, op);
+        output.view(-1).copy_(wide_out);
+        return;
+      }
+      // MPI forbids aliased send and receive buffers; callers (ZeRO-2) may pass their own
+      // chunk of the input as output, so that case goes through a temporary.
+      const auto* in_begin = static_cast<const char*>(input.data_ptr());
+      const auto* out_begin = static_cast<const char*>(output.data_ptr());
+      const bool aliased = out_begin >= in_begin && out_begin < in_begin + input.nbytes();
+      auto target = aliased ? at::empty_like(output) : output;
+      MT_MPI_CHECK(MPI_Reduce_scatter_block(input.data_ptr(), target.data_ptr(), count(output),
+                                            wire_type(output.scalar_type()), mpi_op(op),
+                                            comm_));
+      finish_avg(target, op);
+      if (aliased) {
+        output.copy_(target);
+      }
+    });
+  }
+
+  WorkPtr do_all_gather(const at::Tensor& input, const at::Tensor& output) override {
+    return enqueue([this, input, output] {
+      const auto type = wire_type(input.scalar_type());
+      const char* own_chunk = static_cast<const char*>(output.data_ptr()) +
+                              static_cast<int64_t>(rank()) * input.numel() * input.element_size();
+      // Gathering in place (input is already this rank's chunk of output) is MPI_IN_PLACE.
+      const void* send = input.data_ptr() == own_chunk ? MPI_IN_PLACE : input.data_ptr();
+      MT_MPI_CHECK(MPI_Allgather(send, count(input), type, output.data_ptr(), count(input), type,
+                                 comm_));
+    });
+  }
+
+  WorkPtr do_broadcast(const at::Tensor& tensor, int root) override {
+    return enqueue([this, tensor, root] {
+      MT_MPI_CHECK(MPI_Bcast(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()),
+                             root, comm_));
+    });
+  }
+
+  WorkPtr do_send(const at::Tensor& tensor, int dst, int tag) override {
+    return enqueue([this, tensor, dst, tag] {
+      MT_MPI_CHECK(MPI_Send(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()),
+                            dst, tag, comm_));
+    });
+  }
+
+  WorkPtr do_recv(const at::Tensor& tensor, int src, int tag) override {
+    return enqueue([this, tensor, src, tag] {
+      MT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()),
+                            src, tag, comm_, MPI_STATUS_IGNORE));
+    });
+  }
+
+  WorkPtr do_barrier() override {
+    return enqueue([this] { MT_MPI_CHECK(MPI_Barrier(comm_)); });
+  }
+
+  std::shared_ptr<Communicator> do_split(int color, int key, const std::string& name) override {
+    MPI_Comm child = MPI_COMM_NULL;
+    // Split is a collective on comm_: it goes through the queue like every other operation.
+    enqueue([this, color, key, &child] {
+      MT_MPI_CHECK(MPI_Comm_split(comm_, color, key, &child));
+    })->wait();
+    return std::make_shared<MpiCommunicator>(child, name);
+  }
+
+  void check_device(const char* call, const at::Tensor& tensor) const override {
+    MT_CHECK(tensor.device().is_cpu(), call, " on group '", name(),
+             "': the MPI backend moves CPU tensors, got a tensor on ", tensor.device());
+  }
+
+ private:
+  static int comm_rank(MPI_Comm comm) {
+    int r = 0;
+    MT_MPI_CHECK(MPI_Comm_rank(comm, &r));
+    return r;
+  }
+  static int comm_size(MPI_Comm comm) {
+    int s = 0;
+    MT_MPI_CHECK(MPI_Comm_size(comm, &s));
+    return s;
+  }
+  static int count(const at::Tensor& t) { return static_cast<int>(t.numel()); }
+
+  void finish_avg(const at::Tensor& t, ReduceOp op) const {
+    if (op == ReduceOp::kAvg) {
+      t.div_(size());
+    }
+  }
+
+  WorkPtr enqueue(std::function<void()> fn) {
+    auto work = std::make_shared<MpiWork>();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.emplace_back(std::move(fn), work);
+    }
+    cv_.notify_one();
+    return work;
+  }
+
+  void run_worker() {
+    // ATen ops on this thread (bf16 upcasts, avg division) stay single-threaded: the
+    // compute threads belong to the caller.
+    at::set_num_threads(1);
+    for (;;) {
+      std::pair<std::function<void()>, std::shared_ptr<MpiWork>> item;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+        if (queue_.empty()) {
+          return;  // stopping and drained
+        }
+        item = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      std::exception_ptr error;
+      try {
+        item.first();
+      } catch (...) {
+        error = std::current_exception();
+      }
+      item.second->finish(error);
+    }
+  }
+
+  MPI_Comm comm_;
+  std::thread worker_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<std::pair<std::function<void()>, std::shared_ptr<MpiWork>>> queue_;
+  bool stopping_ = false;
+};
+
+}  // namespace
+
+namespace backend {
+
+const char* name() { return "mpi"; }
+
+void init(int* argc, char*** argv) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  int provided = 0;
+  if (initialized == 0) {
+    MT_MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
+  } else {
+    MT_MPI_CHECK(MPI_Query_thread(&provided));
+  }
+  if (provided < MPI_THREAD_MULTIPLE) {
+    throw CommError(
+        "meshtrain needs MPI_THREAD_MULTIPLE (each communicator runs on its own thread); this "
+        "MPI library provides only level " +
+        std::to_string(provided));
+  }
+}
+
+void finalize() {
+  if (mpi_alive()) {
+    MPI_Finalize();
+  }
+}
+
+CommunicatorPtr make_world() {
+  MPI_Comm dup = MPI_COMM_NULL;
+  MT_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
+  return std::make_shared<MpiCommunicator>(dup, "world");
+}
+
+void node_local(const CommunicatorPtr& world, int* local_rank, int* local_size) {
+  MPI_Comm node = MPI_COMM_NULL;
+  MT_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, world->rank(),
+                                   MPI_INFO_NULL, &node));
+  MT_MPI_CHECK(MPI_Comm_rank(node, local_rank));
+  MT_MPI_CHECK(MPI_Comm_size(node, local_size));
+  MPI_Comm_free(&node);
+}
+
+}  // namespace backend
+}  // namespace meshtrain

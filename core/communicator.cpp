@@ -1,0 +1,239 @@
+// defines: the backend-independent half of Communicator: argument checks, the group-of-one
+// short cut, the across-rank agreement check and the counting log.
+#include "core/communicator.h"
+
+#include "core/errors.h"
+
+#include <c10/util/irange.h>
+
+#include <cstdlib>
+#include <limits>
+#include <sstream>
+
+namespace meshtrain {
+
+const char* to_string(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kAvg:
+      return "avg";
+    case ReduceOp::kMax:
+      return "max";
+    case ReduceOp::kMin:
+      return "min";
+  }
+  return "unknown";
+}
+
+namespace {
+
+class CompletedWork final : public Work {
+ public:
+  bool is_completed() override { return true; }
+  bool wait(std::chrono::milliseconds /*timeout*/) override { return true; }
+};
+
+bool is_supported_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kBFloat16:
+    case at::kHalf:
+    case at::kInt:
+    case at::kLong:
+    case at::kByte:
+      return true;
+    default:
+      return false;
+  }
+}
+
+int64_t nbytes(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
+}  // namespace
+
+WorkPtr completed_work() { return std::make_shared<CompletedWork>(); }
+
+Communicator::Communicator(std::string name, int rank, int size)
+    : name_(std::move(name)), rank_(rank), size_(size), log_(std::make_shared<CommLog>()) {
+  const char* env = std::getenv("MESHTRAIN_COMM_CHECK");
+  check_across_ranks_ = env != nullptr && std::string(env) == "1";
+}
+
+void Communicator::check_tensor(const char* call, const char* what,
+                                const at::Tensor& tensor) const {
+  MT_CHECK(tensor.defined(), call, " on group '", name_, "': ", what, " is an undefined tensor");
+  MT_CHECK(tensor.is_contiguous(), call, " on group '", name_, "': ", what,
+           " must be contiguous (got sizes ", tensor.sizes(), ", strides ", tensor.strides(),
+           "); call .contiguous() first");
+  MT_CHECK(is_supported_dtype(tensor.scalar_type()), call, " on group '", name_, "': ", what,
+           " has dtype ", tensor.scalar_type(),
+           "; supported: Float, Double, BFloat16, Half, Int, Long, Byte");
+  MT_CHECK(tensor.numel() <= std::numeric_limits<int>::max(), call, " on group '", name_,
+           "': ", what, " has ", tensor.numel(), " elements; at most ",
+           std::numeric_limits<int>::max(), " per call");
+  check_device(call, tensor);
+}
+
+void Communicator::check_peer(const char* call, const char* what, int peer) const {
+  MT_CHECK(peer >= 0 && peer < size_, call, " on group '", name_, "': ", what, " ", peer,
+           " is not a rank of this group (size ", size_, ")");
+}
+
+void Communicator::record(CollectiveKind kind, int64_t bytes) {
+  if (log_) {
+    log_->record(kind, name_, bytes);
+  }
+}
+
+void Communicator::check_agreement(const char* call, int64_t numel, at::ScalarType dtype,
+                                   int64_t extra) {
+  if (!check_across_ranks_ || size_ == 1) {
+    return;
+  }
+  auto mine = at::tensor({numel, static_cast<int64_t>(dtype), extra}, at::kLong);
+  auto all = at::empty({size_ * 3}, at::kLong);
+  do_all_gather(mine, all)->wait();
+  auto rows = all.view({size_, 3});
+  auto acc = rows.accessor<int64_t, 2>();
+  std::ostringstream differ;
+  bool mismatch = false;
+  for (const auto r : c10::irange(size_)) {
+    if (acc[r][0] != acc[0][0] || acc[r][1] != acc[0][1] || acc[r][2] != acc[0][2]) {
+      mismatch = true;
+    }
+  }
+  if (mismatch) {
+    for (const auto r : c10::irange(size_)) {
+      differ << " rank " << r << ": numel " << acc[r][0] << " dtype "
+             << static_cast<at::ScalarType>(acc[r][1]) << " op/root " << acc[r][2] << ";";
+    }
+  }
+  MT_CHECK(!mismatch, call, " on group '", name_,
+           "': ranks disagree on the arguments:", differ.str());
+}
+
+WorkPtr Communicator::all_reduce_async(const at::Tensor& tensor, ReduceOp op) {
+  check_tensor("all_reduce", "tensor", tensor);
+  MT_CHECK(op != ReduceOp::kAvg || at::isFloatingType(tensor.scalar_type()),
+           "all_reduce on group '", name_, "': op avg needs a floating dtype, got ",
+           tensor.scalar_type());
+  if (size_ == 1) {
+    return completed_work();
+  }
+  check_agreement("all_reduce", tensor.numel(), tensor.scalar_type(), static_cast<int>(op));
+  record(CollectiveKind::kAllReduce, nbytes(tensor));
+  return do_all_reduce(tensor, op);
+}
+
+WorkPtr Communicator::reduce_scatter_async(const at::Tensor& input, const at::Tensor& output,
+                                           ReduceOp op) {
+  check_tensor("reduce_scatter", "input", input);
+  check_tensor("reduce_scatter", "output", output);
+  MT_CHECK(input.scalar_type() == output.scalar_type(), "reduce_scatter on group '", name_,
+           "': input dtype ", input.scalar_type(), " differs from output dtype ",
+           output.scalar_type());
+  MT_CHECK(input.numel() == output.numel() * size_, "reduce_scatter on group '", name_,
+           "': input has ", input.numel(), " elements, expected group size ", size_,
+           " x output elements ", output.numel(), " = ", output.numel() * size_);
+  MT_CHECK(op != ReduceOp::kAvg || at::isFloatingType(input.scalar_type()),
+           "reduce_scatter on group '", name_, "': op avg needs a floating dtype, got ",
+           input.scalar_type());
+  if (size_ == 1) {
+    if (!input.is_same(output)) {
+      output.view(-1).copy_(input.view(-1));
+    }
+    return completed_work();
+  }
+  check_agreement("reduce_scatter", input.numel(), input.scalar_type(), static_cast<int>(op));
+  record(CollectiveKind::kReduceScatter, nbytes(input));
+  return do_reduce_scatter(input, output, op);
+}
+
+WorkPtr Communicator::all_gather_async(const at::Tensor& input, const at::Tensor& output) {
+  check_tensor("all_gather", "input", input);
+  check_tensor("all_gather", "output", output);
+  MT_CHECK(input.scalar_type() == output.scalar_type(), "all_gather on group '", name_,
+           "': input dtype ", input.scalar_type(), " differs from output dtype ",
+           output.scalar_type());
+  MT_CHECK(output.numel() == input.numel() * size_, "all_gather on group '", name_,
+           "': output has ", output.numel(), " elements, expected group size ", size_,
+           " x input elements ", input.numel(), " = ", input.numel() * size_);
+  if (size_ == 1) {
+    if (!input.is_same(output)) {
+      output.view(-1).copy_(input.view(-1));
+    }
+    return completed_work();
+  }
+  check_agreement("all_gather", input.numel(), input.scalar_type(), 0);
+  record(CollectiveKind::kAllGather, nbytes(output));
+  return do_all_gather(input, output);
+}
+
+WorkPtr Communicator::broadcast_async(const at::Tensor& tensor, int root) {
+  check_tensor("broadcast", "tensor", tensor);
+  check_peer("broadcast", "root", root);
+  if (size_ == 1) {
+    return completed_work();
+  }
+  check_agreement("broadcast", tensor.numel(), tensor.scalar_type(), root);
+  record(CollectiveKind::kBroadcast, nbytes(tensor));
+  return do_broadcast(tensor, root);
+}
+
+WorkPtr Communicator::send_async(const at::Tensor& tensor, int dst, int tag) {
+  check_tensor("send", "tensor", tensor);
+  check_peer("send", "destination", dst);
+  MT_CHECK(dst != rank_, "send on group '", name_, "': rank ", rank_, " cannot send to itself");
+  record(CollectiveKind::kSend, nbytes(tensor));
+  return do_send(tensor, dst, tag);
+}
+
+WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
+  check_tensor("recv", "tensor", tensor);
+  check_peer("recv", "source", src);
+  MT_CHECK(src != rank_, "recv on group '", name_, "': rank ", rank_,
+           " cannot receive from itself");
+  record(CollectiveKind::kRecv, nbytes(tensor));
+  return do_recv(tensor, src, tag);
+}
+
+WorkPtr Communicator::barrier_async() {
+  if (size_ == 1) {
+    return completed_work();
+  }
+  record(CollectiveKind::kBarrier, 0);
+  return do_barrier();
+}
+
+void Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+  all_reduce_async(tensor, op)->wait();
+}
+void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output,
+                                  ReduceOp op) {
+  reduce_scatter_async(input, output, op)->wait();
+}
+void Communicator::all_gather(const at::Tensor& input, const at::Tensor& output) {
+  all_gather_async(input, output)->wait();
+}
+void Communicator::broadcast(const at::Tensor& tensor, int root) {
+  broadcast_async(tensor, root)->wait();
+}
+void Communicator::send(const at::Tensor& tensor, int dst, int tag) {
+  send_async(tensor, dst, tag)->wait();
+}
+void Communicator::recv(const at::Tensor& tensor, int src, int tag) {
+  recv_async(tensor, src, tag)->wait();
+}
+void Communicator::barrier() { barrier_async()->wait(); }
+
+std::shared_ptr<Communicator> Communicator::split(int color, int key, const std::string& name) {
+  MT_CHECK(color >= 0, "split of group '", name_, "': color must be >= 0, got ", color);
+  auto child = do_split(color, key, name);
+  child->set_log(log_);
+  child->set_check_across_ranks(check_across_ranks_);
+  return child;
+}
+
+}  // namespace meshtrain

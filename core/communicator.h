@@ -1,0 +1,128 @@
+// defines: ReduceOp, Work, WorkPtr, Communicator — the interface every communication backend
+// implements (MPI for CPU tensors in comm_mpi.cpp, a single-process one in comm_single.cpp,
+// NCCL for CUDA tensors later).
+//
+// Semantics shared by all backends:
+// - Every call checks its arguments on the calling rank (contiguity, dtype, device, shapes)
+//   and throws c10::Error naming the call, the group and the offending values. With
+//   set_check_across_ranks(true) (or MESHTRAIN_COMM_CHECK=1) every collective first agrees
+//   on (numel, dtype, op/root) across the group and throws on every rank, naming the ranks
+//   that differ.
+// - Operations on one communicator run in the order they were issued, on the
+//   communicator's own execution context: a worker thread for MPI; for NCCL, a dedicated
+//   CUDA stream that first waits on an event recorded on the caller's current stream.
+//   The async variants return a Work at once; tensors must stay untouched until it is done.
+//   Work::wait() blocks the host until the result is in the tensor (MPI); for NCCL it
+//   makes the caller's current stream wait on the communication stream, so later kernels
+//   see the result.
+// - Sync variants are the async ones followed by wait().
+// - A group of one rank is free: every call is a local no-op (after the argument checks)
+//   and is not recorded by the counting log.
+// - Shapes: all_gather's output is size() inputs concatenated along dim 0; reduce_scatter's
+//   input is size() chunks along dim 0 and rank r receives chunk r.
+// - bf16/fp16 reductions are computed in fp32 (the chunk is upcast, reduced, rounded once),
+//   so sums are exact up to the final rounding; the wire carries fp32 for those calls.
+#pragma once
+
+#include "core/comm_log.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+
+namespace meshtrain {
+
+enum class ReduceOp { kSum, kAvg, kMax, kMin };
+const char* to_string(ReduceOp op);
+
+class Work {
+ public:
+  static constexpr std::chrono::milliseconds kNoTimeout{-1};
+  virtual ~Work() = default;
+  virtual bool is_completed() = 0;
+  // Blocks until the operation is done or `timeout` elapses (kNoTimeout: forever). Returns
+  // true when done, false on timeout (the operation is still pending; wait again).
+  // Rethrows the operation's failure.
+  virtual bool wait(std::chrono::milliseconds timeout = kNoTimeout) = 0;
+};
+using WorkPtr = std::shared_ptr<Work>;
+
+// A Work that is already finished (groups of one, single-process backend).
+WorkPtr completed_work();
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const std::string& name() const { return name_; }
+
+  // Counting mode: collectives are recorded into `log` while it is enabled.
+  void set_log(std::shared_ptr<CommLog> log) { log_ = std::move(log); }
+  const std::shared_ptr<CommLog>& log() const { return log_; }
+  void set_check_across_ranks(bool on) { check_across_ranks_ = on; }
+
+  // In place on `tensor`.
+  WorkPtr all_reduce_async(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+  // input: [size() * n, ...], output: [n, ...]; rank r gets the reduction of chunk r.
+  WorkPtr reduce_scatter_async(const at::Tensor& input, const at::Tensor& output,
+                               ReduceOp op = ReduceOp::kSum);
+  // input: [n, ...], output: [size() * n, ...]; chunk r of output is rank r's input.
+  WorkPtr all_gather_async(const at::Tensor& input, const at::Tensor& output);
+  // In place: every rank ends with `root`'s tensor.
+  WorkPtr broadcast_async(const at::Tensor& tensor, int root);
+  WorkPtr send_async(const at::Tensor& tensor, int dst, int tag = 0);
+  WorkPtr recv_async(const at::Tensor& tensor, int src, int tag = 0);
+  WorkPtr barrier_async();
+
+  void all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
+  void reduce_scatter(const at::Tensor& input, const at::Tensor& output,
+                      ReduceOp op = ReduceOp::kSum);
+  void all_gather(const at::Tensor& input, const at::Tensor& output);
+  void broadcast(const at::Tensor& tensor, int root);
+  void send(const at::Tensor& tensor, int dst, int tag = 0);
+  void recv(const at::Tensor& tensor, int src, int tag = 0);
+  void barrier();
+
+  // Collective over this communicator: ranks passing the same `color` form a new
+  // communicator named `name`, ordered by `key`. It shares this communicator's log.
+  std::shared_ptr<Communicator> split(int color, int key, const std::string& name);
+
+ protected:
+  Communicator(std::string name, int rank, int size);
+
+  // Backends implement these; arguments are already checked and size() > 1.
+  virtual WorkPtr do_all_reduce(const at::Tensor& tensor, ReduceOp op) = 0;
+  virtual WorkPtr do_reduce_scatter(const at::Tensor& input, const at::Tensor& output,
+                                    ReduceOp op) = 0;
+  virtual WorkPtr do_all_gather(const at::Tensor& input, const at::Tensor& output) = 0;
+  virtual WorkPtr do_broadcast(const at::Tensor& tensor, int root) = 0;
+  virtual WorkPtr do_send(const at::Tensor& tensor, int dst, int tag) = 0;
+  virtual WorkPtr do_recv(const at::Tensor& tensor, int src, int tag) = 0;
+  virtual WorkPtr do_barrier() = 0;
+  virtual std::shared_ptr<Communicator> do_split(int color, int key, const std::string& name) = 0;
+  // Throws when the backend cannot move tensors on this device.
+  virtual void check_device(const char* call, const at::Tensor& tensor) const = 0;
+
+ private:
+  void check_tensor(const char* call, const char* what, const at::Tensor& tensor) const;
+  void check_peer(const char* call, const char* what, int peer) const;
+  // Agrees on a small descriptor across the group; throws on every rank on a mismatch.
+  void check_agreement(const char* call, int64_t numel, at::ScalarType dtype, int64_t extra);
+  void record(CollectiveKind kind, int64_t bytes);
+
+  std::string name_;
+  int rank_;
+  int size_;
+  std::shared_ptr<CommLog> log_;
+  bool check_across_ranks_ = false;
+};
+
+using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+}  // namespace meshtrain

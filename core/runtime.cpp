@@ -1,0 +1,67 @@
+// defines: Runtime (see runtime.h).
+#include "core/runtime.h"
+
+#include "core/backend.h"
+#include "core/errors.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <thread>
+
+namespace meshtrain {
+namespace {
+
+// MPI can be initialised once per process; a second Runtime is a programming error.
+std::atomic<bool> g_runtime_alive{false};
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') {
+    return fallback;
+  }
+  char* end = nullptr;
+  const long parsed = std::strtol(v, &end, 10);
+  MT_CHECK(end != nullptr && *end == '\0' && parsed > 0 && parsed < 4096, name, "='", v,
+           "' must be a positive integer");
+  return static_cast<int>(parsed);
+}
+
+}  // namespace
+
+int default_threads_per_rank(int cores, int ranks_on_node) {
+  MT_CHECK(ranks_on_node >= 1, "ranks on node must be >= 1, got ", ranks_on_node);
+  return std::max(1, cores / ranks_on_node);
+}
+
+const char* Runtime::backend_name() { return backend::name(); }
+
+Runtime::Runtime(int* argc, char*** argv, RuntimeOptions options) {
+  MT_CHECK(!g_runtime_alive.exchange(true), "only one meshtrain::Runtime may exist per process");
+  try {
+    backend::init(argc, argv);
+    world_ = backend::make_world();
+    backend::node_local(world_, &local_rank_, &local_size_);
+  } catch (...) {
+    world_.reset();
+    g_runtime_alive = false;
+    throw;
+  }
+  const int cores = static_cast<int>(std::max(1U, std::thread::hardware_concurrency()));
+  const int fallback = options.threads_per_rank > 0 ? options.threads_per_rank
+                                                    : default_threads_per_rank(cores, local_size_);
+  threads_ = env_int("MESHTRAIN_THREADS", fallback);
+  torch::set_num_threads(threads_);
+  const auto gpus = static_cast<int>(torch::cuda::device_count());
+  if (options.allow_cuda && gpus > 0) {
+    device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % gpus));
+  }
+}
+
+Runtime::~Runtime() {
+  world_.reset();  // joins the world's worker before the transport goes away
+  backend::finalize();
+  g_runtime_alive = false;
+}
+
+}  // namespace meshtrain

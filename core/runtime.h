@@ -1,0 +1,49 @@
+// defines: Runtime — one per process. Starts the communication backend (MPI_Init_thread with
+// MPI_THREAD_MULTIPLE: every communicator runs its operations on its own worker thread),
+// finds the node-local rank, picks the device and sets torch's intra-op threads.
+//
+// Threads per rank: MESHTRAIN_THREADS if set (meshrun sets it), else the options value,
+// else cores on the node / ranks on the node (at least 1).
+// Device: cuda:(local_rank % n_gpus) when LibTorch sees CUDA devices, else cpu.
+#pragma once
+
+#include "core/communicator.h"
+
+#include <torch/torch.h>
+
+namespace meshtrain {
+
+struct RuntimeOptions {
+  int threads_per_rank = 0;  // 0 = automatic (see above)
+  bool allow_cuda = true;    // false forces the CPU even when GPUs are visible
+};
+
+class Runtime {
+ public:
+  Runtime(int* argc, char*** argv, RuntimeOptions options = {});
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  int rank() const { return world_->rank(); }
+  int world_size() const { return world_->size(); }
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
+  int threads() const { return threads_; }
+  const torch::Device& device() const { return device_; }
+  const CommunicatorPtr& world() const { return world_; }
+  // "mpi" or "single" (MESHTRAIN_WITH_MPI=OFF).
+  static const char* backend_name();
+
+ private:
+  CommunicatorPtr world_;
+  int local_rank_ = 0;
+  int local_size_ = 1;
+  int threads_ = 1;
+  torch::Device device_{torch::kCPU};
+};
+
+// Threads per rank for `cores` cores shared by `ranks_on_node` ranks (pure; unit-tested).
+int default_threads_per_rank(int cores, int ranks_on_node);
+
+}  // namespace meshtrain

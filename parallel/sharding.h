@@ -1,0 +1,69 @@
+// defines: ShardSpec and ShardedModule — how each parameter is laid out over the mesh.
+// Clipping, checkpoints, resharding and export read this instead of guessing from shapes.
+//
+// A parameter without a spec is replicated over the tensor-parallel group.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace meshtrain {
+
+struct ShardSpec {
+  int dim = -1;              // dimension cut over `group`; -1: replicated over `group`
+  std::string group = "tp";  // mesh dimension the parameter is cut along
+  int64_t global_size = 0;   // size along `dim` of the full (padded) parameter
+  int64_t offset = 0;        // where this rank's shard starts along `dim`
+  int64_t unpadded_size = 0; // size along `dim` without padding (vocab padding, DESIGN §4)
+  // A replicated parameter used inside a sequence-parallel region (LayerNorm): each TP rank
+  // sees a different part of the sequence, so its gradient must be all-reduced over TP.
+  bool sequence_parallel = false;
+
+  bool is_partitioned() const { return dim >= 0; }
+  static ShardSpec replicated() { return ShardSpec{}; }
+};
+
+// Mixin for layers that own sharded parameters: they record a spec per local parameter
+// name (as registered with register_parameter).
+class ShardedModule {
+ public:
+  virtual ~ShardedModule() = default;
+  const std::map<std::string, ShardSpec>& shard_specs() const { return shard_specs_; }
+
+ protected:
+  void set_shard_spec(const std::string& param_name, ShardSpec spec) {
+    shard_specs_[param_name] = std::move(spec);
+  }
+
+ private:
+  std::map<std::string, ShardSpec> shard_specs_;
+};
+
+// Spec of every parameter of `root`, keyed by its full dotted name (as
+// root.named_parameters()); parameters of modules that are not ShardedModule are replicated.
+inline std::vector<std::pair<std::string, ShardSpec>> named_shard_specs(
+    const torch::nn::Module& root) {
+  std::map<std::string, ShardSpec> by_name;
+  for (const auto& item : root.named_modules()) {
+    const auto* sharded = dynamic_cast<const ShardedModule*>(item.value().get());
+    if (sharded == nullptr) {
+      continue;
+    }
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    for (const auto& [local, spec] : sharded->shard_specs()) {
+      by_name[prefix + local] = spec;
+    }
+  }
+  std::vector<std::pair<std::string, ShardSpec>> out;
+  for (const auto& p : root.named_parameters()) {
+    auto it = by_name.find(p.key());
+    out.emplace_back(p.key(), it == by_name.end() ? ShardSpec::replicated() : it->second);
+  }
+  return out;
+}
+
+}  // namespace meshtrain
