@@ -18,4 +18,4 @@ CommunicatorPtr make_world();
 // This process's index among the processes on its node, and how many share the node.
 void node_local(const CommunicatorPtr& world, int* local_rank, int* local_size);
 
-}  // namespace meshtrain::backend
+} // namespace meshtrain::backend

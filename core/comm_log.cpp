@@ -5,20 +5,20 @@ namespace meshtrain {
 
 const char* to_string(CollectiveKind kind) {
   switch (kind) {
-    case CollectiveKind::kAllReduce:
-      return "all_reduce";
-    case CollectiveKind::kReduceScatter:
-      return "reduce_scatter";
-    case CollectiveKind::kAllGather:
-      return "all_gather";
-    case CollectiveKind::kBroadcast:
-      return "broadcast";
-    case CollectiveKind::kSend:
-      return "send";
-    case CollectiveKind::kRecv:
-      return "recv";
-    case CollectiveKind::kBarrier:
-      return "barrier";
+  case CollectiveKind::kAllReduce:
+    return "all_reduce";
+  case CollectiveKind::kReduceScatter:
+    return "reduce_scatter";
+  case CollectiveKind::kAllGather:
+    return "all_gather";
+  case CollectiveKind::kBroadcast:
+    return "broadcast";
+  case CollectiveKind::kSend:
+    return "send";
+  case CollectiveKind::kRecv:
+    return "recv";
+  case CollectiveKind::kBarrier:
+    return "barrier";
   }
   return "unknown";
 }
@@ -68,4 +68,4 @@ int64_t CommLog::bytes(CollectiveKind kind, const std::string& group) const {
   return n;
 }
 
-}  // namespace meshtrain
+} // namespace meshtrain

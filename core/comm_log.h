@@ -11,7 +11,15 @@
 
 namespace meshtrain {
 
-enum class CollectiveKind { kAllReduce, kReduceScatter, kAllGather, kBroadcast, kSend, kRecv, kBarrier };
+enum class CollectiveKind {
+  kAllReduce,
+  kReduceScatter,
+  kAllGather,
+  kBroadcast,
+  kSend,
+  kRecv,
+  kBarrier
+};
 
 const char* to_string(CollectiveKind kind);
 
@@ -25,7 +33,7 @@ struct CommRecord {
 };
 
 class CommLog {
- public:
+public:
   void enable(bool on = true);
   bool enabled() const;
   void record(CollectiveKind kind, const std::string& group, int64_t bytes);
@@ -36,10 +44,10 @@ class CommLog {
   int64_t count(CollectiveKind kind, const std::string& group = "") const;
   int64_t bytes(CollectiveKind kind, const std::string& group = "") const;
 
- private:
+private:
   mutable std::mutex mutex_;
   bool enabled_ = false;
   std::vector<CommRecord> records_;
 };
 
-}  // namespace meshtrain
+} // namespace meshtrain

@@ -15,18 +15,18 @@
 #include <sstream>
 #include <thread>
 
-#define MT_MPI_CHECK(call)                                                                 \
-  do {                                                                                     \
-    const int mt_rc_ = (call);                                                             \
-    if (mt_rc_ != MPI_SUCCESS) {                                                           \
-      char mt_msg_[MPI_MAX_ERROR_STRING];                                                  \
-      int mt_len_ = 0;                                                                     \
-      MPI_Error_string(mt_rc_, mt_msg_, &mt_len_);                                         \
-      std::ostringstream mt_os_;                                                           \
-      mt_os_ << #call << " failed at " << __FILE__ << ":" << __LINE__ << ": "              \
-             << std::string(mt_msg_, mt_len_);                                             \
-      throw ::meshtrain::CommError(mt_os_.str());                                          \
-    }                                                                                      \
+#define MT_MPI_CHECK(call)                                                                         \
+  do {                                                                                             \
+    const int mt_rc_ = (call);                                                                     \
+    if (mt_rc_ != MPI_SUCCESS) {                                                                   \
+      char mt_msg_[MPI_MAX_ERROR_STRING];                                                          \
+      int mt_len_ = 0;                                                                             \
+      MPI_Error_string(mt_rc_, mt_msg_, &mt_len_);                                                 \
+      std::ostringstream mt_os_;                                                                   \
+      mt_os_ << #call << " failed at " << __FILE__ << ":" << __LINE__ << ": "                      \
+             << std::string(mt_msg_, mt_len_);                                                     \
+      throw ::meshtrain::CommError(mt_os_.str());                                                  \
+    }                                                                                              \
   } while (0)
 
 namespace meshtrain {
@@ -43,43 +43,45 @@ bool mpi_alive() {
 // Wire datatype. bf16/fp16 travel as 16-bit words when no arithmetic is needed.
 MPI_Datatype wire_type(at::ScalarType t) {
   switch (t) {
-    case at::kFloat:
-      return MPI_FLOAT;
-    case at::kDouble:
-      return MPI_DOUBLE;
-    case at::kBFloat16:
-    case at::kHalf:
-      return MPI_UINT16_T;
-    case at::kInt:
-      return MPI_INT32_T;
-    case at::kLong:
-      return MPI_INT64_T;
-    case at::kByte:
-      return MPI_UINT8_T;
-    default:
-      MT_ASSERT(false, "unsupported dtype reached the MPI backend: ", t);
+  case at::kFloat:
+    return MPI_FLOAT;
+  case at::kDouble:
+    return MPI_DOUBLE;
+  case at::kBFloat16:
+  case at::kHalf:
+    return MPI_UINT16_T;
+  case at::kInt:
+    return MPI_INT32_T;
+  case at::kLong:
+    return MPI_INT64_T;
+  case at::kByte:
+    return MPI_UINT8_T;
+  default:
+    MT_ASSERT(false, "unsupported dtype reached the MPI backend: ", t);
   }
   return MPI_DATATYPE_NULL;
 }
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum:
-    case ReduceOp::kAvg:  // sum, then divided by the group size
-      return MPI_SUM;
-    case ReduceOp::kMax:
-      return MPI_MAX;
-    case ReduceOp::kMin:
-      return MPI_MIN;
+  case ReduceOp::kSum:
+  case ReduceOp::kAvg: // sum, then divided by the group size
+    return MPI_SUM;
+  case ReduceOp::kMax:
+    return MPI_MAX;
+  case ReduceOp::kMin:
+    return MPI_MIN;
   }
   return MPI_OP_NULL;
 }
 
-bool is_half_precision(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+bool is_half_precision(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
 
 // Completion state shared between the caller and the worker thread.
 class MpiWork final : public Work {
- public:
+public:
   bool is_completed() override {
     std::lock_guard<std::mutex> lock(mutex_);
     return done_;
@@ -107,7 +109,7 @@ class MpiWork final : public Work {
     cv_.notify_all();
   }
 
- private:
+private:
   std::mutex mutex_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -115,7 +117,7 @@ class MpiWork final : public Work {
 };
 
 class MpiCommunicator final : public Communicator {
- public:
+public:
   MpiCommunicator(MPI_Comm comm, const std::string& name)
       : Communicator(name, comm_rank(comm), comm_size(comm)), comm_(comm) {
     MT_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
@@ -134,7 +136,7 @@ class MpiCommunicator final : public Communicator {
     }
   }
 
- protected:
+protected:
   WorkPtr do_all_reduce(const at::Tensor& tensor, ReduceOp op) override {
     return enqueue([this, tensor, op] {
       if (is_half_precision(tensor.scalar_type())) {
@@ -170,8 +172,7 @@ class MpiCommunicator final : public Communicator {
       const bool aliased = out_begin >= in_begin && out_begin < in_begin + input.nbytes();
       auto target = aliased ? at::empty_like(output) : output;
       MT_MPI_CHECK(MPI_Reduce_scatter_block(input.data_ptr(), target.data_ptr(), count(output),
-                                            wire_type(output.scalar_type()), mpi_op(op),
-                                            comm_));
+                                            wire_type(output.scalar_type()), mpi_op(op), comm_));
       finish_avg(target, op);
       if (aliased) {
         output.copy_(target);
@@ -186,8 +187,8 @@ class MpiCommunicator final : public Communicator {
                               static_cast<int64_t>(rank()) * input.numel() * input.element_size();
       // Gathering in place (input is already this rank's chunk of output) is MPI_IN_PLACE.
       const void* send = input.data_ptr() == own_chunk ? MPI_IN_PLACE : input.data_ptr();
-      MT_MPI_CHECK(MPI_Allgather(send, count(input), type, output.data_ptr(), count(input), type,
-                                 comm_));
+      MT_MPI_CHECK(
+          MPI_Allgather(send, count(input), type, output.data_ptr(), count(input), type, comm_));
     });
   }
 
@@ -200,15 +201,15 @@ class MpiCommunicator final : public Communicator {
 
   WorkPtr do_send(const at::Tensor& tensor, int dst, int tag) override {
     return enqueue([this, tensor, dst, tag] {
-      MT_MPI_CHECK(MPI_Send(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()),
-                            dst, tag, comm_));
+      MT_MPI_CHECK(MPI_Send(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), dst,
+                            tag, comm_));
     });
   }
 
   WorkPtr do_recv(const at::Tensor& tensor, int src, int tag) override {
     return enqueue([this, tensor, src, tag] {
-      MT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()),
-                            src, tag, comm_, MPI_STATUS_IGNORE));
+      MT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), src,
+                            tag, comm_, MPI_STATUS_IGNORE));
     });
   }
 
@@ -230,7 +231,7 @@ class MpiCommunicator final : public Communicator {
              "': the MPI backend moves CPU tensors, got a tensor on ", tensor.device());
   }
 
- private:
+private:
   static int comm_rank(MPI_Comm comm) {
     int r = 0;
     MT_MPI_CHECK(MPI_Comm_rank(comm, &r));
@@ -269,7 +270,7 @@ class MpiCommunicator final : public Communicator {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
         if (queue_.empty()) {
-          return;  // stopping and drained
+          return; // stopping and drained
         }
         item = std::move(queue_.front());
         queue_.pop_front();
@@ -292,11 +293,13 @@ class MpiCommunicator final : public Communicator {
   bool stopping_ = false;
 };
 
-}  // namespace
+} // namespace
 
 namespace backend {
 
-const char* name() { return "mpi"; }
+const char* name() {
+  return "mpi";
+}
 
 void init(int* argc, char*** argv) {
   int initialized = 0;
@@ -336,5 +339,5 @@ void node_local(const CommunicatorPtr& world, int* local_rank, int* local_size) 
   MPI_Comm_free(&node);
 }
 
-}  // namespace backend
-}  // namespace meshtrain
+} // namespace backend
+} // namespace meshtrain

@@ -7,10 +7,10 @@ namespace meshtrain {
 namespace {
 
 class SelfCommunicator final : public Communicator {
- public:
+public:
   explicit SelfCommunicator(const std::string& name) : Communicator(name, 0, 1) {}
 
- protected:
+protected:
   WorkPtr do_all_reduce(const at::Tensor&, ReduceOp) override { return unreachable(); }
   WorkPtr do_reduce_scatter(const at::Tensor&, const at::Tensor&, ReduceOp) override {
     return unreachable();
@@ -26,25 +26,29 @@ class SelfCommunicator final : public Communicator {
   }
   void check_device(const char*, const at::Tensor&) const override {}
 
- private:
+private:
   static WorkPtr unreachable() {
     MT_ASSERT(false, "a one-rank communicator reached a transport call");
     return nullptr;
   }
 };
 
-}  // namespace
+} // namespace
 
 namespace backend {
 
-const char* name() { return "single"; }
+const char* name() {
+  return "single";
+}
 void init(int* /*argc*/, char*** /*argv*/) {}
 void finalize() {}
-CommunicatorPtr make_world() { return std::make_shared<SelfCommunicator>("world"); }
+CommunicatorPtr make_world() {
+  return std::make_shared<SelfCommunicator>("world");
+}
 void node_local(const CommunicatorPtr& /*world*/, int* local_rank, int* local_size) {
   *local_rank = 0;
   *local_size = 1;
 }
 
-}  // namespace backend
-}  // namespace meshtrain
+} // namespace backend
+} // namespace meshtrain

@@ -14,14 +14,14 @@ namespace meshtrain {
 
 const char* to_string(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum:
-      return "sum";
-    case ReduceOp::kAvg:
-      return "avg";
-    case ReduceOp::kMax:
-      return "max";
-    case ReduceOp::kMin:
-      return "min";
+  case ReduceOp::kSum:
+    return "sum";
+  case ReduceOp::kAvg:
+    return "avg";
+  case ReduceOp::kMax:
+    return "max";
+  case ReduceOp::kMin:
+    return "min";
   }
   return "unknown";
 }
@@ -29,31 +29,35 @@ const char* to_string(ReduceOp op) {
 namespace {
 
 class CompletedWork final : public Work {
- public:
+public:
   bool is_completed() override { return true; }
   bool wait(std::chrono::milliseconds /*timeout*/) override { return true; }
 };
 
 bool is_supported_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat:
-    case at::kDouble:
-    case at::kBFloat16:
-    case at::kHalf:
-    case at::kInt:
-    case at::kLong:
-    case at::kByte:
-      return true;
-    default:
-      return false;
+  case at::kFloat:
+  case at::kDouble:
+  case at::kBFloat16:
+  case at::kHalf:
+  case at::kInt:
+  case at::kLong:
+  case at::kByte:
+    return true;
+  default:
+    return false;
   }
 }
 
-int64_t nbytes(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+int64_t nbytes(const at::Tensor& t) {
+  return t.numel() * static_cast<int64_t>(t.element_size());
+}
 
-}  // namespace
+} // namespace
 
-WorkPtr completed_work() { return std::make_shared<CompletedWork>(); }
+WorkPtr completed_work() {
+  return std::make_shared<CompletedWork>();
+}
 
 Communicator::Communicator(std::string name, int rank, int size)
     : name_(std::move(name)), rank_(rank), size_(size), log_(std::make_shared<CommLog>()) {
@@ -210,8 +214,7 @@ WorkPtr Communicator::barrier_async() {
 void Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
   all_reduce_async(tensor, op)->wait();
 }
-void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output,
-                                  ReduceOp op) {
+void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
   reduce_scatter_async(input, output, op)->wait();
 }
 void Communicator::all_gather(const at::Tensor& input, const at::Tensor& output) {
@@ -226,7 +229,9 @@ void Communicator::send(const at::Tensor& tensor, int dst, int tag) {
 void Communicator::recv(const at::Tensor& tensor, int src, int tag) {
   recv_async(tensor, src, tag)->wait();
 }
-void Communicator::barrier() { barrier_async()->wait(); }
+void Communicator::barrier() {
+  barrier_async()->wait();
+}
 
 std::shared_ptr<Communicator> Communicator::split(int color, int key, const std::string& name) {
   MT_CHECK(color >= 0, "split of group '", name_, "': color must be >= 0, got ", color);
@@ -236,4 +241,4 @@ std::shared_ptr<Communicator> Communicator::split(int color, int key, const std:
   return child;
 }
 
-}  // namespace meshtrain
+} // namespace meshtrain

@@ -38,7 +38,7 @@ enum class ReduceOp { kSum, kAvg, kMax, kMin };
 const char* to_string(ReduceOp op);
 
 class Work {
- public:
+public:
   static constexpr std::chrono::milliseconds kNoTimeout{-1};
   virtual ~Work() = default;
   virtual bool is_completed() = 0;
@@ -53,7 +53,7 @@ using WorkPtr = std::shared_ptr<Work>;
 WorkPtr completed_work();
 
 class Communicator {
- public:
+public:
   virtual ~Communicator() = default;
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
@@ -93,7 +93,7 @@ class Communicator {
   // communicator named `name`, ordered by `key`. It shares this communicator's log.
   std::shared_ptr<Communicator> split(int color, int key, const std::string& name);
 
- protected:
+protected:
   Communicator(std::string name, int rank, int size);
 
   // Backends implement these; arguments are already checked and size() > 1.
@@ -109,7 +109,7 @@ class Communicator {
   // Throws when the backend cannot move tensors on this device.
   virtual void check_device(const char* call, const at::Tensor& tensor) const = 0;
 
- private:
+private:
   void check_tensor(const char* call, const char* what, const at::Tensor& tensor) const;
   void check_peer(const char* call, const char* what, int peer) const;
   // Agrees on a small descriptor across the group; throws on every rank on a mismatch.
@@ -125,4 +125,4 @@ class Communicator {
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;
 
-}  // namespace meshtrain
+} // namespace meshtrain

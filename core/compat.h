@@ -19,4 +19,4 @@ inline std::string torch_version() {
 #endif
 }
 
-}  // namespace meshtrain::compat
+} // namespace meshtrain::compat

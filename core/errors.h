@@ -14,11 +14,11 @@ namespace meshtrain {
 
 // Thrown by communication backends when the transport itself fails (not a bad argument).
 class CommError : public std::runtime_error {
- public:
+public:
   using std::runtime_error::runtime_error;
 };
 
-}  // namespace meshtrain
+} // namespace meshtrain
 
 // A user error: the message names the values and what is allowed.
 #define MT_CHECK(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)

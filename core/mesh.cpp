@@ -27,8 +27,8 @@ MeshGrid MeshGrid::create(ParallelDims dims, int world_size) {
     (dims.dp == -1 ? dims.dp : dims.tp == -1 ? dims.tp : dims.pp) = inferred;
   }
   MT_CHECK(dims.dp * dims.tp * dims.pp == world_size, "dp (", dims.dp, ") x tp (", dims.tp,
-           ") x pp (", dims.pp, ") = ", dims.dp * dims.tp * dims.pp,
-           " must equal the world size ", world_size);
+           ") x pp (", dims.pp, ") = ", dims.dp * dims.tp * dims.pp, " must equal the world size ",
+           world_size);
   return MeshGrid(dims.dp, dims.tp, dims.pp);
 }
 
@@ -80,7 +80,7 @@ int MeshGrid::index(const std::string& dim, int rank) const {
   if (dim == "pp") {
     return c.pp;
   }
-  return size(dim);  // throws the unknown-dimension message
+  return size(dim); // throws the unknown-dimension message
 }
 
 std::vector<int> MeshGrid::group_ranks(const std::string& dim, int rank) const {
@@ -118,23 +118,20 @@ int MeshGrid::group_id(const std::string& dim, int rank) const {
 }
 
 Mesh::Mesh(ParallelDims dims, CommunicatorPtr world)
-    : grid_(MeshGrid::create(dims, world->size())),
-      world_(std::move(world)),
+    : grid_(MeshGrid::create(dims, world->size())), world_(std::move(world)),
       log_(std::make_shared<CommLog>()) {
   world_->set_log(log_);
   groups_["world"] = world_;
   // Every rank takes part in every split, in the same order (a split is collective).
   for (const char* dim : {"tp", "dp", "pp"}) {
-    groups_[dim] =
-        world_->split(grid_.group_id(dim, rank()), grid_.index(dim, rank()), dim);
+    groups_[dim] = world_->split(grid_.group_id(dim, rank()), grid_.index(dim, rank()), dim);
   }
 }
 
 const CommunicatorPtr& Mesh::group(const std::string& dim) const {
   auto it = groups_.find(dim);
-  MT_CHECK(it != groups_.end(), "unknown mesh dimension '", dim,
-           "'; expected dp, tp, pp or world");
+  MT_CHECK(it != groups_.end(), "unknown mesh dimension '", dim, "'; expected dp, tp, pp or world");
   return it->second;
 }
 
-}  // namespace meshtrain
+} // namespace meshtrain

@@ -18,7 +18,7 @@
 namespace meshtrain {
 
 struct ParallelDims {
-  int dp = -1;  // -1: infer from the world size and the others
+  int dp = -1; // -1: infer from the world size and the others
   int tp = 1;
   int pp = 1;
 };
@@ -31,7 +31,7 @@ struct MeshCoord {
 
 // A validated grid: dp*tp*pp == world size, all >= 1.
 class MeshGrid {
- public:
+public:
   // Resolves one -1 entry and validates; throws with the numbers on a bad layout.
   static MeshGrid create(ParallelDims dims, int world_size);
 
@@ -53,7 +53,7 @@ class MeshGrid {
   // An index that is equal for exactly the ranks of one `dim` group (a split color).
   int group_id(const std::string& dim, int rank) const;
 
- private:
+private:
   MeshGrid(int dp, int tp, int pp) : dp_(dp), tp_(tp), pp_(pp) {}
   void check_rank(int rank) const;
   int dp_, tp_, pp_;
@@ -61,7 +61,7 @@ class MeshGrid {
 
 // The grid bound to real communicators. Construction is collective over `world`.
 class Mesh {
- public:
+public:
   Mesh(ParallelDims dims, CommunicatorPtr world);
 
   const MeshGrid& grid() const { return grid_; }
@@ -73,11 +73,11 @@ class Mesh {
   // The counting log shared by every communicator of this mesh.
   CommLog& comm_log() const { return *log_; }
 
- private:
+private:
   MeshGrid grid_;
   CommunicatorPtr world_;
   std::shared_ptr<CommLog> log_;
   std::map<std::string, CommunicatorPtr> groups_;
 };
 
-}  // namespace meshtrain
+} // namespace meshtrain

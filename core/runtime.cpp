@@ -27,14 +27,16 @@ int env_int(const char* name, int fallback) {
   return static_cast<int>(parsed);
 }
 
-}  // namespace
+} // namespace
 
 int default_threads_per_rank(int cores, int ranks_on_node) {
   MT_CHECK(ranks_on_node >= 1, "ranks on node must be >= 1, got ", ranks_on_node);
   return std::max(1, cores / ranks_on_node);
 }
 
-const char* Runtime::backend_name() { return backend::name(); }
+const char* Runtime::backend_name() {
+  return backend::name();
+}
 
 Runtime::Runtime(int* argc, char*** argv, RuntimeOptions options) {
   MT_CHECK(!g_runtime_alive.exchange(true), "only one meshtrain::Runtime may exist per process");
@@ -59,9 +61,9 @@ Runtime::Runtime(int* argc, char*** argv, RuntimeOptions options) {
 }
 
 Runtime::~Runtime() {
-  world_.reset();  // joins the world's worker before the transport goes away
+  world_.reset(); // joins the world's worker before the transport goes away
   backend::finalize();
   g_runtime_alive = false;
 }
 
-}  // namespace meshtrain
+} // namespace meshtrain

@@ -14,12 +14,12 @@
 namespace meshtrain {
 
 struct RuntimeOptions {
-  int threads_per_rank = 0;  // 0 = automatic (see above)
-  bool allow_cuda = true;    // false forces the CPU even when GPUs are visible
+  int threads_per_rank = 0; // 0 = automatic (see above)
+  bool allow_cuda = true;   // false forces the CPU even when GPUs are visible
 };
 
 class Runtime {
- public:
+public:
   Runtime(int* argc, char*** argv, RuntimeOptions options = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;
@@ -35,7 +35,7 @@ class Runtime {
   // "mpi" or "single" (MESHTRAIN_WITH_MPI=OFF).
   static const char* backend_name();
 
- private:
+private:
   CommunicatorPtr world_;
   int local_rank_ = 0;
   int local_size_ = 1;
@@ -46,4 +46,4 @@ class Runtime {
 // Threads per rank for `cores` cores shared by `ranks_on_node` ranks (pure; unit-tested).
 int default_threads_per_rank(int cores, int ranks_on_node);
 
-}  // namespace meshtrain
+} // namespace meshtrain

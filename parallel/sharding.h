@@ -30,23 +30,23 @@ struct ShardSpec {
 // Mixin for layers that own sharded parameters: they record a spec per local parameter
 // name (as registered with register_parameter).
 class ShardedModule {
- public:
+public:
   virtual ~ShardedModule() = default;
   const std::map<std::string, ShardSpec>& shard_specs() const { return shard_specs_; }
 
- protected:
+protected:
   void set_shard_spec(const std::string& param_name, ShardSpec spec) {
     shard_specs_[param_name] = std::move(spec);
   }
 
- private:
+private:
   std::map<std::string, ShardSpec> shard_specs_;
 };
 
 // Spec of every parameter of `root`, keyed by its full dotted name (as
 // root.named_parameters()); parameters of modules that are not ShardedModule are replicated.
-inline std::vector<std::pair<std::string, ShardSpec>> named_shard_specs(
-    const torch::nn::Module& root) {
+inline std::vector<std::pair<std::string, ShardSpec>>
+named_shard_specs(const torch::nn::Module& root) {
   std::map<std::string, ShardSpec> by_name;
   for (const auto& item : root.named_modules()) {
     const auto* sharded = dynamic_cast<const ShardedModule*>(item.value().get());
@@ -66,4 +66,4 @@ inline std::vector<std::pair<std::string, ShardSpec>> named_shard_specs(
   return out;
 }
 
-}  // namespace meshtrain
+} // namespace meshtrain

@@ -21,4 +21,4 @@ double relative_error(const torch::Tensor& actual, const torch::Tensor& expected
 // "rank R: " prefix for messages of multi-rank checks.
 std::string rank_tag();
 
-}  // namespace meshtrain::testing
+} // namespace meshtrain::testing

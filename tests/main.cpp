@@ -14,7 +14,9 @@ namespace {
 std::unique_ptr<Runtime> g_runtime;
 }
 
-Runtime& test_runtime() { return *g_runtime; }
+Runtime& test_runtime() {
+  return *g_runtime;
+}
 
 double relative_error(const torch::Tensor& actual, const torch::Tensor& expected) {
   const auto a = actual.detach().to(torch::kDouble);
@@ -23,14 +25,16 @@ double relative_error(const torch::Tensor& actual, const torch::Tensor& expected
   return (a - e).abs().max().item<double>() / scale;
 }
 
-std::string rank_tag() { return "rank " + std::to_string(g_runtime->rank()) + ": "; }
+std::string rank_tag() {
+  return "rank " + std::to_string(g_runtime->rank()) + ": ";
+}
 
-}  // namespace meshtrain::testing
+} // namespace meshtrain::testing
 
 int main(int argc, char** argv) {
   using meshtrain::testing::g_runtime;
-  g_runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv,
-                                                   meshtrain::RuntimeOptions{/*threads=*/1});
+  g_runtime =
+      std::make_unique<meshtrain::Runtime>(&argc, &argv, meshtrain::RuntimeOptions{/*threads=*/1});
   Catch::Session session;
   int rc = session.applyCommandLine(argc, argv);
   if (rc == 0) {

@@ -1,0 +1,219 @@
+// defines: the safetensors reader and writer (see safetensors.h).
+#include "core/safetensors.h"
+
+#include "core/errors.h"
+#include "core/file_io.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+namespace meshtrain {
+namespace {
+
+// A header larger than this is refused before it is parsed (the reference implementation
+// uses the same bound): a corrupt length must not make us allocate gigabytes.
+constexpr uint64_t kMaxHeaderBytes = 100ULL * 1024 * 1024;
+
+struct DtypeName {
+  const char* name;
+  at::ScalarType type;
+};
+constexpr DtypeName kDtypes[] = {
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
+    {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
+    {"U8", at::kByte},    {"BOOL", at::kBool},
+};
+
+at::ScalarType dtype_from_name(const std::string& name, const std::string& source,
+                               const std::string& tensor) {
+  for (const auto& d : kDtypes) {
+    if (name == d.name) {
+      return d.type;
+    }
+  }
+  MT_CHECK(false, source, ": tensor '", tensor, "' has unsupported dtype '", name,
+           "' (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
+  return at::kFloat;
+}
+
+const char* dtype_name(at::ScalarType type) {
+  for (const auto& d : kDtypes) {
+    if (type == d.type) {
+      return d.name;
+    }
+  }
+  MT_CHECK(false, "safetensors cannot store dtype ", type);
+  return "";
+}
+
+uint64_t read_u64_le(const char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) {
+    v = (v << 8) | static_cast<uint8_t>(p[i]);
+  }
+  return v;
+}
+
+struct Entry {
+  std::string name;
+  at::ScalarType dtype;
+  std::vector<int64_t> shape;
+  uint64_t begin;
+  uint64_t end;
+};
+
+} // namespace
+
+bool SafetensorsFile::contains(const std::string& name) const {
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [&](const auto& item) { return item.first == name; });
+}
+
+const torch::Tensor& SafetensorsFile::at(const std::string& name) const {
+  for (const auto& item : tensors) {
+    if (item.first == name) {
+      return item.second;
+    }
+  }
+  MT_CHECK(false, "safetensors: no tensor named '", name, "'");
+  return tensors.front().second;
+}
+
+SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& source) {
+  MT_CHECK(bytes.size() >= 8, source, ": ", bytes.size(),
+           " bytes is too short for a safetensors file (needs an 8-byte header length)");
+  const uint64_t header_len = read_u64_le(bytes.data());
+  MT_CHECK(header_len <= kMaxHeaderBytes, source, ": header length ", header_len,
+           " exceeds the limit of ", kMaxHeaderBytes, " bytes");
+  MT_CHECK(header_len <= bytes.size() - 8, source, ": header length ", header_len,
+           " runs past the end of the file (", bytes.size(), " bytes)");
+  const uint64_t data_begin = 8 + header_len;
+  const uint64_t data_size = bytes.size() - data_begin;
+
+  nlohmann::json header;
+  try {
+    header =
+        nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + static_cast<long>(data_begin));
+  } catch (const nlohmann::json::exception& e) {
+    MT_CHECK(false, source, ": malformed JSON header: ", e.what());
+  }
+  MT_CHECK(header.is_object(), source, ": the JSON header must be an object");
+
+  SafetensorsFile file;
+  std::vector<Entry> entries;
+  for (const auto& [key, value] : header.items()) {
+    if (key == "__metadata__") {
+      MT_CHECK(value.is_object(), source, ": __metadata__ must be an object of strings");
+      for (const auto& [mk, mv] : value.items()) {
+        MT_CHECK(mv.is_string(), source, ": __metadata__ value of '", mk, "' is not a string");
+        file.metadata[mk] = mv.get<std::string>();
+      }
+      continue;
+    }
+    MT_CHECK(value.is_object(), source, ": entry '", key, "' must be an object");
+    MT_CHECK(value.contains("dtype") && value["dtype"].is_string(), source, ": tensor '", key,
+             "' has no string 'dtype'");
+    MT_CHECK(value.contains("shape") && value["shape"].is_array(), source, ": tensor '", key,
+             "' has no 'shape' array");
+    MT_CHECK(value.contains("data_offsets") && value["data_offsets"].is_array() &&
+                 value["data_offsets"].size() == 2,
+             source, ": tensor '", key, "' needs 'data_offsets' [begin, end]");
+    Entry e{key, dtype_from_name(value["dtype"].get<std::string>(), source, key), {}, 0, 0};
+    uint64_t numel = 1;
+    for (const auto& dim : value["shape"]) {
+      MT_CHECK(dim.is_number_unsigned() || (dim.is_number_integer() && dim.get<int64_t>() >= 0),
+               source, ": tensor '", key, "' has a shape entry that is not a non-negative integer");
+      const auto d = dim.get<uint64_t>();
+      MT_CHECK(d < (1ULL << 40) && (d == 0 || numel <= (1ULL << 50) / d), source, ": tensor '", key,
+               "' has an absurd shape");
+      numel *= d;
+      e.shape.push_back(static_cast<int64_t>(d));
+    }
+    for (const auto& off : value["data_offsets"]) {
+      MT_CHECK(off.is_number_unsigned() || (off.is_number_integer() && off.get<int64_t>() >= 0),
+               source, ": tensor '", key, "' has a data offset that is not a non-negative integer");
+    }
+    e.begin = value["data_offsets"][0].get<uint64_t>();
+    e.end = value["data_offsets"][1].get<uint64_t>();
+    MT_CHECK(e.begin <= e.end && e.end <= data_size, source, ": tensor '", key, "' data_offsets [",
+             e.begin, ", ", e.end, "] are outside the data region of ", data_size, " bytes");
+    const uint64_t expected = numel * c10::elementSize(e.dtype);
+    MT_CHECK(e.end - e.begin == expected, source, ": tensor '", key, "' has ", e.end - e.begin,
+             " bytes but dtype ", value["dtype"].get<std::string>(), " x shape needs ", expected);
+    entries.push_back(std::move(e));
+  }
+
+  // The data region must be covered exactly once: no overlaps, no holes.
+  std::vector<const Entry*> by_offset;
+  for (const auto& e : entries) {
+    by_offset.push_back(&e);
+  }
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](const Entry* a, const Entry* b) { return a->begin < b->begin; });
+  uint64_t cursor = 0;
+  for (const auto* e : by_offset) {
+    MT_CHECK(e->begin == cursor, source, ": tensor '", e->name, "' starts at byte ", e->begin,
+             " but the previous tensor ends at ", cursor, " (overlap or hole)");
+    cursor = e->end;
+  }
+  MT_CHECK(cursor == data_size, source, ": tensors cover ", cursor, " bytes of a ", data_size,
+           "-byte data region");
+
+  // Keep the file's order (the JSON object is sorted by key, the data by offset).
+  for (const auto* e : by_offset) {
+    auto t = torch::empty(e->shape, torch::TensorOptions().dtype(e->dtype));
+    if (e->end > e->begin) {
+      std::memcpy(t.data_ptr(), bytes.data() + data_begin + e->begin, e->end - e->begin);
+    }
+    file.tensors.emplace_back(e->name, std::move(t));
+  }
+  return file;
+}
+
+SafetensorsFile load_safetensors(const std::string& path) {
+  return parse_safetensors(read_file(path), path);
+}
+
+std::string serialize_safetensors(const NamedTensors& tensors,
+                                  const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) {
+    header["__metadata__"] = metadata;
+  }
+  std::vector<torch::Tensor> contiguous;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    MT_CHECK(name != "__metadata__", "a tensor cannot be named __metadata__");
+    MT_CHECK(!header.contains(name), "duplicate tensor name '", name, "'");
+    auto t = tensor.detach().to(torch::kCPU).contiguous();
+    const uint64_t n = t.numel() * t.element_size();
+    header[name] = {{"dtype", dtype_name(t.scalar_type())},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + n}}};
+    offset += n;
+    contiguous.push_back(std::move(t));
+  }
+  std::string json = header.dump();
+  json.append((8 - json.size() % 8) % 8, ' '); // keeps the data 8-byte aligned
+  std::string out(8, '\0');
+  uint64_t len = json.size();
+  for (int i = 0; i < 8; ++i) {
+    out[i] = static_cast<char>((len >> (8 * i)) & 0xFF);
+  }
+  out += json;
+  out.reserve(out.size() + offset);
+  for (const auto& t : contiguous) {
+    out.append(static_cast<const char*>(t.data_ptr()), t.numel() * t.element_size());
+  }
+  return out;
+}
+
+void save_safetensors(const std::string& path, const NamedTensors& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  write_file_atomic(path, serialize_safetensors(tensors, metadata));
+}
+
+} // namespace meshtrain
