@@ -8,6 +8,7 @@
 #include <mpi.h>
 
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <functional>
@@ -79,6 +80,55 @@ bool is_half_precision(at::ScalarType t) {
   return t == at::kBFloat16 || t == at::kHalf;
 }
 
+// The element-wise steps the worker does itself (bf16/fp16 <-> fp32, avg's division, the
+// aliased reduce_scatter copy) are plain loops, not ATen kernels: an ATen kernel would make
+// the worker start an OpenMP team of its own beside the caller's compute threads, and the
+// only ATen knob against that, at::set_num_threads, is process-wide (it used to be called
+// here and reset the intra-op thread count every thread started later picks up).
+
+// bf16/fp16 [n] -> fp32 [n], exact.
+at::Tensor widen(const at::Tensor& narrow) {
+  auto wide = at::empty({narrow.numel()}, at::kFloat);
+  float* out = wide.data_ptr<float>();
+  const int64_t n = narrow.numel();
+  if (narrow.scalar_type() == at::kBFloat16) {
+    const auto* in = narrow.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<float>(in[i]);
+    }
+  } else {
+    const auto* in = narrow.data_ptr<at::Half>();
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = static_cast<float>(in[i]);
+    }
+  }
+  return wide;
+}
+
+// fp32 [n] -> bf16/fp16 [n] in `narrow`, rounded to nearest even once.
+void round_into(const at::Tensor& wide, const at::Tensor& narrow) {
+  const float* in = wide.data_ptr<float>();
+  const int64_t n = narrow.numel();
+  if (narrow.scalar_type() == at::kBFloat16) {
+    auto* out = narrow.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = at::BFloat16(in[i]);
+    }
+  } else {
+    auto* out = narrow.data_ptr<at::Half>();
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = at::Half(in[i]);
+    }
+  }
+}
+
+template <typename T> void divide_in_place(T* data, int64_t n, int divisor) {
+  const T d = static_cast<T>(divisor);
+  for (int64_t i = 0; i < n; ++i) {
+    data[i] /= d; // a true division, as torch's avg: x * (1/d) would round differently
+  }
+}
+
 // Completion state shared between the caller and the worker thread.
 class MpiWork final : public Work {
 public:
@@ -140,11 +190,11 @@ protected:
   WorkPtr do_all_reduce(const at::Tensor& tensor, ReduceOp op) override {
     return enqueue([this, tensor, op] {
       if (is_half_precision(tensor.scalar_type())) {
-        auto wide = tensor.to(at::kFloat);
+        auto wide = widen(tensor); // [numel] fp32
         MT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, wide.data_ptr(), count(wide), MPI_FLOAT,
                                    mpi_op(op), comm_));
         finish_avg(wide, op);
-        tensor.copy_(wide);
+        round_into(wide, tensor);
         return;
       }
       MT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, tensor.data_ptr(), count(tensor),
@@ -157,12 +207,13 @@ protected:
                             ReduceOp op) override {
     return enqueue([this, input, output, op] {
       if (is_half_precision(input.scalar_type())) {
-        auto wide_in = input.to(at::kFloat);
+        // [size * n] -> [n], both fp32; widening first also makes an aliased output harmless.
+        auto wide_in = widen(input);
         auto wide_out = at::empty({output.numel()}, at::kFloat);
         MT_MPI_CHECK(MPI_Reduce_scatter_block(wide_in.data_ptr(), wide_out.data_ptr(),
                                               count(wide_out), MPI_FLOAT, mpi_op(op), comm_));
         finish_avg(wide_out, op);
-        output.view(-1).copy_(wide_out);
+        round_into(wide_out, output);
         return;
       }
       // MPI forbids aliased send and receive buffers; callers (ZeRO-2) may pass their own
@@ -175,7 +226,7 @@ protected:
                                             wire_type(output.scalar_type()), mpi_op(op), comm_));
       finish_avg(target, op);
       if (aliased) {
-        output.copy_(target);
+        std::memcpy(output.data_ptr(), target.data_ptr(), output.nbytes());
       }
     });
   }
@@ -244,9 +295,16 @@ private:
   }
   static int count(const at::Tensor& t) { return static_cast<int>(t.numel()); }
 
+  // avg is a sum divided by the group size; only floating dtypes get here (checked earlier).
   void finish_avg(const at::Tensor& t, ReduceOp op) const {
-    if (op == ReduceOp::kAvg) {
-      t.div_(size());
+    if (op != ReduceOp::kAvg) {
+      return;
+    }
+    if (t.scalar_type() == at::kDouble) {
+      divide_in_place(t.data_ptr<double>(), t.numel(), size());
+    } else {
+      MT_ASSERT(t.scalar_type() == at::kFloat, "avg reached the MPI backend for ", t.scalar_type());
+      divide_in_place(t.data_ptr<float>(), t.numel(), size());
     }
   }
 
@@ -261,9 +319,8 @@ private:
   }
 
   void run_worker() {
-    // ATen ops on this thread (bf16 upcasts, avg division) stay single-threaded: the
-    // compute threads belong to the caller.
-    at::set_num_threads(1);
+    // No at::set_num_threads here: it is process-wide. The worker runs no ATen kernels (see
+    // widen / round_into / divide_in_place), so it never starts compute threads of its own.
     for (;;) {
       std::pair<std::function<void()>, std::shared_ptr<MpiWork>> item;
       {

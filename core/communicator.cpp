@@ -91,30 +91,41 @@ void Communicator::record(CollectiveKind kind, int64_t bytes) {
   }
 }
 
-void Communicator::check_agreement(const char* call, int64_t numel, at::ScalarType dtype,
+void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype,
                                    int64_t extra) {
   if (!check_across_ranks_ || size_ == 1) {
     return;
   }
-  auto mine = at::tensor({numel, static_cast<int64_t>(dtype), extra}, at::kLong);
-  auto all = at::empty({size_ * 3}, at::kLong);
+  // The call itself is part of the descriptor: all_reduce(sum) and broadcast(root 0) of the
+  // same tensor would otherwise look alike, and the two would then run mismatched.
+  constexpr int kFields = 4; // (kind, numel, dtype, op or root)
+  auto mine = at::tensor({static_cast<int64_t>(kind), numel, static_cast<int64_t>(dtype), extra},
+                         at::kLong);
+  auto all = at::empty({size_ * kFields}, at::kLong);
   do_all_gather(mine, all)->wait();
-  auto rows = all.view({size_, 3});
+  auto rows = all.view({size_, kFields});
   auto acc = rows.accessor<int64_t, 2>();
-  std::ostringstream differ;
   bool mismatch = false;
   for (const auto r : c10::irange(size_)) {
-    if (acc[r][0] != acc[0][0] || acc[r][1] != acc[0][1] || acc[r][2] != acc[0][2]) {
-      mismatch = true;
+    for (const auto f : c10::irange(kFields)) {
+      mismatch = mismatch || acc[r][f] != acc[0][f];
     }
   }
+  std::ostringstream differ;
   if (mismatch) {
     for (const auto r : c10::irange(size_)) {
-      differ << " rank " << r << ": numel " << acc[r][0] << " dtype "
-             << static_cast<at::ScalarType>(acc[r][1]) << " op/root " << acc[r][2] << ";";
+      const auto k = static_cast<CollectiveKind>(acc[r][0]);
+      differ << " rank " << r << ": " << to_string(k) << " numel " << acc[r][1] << " dtype "
+             << static_cast<at::ScalarType>(acc[r][2]);
+      if (k == CollectiveKind::kBroadcast) {
+        differ << " root " << acc[r][3];
+      } else if (k == CollectiveKind::kAllReduce || k == CollectiveKind::kReduceScatter) {
+        differ << " op " << to_string(static_cast<ReduceOp>(acc[r][3]));
+      }
+      differ << ";";
     }
   }
-  MT_CHECK(!mismatch, call, " on group '", name_,
+  MT_CHECK(!mismatch, to_string(kind), " on group '", name_,
            "': ranks disagree on the arguments:", differ.str());
 }
 
@@ -126,7 +137,8 @@ WorkPtr Communicator::all_reduce_async(const at::Tensor& tensor, ReduceOp op) {
   if (size_ == 1) {
     return completed_work();
   }
-  check_agreement("all_reduce", tensor.numel(), tensor.scalar_type(), static_cast<int>(op));
+  check_agreement(CollectiveKind::kAllReduce, tensor.numel(), tensor.scalar_type(),
+                  static_cast<int>(op));
   record(CollectiveKind::kAllReduce, nbytes(tensor));
   return do_all_reduce(tensor, op);
 }
@@ -150,7 +162,8 @@ WorkPtr Communicator::reduce_scatter_async(const at::Tensor& input, const at::Te
     }
     return completed_work();
   }
-  check_agreement("reduce_scatter", input.numel(), input.scalar_type(), static_cast<int>(op));
+  check_agreement(CollectiveKind::kReduceScatter, input.numel(), input.scalar_type(),
+                  static_cast<int>(op));
   record(CollectiveKind::kReduceScatter, nbytes(input));
   return do_reduce_scatter(input, output, op);
 }
@@ -170,7 +183,7 @@ WorkPtr Communicator::all_gather_async(const at::Tensor& input, const at::Tensor
     }
     return completed_work();
   }
-  check_agreement("all_gather", input.numel(), input.scalar_type(), 0);
+  check_agreement(CollectiveKind::kAllGather, input.numel(), input.scalar_type(), 0);
   record(CollectiveKind::kAllGather, nbytes(output));
   return do_all_gather(input, output);
 }
@@ -181,7 +194,7 @@ WorkPtr Communicator::broadcast_async(const at::Tensor& tensor, int root) {
   if (size_ == 1) {
     return completed_work();
   }
-  check_agreement("broadcast", tensor.numel(), tensor.scalar_type(), root);
+  check_agreement(CollectiveKind::kBroadcast, tensor.numel(), tensor.scalar_type(), root);
   record(CollectiveKind::kBroadcast, nbytes(tensor));
   return do_broadcast(tensor, root);
 }
@@ -190,6 +203,8 @@ WorkPtr Communicator::send_async(const at::Tensor& tensor, int dst, int tag) {
   check_tensor("send", "tensor", tensor);
   check_peer("send", "destination", dst);
   MT_CHECK(dst != rank_, "send on group '", name_, "': rank ", rank_, " cannot send to itself");
+  // MPI rejects negative tags deep inside the transport; say so where the caller can act.
+  MT_CHECK(tag >= 0, "send on group '", name_, "': tag ", tag, " must be >= 0");
   record(CollectiveKind::kSend, nbytes(tensor));
   return do_send(tensor, dst, tag);
 }
@@ -199,6 +214,7 @@ WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
   check_peer("recv", "source", src);
   MT_CHECK(src != rank_, "recv on group '", name_, "': rank ", rank_,
            " cannot receive from itself");
+  MT_CHECK(tag >= 0, "recv on group '", name_, "': tag ", tag, " must be >= 0");
   record(CollectiveKind::kRecv, nbytes(tensor));
   return do_recv(tensor, src, tag);
 }

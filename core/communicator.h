@@ -6,8 +6,8 @@
 // - Every call checks its arguments on the calling rank (contiguity, dtype, device, shapes)
 //   and throws c10::Error naming the call, the group and the offending values. With
 //   set_check_across_ranks(true) (or MESHTRAIN_COMM_CHECK=1) every collective first agrees
-//   on (numel, dtype, op/root) across the group and throws on every rank, naming the ranks
-//   that differ.
+//   on (call, numel, dtype, op/root) across the group and throws on every rank, naming the
+//   ranks that differ. The agreement exchange is not recorded by the counting log.
 // - Operations on one communicator run in the order they were issued, on the
 //   communicator's own execution context: a worker thread for MPI; for NCCL, a dedicated
 //   CUDA stream that first waits on an event recorded on the caller's current stream.
@@ -112,8 +112,9 @@ protected:
 private:
   void check_tensor(const char* call, const char* what, const at::Tensor& tensor) const;
   void check_peer(const char* call, const char* what, int peer) const;
-  // Agrees on a small descriptor across the group; throws on every rank on a mismatch.
-  void check_agreement(const char* call, int64_t numel, at::ScalarType dtype, int64_t extra);
+  // Agrees on a small descriptor (call, numel, dtype, op or root) across the group; throws on
+  // every rank on a mismatch.
+  void check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype, int64_t extra);
   void record(CollectiveKind kind, int64_t bytes);
 
   std::string name_;
