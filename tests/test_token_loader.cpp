@@ -48,7 +48,7 @@ std::vector<int64_t> global_batch_positions(const std::shared_ptr<const TokenFil
 
 } // namespace
 
-TEST_CASE("token loader: sample g is tokens [(g mod S)*T, +T+1), targets shifted by one",
+TEST_CASE("token loader: sample g starts at token (g mod S)*T, targets shifted by one",
           "[data]") {
   auto file = counting_file(1000); // S = floor(999 / 16) = 62
   TokenLoaderOptions o;
