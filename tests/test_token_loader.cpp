@@ -48,8 +48,7 @@ std::vector<int64_t> global_batch_positions(const std::shared_ptr<const TokenFil
 
 } // namespace
 
-TEST_CASE("token loader: sample g starts at token (g mod S)*T, targets shifted by one",
-          "[data]") {
+TEST_CASE("token loader: sample g starts at token (g mod S)*T, targets shifted by one", "[data]") {
   auto file = counting_file(1000); // S = floor(999 / 16) = 62
   TokenLoaderOptions o;
   o.seq_len = 16;
