@@ -49,11 +49,26 @@ bool is_supported_dtype(at::ScalarType t) {
   }
 }
 
+// How many blocking calls the current thread is inside (see Communicator::caller_waits).
+thread_local int t_blocking_depth = 0;
+
+class BlockingScope {
+public:
+  BlockingScope() { ++t_blocking_depth; }
+  ~BlockingScope() { --t_blocking_depth; }
+  BlockingScope(const BlockingScope&) = delete;
+  BlockingScope& operator=(const BlockingScope&) = delete;
+};
+
 int64_t nbytes(const at::Tensor& t) {
   return t.numel() * static_cast<int64_t>(t.element_size());
 }
 
 } // namespace
+
+bool Communicator::caller_waits() {
+  return t_blocking_depth > 0;
+}
 
 WorkPtr completed_work() {
   return std::make_shared<CompletedWork>();
@@ -102,7 +117,10 @@ void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::Scala
   auto mine = at::tensor({static_cast<int64_t>(kind), numel, static_cast<int64_t>(dtype), extra},
                          at::kLong);
   auto all = at::empty({size_ * kFields}, at::kLong);
-  do_all_gather(mine, all)->wait();
+  {
+    const BlockingScope blocking;
+    do_all_gather(mine, all)->wait();
+  }
   auto rows = all.view({size_, kFields});
   auto acc = rows.accessor<int64_t, 2>();
   bool mismatch = false;
@@ -228,29 +246,37 @@ WorkPtr Communicator::barrier_async() {
 }
 
 void Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {
+  const BlockingScope blocking;
   all_reduce_async(tensor, op)->wait();
 }
 void Communicator::reduce_scatter(const at::Tensor& input, const at::Tensor& output, ReduceOp op) {
+  const BlockingScope blocking;
   reduce_scatter_async(input, output, op)->wait();
 }
 void Communicator::all_gather(const at::Tensor& input, const at::Tensor& output) {
+  const BlockingScope blocking;
   all_gather_async(input, output)->wait();
 }
 void Communicator::broadcast(const at::Tensor& tensor, int root) {
+  const BlockingScope blocking;
   broadcast_async(tensor, root)->wait();
 }
 void Communicator::send(const at::Tensor& tensor, int dst, int tag) {
+  const BlockingScope blocking;
   send_async(tensor, dst, tag)->wait();
 }
 void Communicator::recv(const at::Tensor& tensor, int src, int tag) {
+  const BlockingScope blocking;
   recv_async(tensor, src, tag)->wait();
 }
 void Communicator::barrier() {
+  const BlockingScope blocking;
   barrier_async()->wait();
 }
 
 std::shared_ptr<Communicator> Communicator::split(int color, int key, const std::string& name) {
   MT_CHECK(color >= 0, "split of group '", name_, "': color must be >= 0, got ", color);
+  const BlockingScope blocking; // do_split waits for its collective
   auto child = do_split(color, key, name);
   child->set_log(log_);
   child->set_check_across_ranks(check_across_ranks_);

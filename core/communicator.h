@@ -15,7 +15,8 @@
 //   Work::wait() blocks the host until the result is in the tensor (MPI); for NCCL it
 //   makes the caller's current stream wait on the communication stream, so later kernels
 //   see the result.
-// - Sync variants are the async ones followed by wait().
+// - Sync variants are the async ones followed by wait(); a backend may run them on the
+//   calling thread when nothing else of the communicator is pending (MPI does).
 // - A group of one rank is free: every call is a local no-op (after the argument checks)
 //   and is not recorded by the counting log.
 // - Shapes: all_gather's output is size() inputs concatenated along dim 0; reduce_scatter's
@@ -108,6 +109,10 @@ protected:
   virtual std::shared_ptr<Communicator> do_split(int color, int key, const std::string& name) = 0;
   // Throws when the backend cannot move tensors on this device.
   virtual void check_device(const char* call, const at::Tensor& tensor) const = 0;
+  // True while the calling thread is inside a blocking call (the sync variants, split, the
+  // agreement check): it waits for the Work at once, so a backend may run the operation on
+  // this thread when that keeps the issue order (nothing of the communicator pending).
+  static bool caller_waits();
 
 private:
   void check_tensor(const char* call, const char* what, const at::Tensor& tensor) const;

@@ -482,6 +482,35 @@ TEST_CASE("async operations in flight at once complete in issue order with corre
   check_elements(bcast, payload(at::kInt, n - 1, m), "async broadcast");
 }
 
+TEST_CASE("a blocking call issued behind pending async work runs after it, in issue order",
+          "[mpi][comm]") {
+  const auto comm = fresh_world();
+  const int n = comm->size();
+  const int me = comm->rank();
+  const int64_t m = 65537;
+  // Blocking calls may run on the caller's thread, but only when nothing is pending: here
+  // the async all_reduces are ahead of it, so they must be complete when it returns.
+  std::vector<at::Tensor> pending;
+  std::vector<WorkPtr> works;
+  for (int k = 0; k < 4; ++k) {
+    pending.push_back(at::full({m}, k * 10 + me, at::kDouble));
+    works.push_back(comm->all_reduce_async(pending.back(), ReduceOp::kMax));
+  }
+  auto blocking = at::full({m}, me + 1, at::kInt);
+  comm->all_reduce(blocking);
+  for (int k = 0; k < 4; ++k) {
+    INFO(rank_tag() << "async all_reduce " << k << " issued before the blocking one");
+    CHECK(works[k]->is_completed());
+    check_elements(pending[k], at::full({m}, k * 10 + n - 1, at::kDouble),
+                   "async max " + std::to_string(k));
+  }
+  check_elements(blocking, at::full({m}, n * (n + 1) / 2, at::kInt), "blocking sum");
+  // And the other way round: async work issued after a blocking call still completes.
+  auto after = at::full({m}, 1.0f);
+  CHECK(comm->all_reduce_async(after)->wait(kLongWait));
+  check_elements(after, at::full({m}, static_cast<float>(n)), "async after blocking");
+}
+
 TEST_CASE("Work::wait(timeout) returns false while a recv is pending and true once it is done",
           "[mpi][comm]") {
   const auto data_comm = fresh_world("data");
@@ -879,13 +908,11 @@ TEST_CASE("a communicator's worker thread leaves the process's torch thread coun
   at::set_num_threads(2);
   {
     const auto comm = fresh_world("threads");
-    // split() runs on comm's worker, so the worker has started (and run its set-up) when it
-    // returns. A bf16 all_reduce makes the worker run ATen ops (upcast, round) as well.
     const auto child = comm->split(0, comm->rank(), "threads_child");
-    auto t = at::ones({4096}, at::kBFloat16);
-    comm->all_reduce(t);
-    child->all_reduce(t);
-  }
+    auto t = at::ones({4096}, at::kBFloat16); // bf16: the worker converts to fp32 and back
+    comm->all_reduce_async(t)->wait();
+    child->all_reduce_async(t)->wait();
+  } // destroying the communicators joins their workers: all they ever did is done by now
   // A thread started now picks up the process-wide setting (ATen initialises each thread's
   // count from it on first use), so a worker that changed the global count shows up here.
   int seen_by_new_thread = 0;

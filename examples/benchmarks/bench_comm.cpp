@@ -4,7 +4,7 @@
 //
 //   mpirun -np 2 --bind-to core ./bench_comm [--min-bytes 1K] [--max-bytes 64M] [--step 4]
 //          [--iters 20] [--warmup 5] [--rounds 5]
-//          [--ops all_reduce,reduce_scatter,all_gather,broadcast]
+//          [--ops all_reduce,reduce_scatter,all_gather,broadcast] [--async]
 //
 // Sizes and bandwidths follow nccl-tests (PERFORMANCE.md there): `bytes` is the whole payload
 // — the tensor for all_reduce and broadcast, the full [n*m] input of reduce_scatter and the
@@ -18,6 +18,10 @@
 // other processes on the machine hits both alike. Sums of zeros stay zero: no value drift,
 // no denormals. Before timing, each collective's meshtrain result is compared bit for bit
 // with MPI's on rank-dependent data.
+//
+// meshtrain's blocking calls run on the caller's thread when nothing else is pending (as the
+// raw MPI call does); --async times *_async(...)->wait() instead, which always goes through
+// the communicator's worker thread, to show what that hand-off costs.
 //
 // Only the MPI build has a raw MPI to compare with; elsewhere the program says so and exits 2.
 #include "core/communicator.h"
@@ -94,49 +98,69 @@ struct Collective {
   std::function<Case(const CommunicatorPtr&, int64_t count)> make;
 };
 
-std::vector<Collective> collectives(int n) {
+std::vector<Collective> collectives(int n, bool async) {
   const double nd = n;
   std::vector<Collective> all;
   // In place, as in meshtrain: tensor [count].
-  all.push_back(
-      {"all_reduce", 2.0 * (nd - 1) / nd, false, [](const CommunicatorPtr& world, int64_t count) {
-         auto buf = at::zeros({count}, at::kFloat);
-         return Case{[world, buf] { world->all_reduce(buf); },
-                     [buf] {
-                       MPI_Allreduce(MPI_IN_PLACE, buf.data_ptr(), static_cast<int>(buf.numel()),
-                                     MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-                     },
-                     [buf] { return buf.clone(); },
-                     [buf](int rank) {
-                       buf.copy_(at::arange(buf.numel(), at::kFloat).remainder(97) + rank);
-                     },
-                     [buf] { buf.zero_(); }};
-       }});
+  all.push_back({"all_reduce", 2.0 * (nd - 1) / nd, false,
+                 [async](const CommunicatorPtr& world, int64_t count) {
+                   auto buf = at::zeros({count}, at::kFloat);
+                   return Case{
+                       [world, buf, async] {
+                         if (async) {
+                           world->all_reduce_async(buf)->wait();
+                         } else {
+                           world->all_reduce(buf);
+                         }
+                       },
+                       [buf] {
+                         MPI_Allreduce(MPI_IN_PLACE, buf.data_ptr(), static_cast<int>(buf.numel()),
+                                       MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+                       },
+                       [buf] { return buf.clone(); },
+                       [buf](int rank) {
+                         buf.copy_(at::arange(buf.numel(), at::kFloat).remainder(97) + rank);
+                       },
+                       [buf] { buf.zero_(); }};
+                 }});
   // input [count] -> output [count / n].
-  all.push_back(
-      {"reduce_scatter", (nd - 1) / nd, true, [n](const CommunicatorPtr& world, int64_t count) {
-         auto in = at::zeros({count}, at::kFloat);
-         auto out = at::zeros({count / n}, at::kFloat);
-         return Case{
-             [world, in, out] { world->reduce_scatter(in, out); },
-             [in, out] {
-               MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(),
-                                        static_cast<int>(out.numel()), MPI_FLOAT, MPI_SUM,
-                                        MPI_COMM_WORLD);
-             },
-             [out] { return out.clone(); },
-             [in](int rank) { in.copy_(at::arange(in.numel(), at::kFloat).remainder(89) + rank); },
-             [in, out] {
-               in.zero_();
-               out.zero_();
-             }};
-       }});
+  all.push_back({"reduce_scatter", (nd - 1) / nd, true,
+                 [n, async](const CommunicatorPtr& world, int64_t count) {
+                   auto in = at::zeros({count}, at::kFloat);
+                   auto out = at::zeros({count / n}, at::kFloat);
+                   return Case{[world, in, out, async] {
+                                 if (async) {
+                                   world->reduce_scatter_async(in, out)->wait();
+                                 } else {
+                                   world->reduce_scatter(in, out);
+                                 }
+                               },
+                               [in, out] {
+                                 MPI_Reduce_scatter_block(in.data_ptr(), out.data_ptr(),
+                                                          static_cast<int>(out.numel()), MPI_FLOAT,
+                                                          MPI_SUM, MPI_COMM_WORLD);
+                               },
+                               [out] { return out.clone(); },
+                               [in](int rank) {
+                                 in.copy_(at::arange(in.numel(), at::kFloat).remainder(89) + rank);
+                               },
+                               [in, out] {
+                                 in.zero_();
+                                 out.zero_();
+                               }};
+                 }});
   // input [count / n] -> output [count].
   all.push_back(
-      {"all_gather", (nd - 1) / nd, true, [n](const CommunicatorPtr& world, int64_t count) {
+      {"all_gather", (nd - 1) / nd, true, [n, async](const CommunicatorPtr& world, int64_t count) {
          auto in = at::zeros({count / n}, at::kFloat);
          auto out = at::zeros({count}, at::kFloat);
-         return Case{[world, in, out] { world->all_gather(in, out); },
+         return Case{[world, in, out, async] {
+                       if (async) {
+                         world->all_gather_async(in, out)->wait();
+                       } else {
+                         world->all_gather(in, out);
+                       }
+                     },
                      [in, out] {
                        MPI_Allgather(in.data_ptr(), static_cast<int>(in.numel()), MPI_FLOAT,
                                      out.data_ptr(), static_cast<int>(in.numel()), MPI_FLOAT,
@@ -149,9 +173,15 @@ std::vector<Collective> collectives(int n) {
                      }};
        }});
   // In place from root 0: tensor [count].
-  all.push_back({"broadcast", 1.0, false, [](const CommunicatorPtr& world, int64_t count) {
+  all.push_back({"broadcast", 1.0, false, [async](const CommunicatorPtr& world, int64_t count) {
                    auto buf = at::zeros({count}, at::kFloat);
-                   return Case{[world, buf] { world->broadcast(buf, 0); },
+                   return Case{[world, buf, async] {
+                                 if (async) {
+                                   world->broadcast_async(buf, 0)->wait();
+                                 } else {
+                                   world->broadcast(buf, 0);
+                                 }
+                               },
                                [buf] {
                                  MPI_Bcast(buf.data_ptr(), static_cast<int>(buf.numel()), MPI_FLOAT,
                                            0, MPI_COMM_WORLD);
@@ -224,7 +254,9 @@ int run(int argc, char** argv) {
       cxxopts::value<int>()->default_value("5"))(
       "ops", "comma-separated collectives",
       cxxopts::value<std::string>()->default_value(
-          "all_reduce,reduce_scatter,all_gather,broadcast"))("h,help", "print this help");
+          "all_reduce,reduce_scatter,all_gather,broadcast"))(
+      "async", "time meshtrain's *_async(...)->wait() (always via the worker thread) instead "
+               "of the blocking calls")("h,help", "print this help");
   int64_t min_bytes = 0;
   int64_t max_bytes = 0;
   int step = 0;
@@ -232,6 +264,7 @@ int run(int argc, char** argv) {
   int warmup = 0;
   int rounds = 0;
   std::vector<std::string> ops;
+  bool async = false;
   try {
     const auto args = options.parse(argc, argv);
     if (args.count("help") != 0) {
@@ -246,6 +279,7 @@ int run(int argc, char** argv) {
     iters = args["iters"].as<int>();
     warmup = args["warmup"].as<int>();
     rounds = args["rounds"].as<int>();
+    async = args["async"].as<bool>();
     std::stringstream list(args["ops"].as<std::string>());
     for (std::string op; std::getline(list, op, ',');) {
       ops.push_back(op);
@@ -263,7 +297,7 @@ int run(int argc, char** argv) {
   }
 
   std::map<std::string, Collective> by_name;
-  for (auto& c : collectives(n)) {
+  for (auto& c : collectives(n, async)) {
     by_name.emplace(c.name, c);
   }
   for (const auto& op : ops) {
@@ -279,8 +313,9 @@ int run(int argc, char** argv) {
   if (printer) {
     std::printf("bench_comm: %d ranks, fp32, %s, meshtrain backend %s, torch threads %d\n", n,
                 mpi_library().c_str(), meshtrain::Runtime::backend_name(), runtime.threads());
-    std::printf("iters %d x rounds %d (median of per-round means, slowest rank), warmup %d\n\n",
-                iters, rounds, warmup);
+    std::printf("iters %d x rounds %d (median of per-round means, slowest rank), warmup %d; "
+                "meshtrain calls: %s\n\n",
+                iters, rounds, warmup, async ? "*_async()->wait()" : "blocking");
     std::printf("| collective | bytes | meshtrain time (us) | meshtrain busbw (GB/s) | MPI time "
                 "(us) | MPI busbw (GB/s) | ratio |\n");
     std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");

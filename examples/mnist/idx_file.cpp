@@ -86,7 +86,7 @@ IdxArray read_idx(const std::string& path, int expected_ndims) {
   IdxArray out;
   int64_t elements = 1;
   for (int d = 0; d < expected_ndims; ++d) {
-    const int64_t size = big_endian_u32(&header[4 * d]);
+    const int64_t size = big_endian_u32(&header[size_t{4} * d]);
     MT_CHECK(size >= 1, path, ": dimension ", d, " has size 0");
     out.dims.push_back(size);
     elements *= size; // cannot overflow: each factor < 2^32 and we stop at kMaxElements

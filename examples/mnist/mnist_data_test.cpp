@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <set>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace {
@@ -24,19 +25,27 @@ namespace mnist = meshtrain::mnist;
 using Catch::Matchers::Contains;
 using Bytes = std::vector<unsigned char>;
 
+// A fresh directory per process, removed again when the test binary exits.
+struct ScratchDir {
+  fs::path path = fs::temp_directory_path() / ("mnist_data_test_" + std::to_string(::getpid()));
+  ScratchDir() {
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    fs::remove_all(path, ignored);
+  }
+};
+
 fs::path scratch_dir() {
-  static const fs::path dir = [] {
-    auto d = fs::temp_directory_path() / ("mnist_data_test_" + std::to_string(::getpid()));
-    fs::remove_all(d);
-    fs::create_directories(d);
-    return d;
-  }();
-  return dir;
+  static const ScratchDir dir;
+  return dir.path;
 }
 
 // Writes `bytes` gzip-compressed (as the Debian package ships them) and returns the path.
 std::string write_gz(const std::string& name, const Bytes& bytes) {
-  const auto path = (scratch_dir() / name).string();
+  auto path = (scratch_dir() / name).string();
   gzFile f = gzopen(path.c_str(), "wb");
   REQUIRE(f != nullptr);
   if (!bytes.empty()) {
@@ -74,7 +83,7 @@ Bytes iota_bytes(size_t n, int mod = 256) {
 // A split of `n` 2x3 images with labels i % 10 under `dir`.
 void write_split(const std::string& dir, const std::string& split, uint32_t n, uint32_t n_labels) {
   fs::create_directories(scratch_dir() / dir);
-  write_gz(dir + "/" + split + "-images-idx3-ubyte.gz", idx({n, 2, 3}, iota_bytes(n * 6)));
+  write_gz(dir + "/" + split + "-images-idx3-ubyte.gz", idx({n, 2, 3}, iota_bytes(size_t{n} * 6)));
   write_gz(dir + "/" + split + "-labels-idx1-ubyte.gz", idx({n_labels}, iota_bytes(n_labels, 10)));
 }
 
@@ -83,7 +92,7 @@ void write_split(const std::string& dir, const std::string& split, uint32_t n, u
 TEST_CASE("idx: a well-formed file reads back with its sizes and bytes", "[mnist]") {
   const auto path = write_gz("good.gz", idx({4, 2, 3}, iota_bytes(24)));
   const auto a = mnist::read_idx(path, 3);
-  CHECK(a.dims == std::vector<int64_t>{4, 2, 3});
+  CHECK((a.dims == std::vector<int64_t>{4, 2, 3}));
   REQUIRE(a.data.sizes().vec() == std::vector<int64_t>{4, 2, 3});
   CHECK(a.data.scalar_type() == torch::kUInt8);
   CHECK(a.data[3][1][2].item<int>() == 23);
@@ -156,7 +165,7 @@ TEST_CASE("load_split: pairs images with labels, checks counts, labels and limit
   CHECK(all.size() == 12);
   CHECK(all.rows == 2);
   CHECK(all.cols == 3);
-  CHECK(all.images.sizes().vec() == std::vector<int64_t>{12, 6});
+  CHECK((all.images.sizes().vec() == std::vector<int64_t>{12, 6}));
   CHECK(all.images.scalar_type() == torch::kFloat);
   CHECK(all.labels[11].item<int64_t>() == 1);
   CHECK(mnist::load_split(dir, "train", 5).size() == 5);

@@ -35,7 +35,7 @@ MnistSplit load_split(const std::string& dir, const std::string& split, int64_t 
   auto label_tensor = labels.data.narrow(0, 0, kept).to(torch::kLong); // [kept]
   const auto bad = (label_tensor >= kClasses).nonzero();
   if (bad.numel() > 0) {
-    const int64_t i = bad[0][0].item<int64_t>();
+    const auto i = bad[0][0].item<int64_t>();
     MT_CHECK(false, paths.labels, ": label ", label_tensor[i].item<int64_t>(), " at index ", i,
              " is outside [0, ", kClasses, ")");
   }
