@@ -19,11 +19,21 @@ struct ShardSpec {
   int64_t global_size = 0;   // size along `dim` of the full (padded) parameter
   int64_t offset = 0;        // where this rank's shard starts along `dim`
   int64_t unpadded_size = 0; // size along `dim` without padding (vocab padding, DESIGN §4)
-  // A replicated parameter used inside a sequence-parallel region (LayerNorm): each TP rank
-  // sees a different part of the sequence, so its gradient must be all-reduced over TP.
+  // A replicated parameter used inside a sequence-parallel region (LayerNorm, a row-parallel
+  // bias): each TP rank sees a different part of the sequence, so its gradient must be
+  // all-reduced over TP. The TP layers do that inside autograd
+  // (copy_params_to_sequence_parallel_region), so param.grad is final after backward.
   bool sequence_parallel = false;
+  // The partitioned dim is made of `blocks` equal blocks laid end to end, and each block is
+  // cut over `group` on its own (c_attn's [3C, C] weight is q|k|v: blocks = 3). This rank's
+  // shard is its cut of every block, concatenated in block order; `offset` is where the cut
+  // starts inside each block. With blocks == 1 this is one contiguous cut. Padding
+  // (unpadded_size < global_size) is only used with blocks == 1.
+  int64_t blocks = 1;
 
   bool is_partitioned() const { return dim >= 0; }
+  // Size of one block along `dim` of the full (padded) parameter.
+  int64_t block_size() const { return global_size / blocks; }
   static ShardSpec replicated() { return ShardSpec{}; }
 };
 

@@ -1,0 +1,68 @@
+// defines: ColumnParallelLinearImpl (see column_parallel_linear.h).
+#include "parallel/column_parallel_linear.h"
+
+#include "core/errors.h"
+#include "parallel/mappings.h"
+#include "parallel/shard_tensor.h"
+
+namespace meshtrain {
+
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions options,
+                                                   CommunicatorPtr tp_group)
+    : options_(std::move(options)), tp_group_(std::move(tp_group)) {
+  MT_CHECK(tp_group_ != nullptr, "ColumnParallelLinear: the tp communicator is null");
+  const int tp = tp_group_->size();
+  const auto& o = options_;
+  MT_CHECK(o.in_features() > 0 && o.out_features() > 0, "ColumnParallelLinear: in_features (",
+           o.in_features(), ") and out_features (", o.out_features(), ") must be positive");
+  MT_CHECK(o.blocks() >= 1, "ColumnParallelLinear: blocks (", o.blocks(), ") must be >= 1");
+  MT_CHECK(o.out_features() % (o.blocks() * tp) == 0, "ColumnParallelLinear: out_features (",
+           o.out_features(), ") must be divisible by blocks (", o.blocks(), ") x tp (", tp, ")");
+  MT_CHECK(!(o.gather_output() && o.blocks() > 1),
+           "ColumnParallelLinear: gather_output with blocks (", o.blocks(),
+           ") > 1 would interleave the blocks of different ranks; use gather_output(false)");
+  reset();
+}
+
+void ColumnParallelLinearImpl::reset() {
+  const auto& o = options_;
+  const int tp = tp_group_->size();
+  const int rank = tp_group_->rank();
+  torch::NoGradGuard no_grad;
+  // The serial layer's draw: one normal_ over the full [out, in] master.
+  const auto master = torch::empty({o.out_features(), o.in_features()}).normal_(0.0, o.init_std());
+  weight = register_parameter("weight", cut_shard(master, 0, rank, tp, o.blocks()));
+  set_shard_spec("weight", partitioned_spec(0, o.out_features(), rank, tp, -1, o.blocks()));
+  if (o.bias()) {
+    bias = register_parameter("bias", torch::zeros({o.out_features() / tp}));
+    set_shard_spec("bias", partitioned_spec(0, o.out_features(), rank, tp, -1, o.blocks()));
+  } else {
+    bias = register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
+  }
+}
+
+void ColumnParallelLinearImpl::pretty_print(std::ostream& stream) const {
+  stream << "meshtrain::ColumnParallelLinear(in_features=" << options_.in_features()
+         << ", out_features=" << options_.out_features() << ", tp=" << tp_group_->size()
+         << ", bias=" << (options_.bias() ? "true" : "false")
+         << ", gather_output=" << (options_.gather_output() ? "true" : "false")
+         << ", sequence_parallel=" << (options_.sequence_parallel() ? "true" : "false");
+  if (options_.blocks() > 1) {
+    stream << ", blocks=" << options_.blocks();
+  }
+  stream << ")";
+}
+
+torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
+  MT_CHECK(x.dim() >= 1 && x.size(-1) == options_.in_features(),
+           "ColumnParallelLinear: input has sizes ", x.sizes(),
+           "; its last dim must be in_features (", options_.in_features(), ")");
+  // [B, T, in] on every rank; each rank's branch adds part of the input's gradient.
+  const auto input = options_.sequence_parallel()
+                         ? gather_from_sequence_parallel_region(x, tp_group_)
+                         : copy_to_tp_region(x, tp_group_);
+  auto y = torch::nn::functional::linear(input, weight, bias); // [B, T, out/tp]
+  return options_.gather_output() ? gather_from_tp_region(y, tp_group_) : y;
+}
+
+} // namespace meshtrain
