@@ -1,0 +1,370 @@
+// defines: ZeroOptimizer (see zero.h for the layout and the byte formulas).
+#include "optim/zero.h"
+
+#include "core/errors.h"
+#include "optim/clip.h"
+#include "optim/param_groups.h"
+
+#include <set>
+
+namespace meshtrain {
+namespace {
+
+int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+int64_t nbytes(const torch::Tensor& t) {
+  return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
+}
+
+} // namespace
+
+ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, ZeroOptions options,
+                             std::vector<std::vector<std::string>> buckets)
+    : options_(std::move(options)), dp_(mesh.group("dp")), tp_(mesh.group("tp")) {
+  const int stage = options_.stage();
+  MT_CHECK(stage != 3, "ZeroOptimizer: ZeRO stage 3 (parameter sharding) is not implemented; "
+                       "use stage 0, 1 or 2");
+  MT_CHECK(stage >= 0 && stage <= 2, "ZeroOptimizer: stage must be 0, 1 or 2, got ", stage);
+  std::visit([](const auto& rule) { rule.validate(); }, options_.rule());
+  lr_ = std::visit([](const auto& rule) { return rule.lr(); }, options_.rule());
+  const auto decay_filter =
+      options_.decay_filter()
+          ? options_.decay_filter()
+          : [](const std::string&, const torch::Tensor& p) { return decays_by_default(p); };
+
+  const auto params = unique_trainable_parameters(model);
+  MT_CHECK(!params.empty(), "ZeroOptimizer: the model has no trainable parameters");
+  std::map<std::string, torch::Tensor> by_name(params.begin(), params.end());
+  std::map<std::string, ShardSpec> specs;
+  for (auto& [name, spec] : named_shard_specs(model)) {
+    specs.emplace(name, spec);
+  }
+  if (buckets.empty()) {
+    buckets.emplace_back();
+    for (auto it = params.rbegin(); it != params.rend(); ++it) {
+      buckets.back().push_back(it->first);
+    }
+  }
+
+  const int64_t dp = dp_->size();
+  const int64_t rank = dp_->rank();
+  std::set<std::string> placed;
+  for (size_t b = 0; b < buckets.size(); ++b) {
+    Bucket bucket;
+    int64_t offset = 0;
+    for (const auto& name : buckets[b]) {
+      auto it = by_name.find(name);
+      MT_CHECK(it != by_name.end(), "ZeroOptimizer: bucket ", b, " names '", name,
+               "', which is not a trainable parameter of the model");
+      MT_CHECK(placed.insert(name).second, "ZeroOptimizer: parameter '", name,
+               "' appears in more than one bucket slot");
+      const auto& p = it->second;
+      if (!bucket.slots.empty()) {
+        const auto& first = bucket.slots.front().param;
+        MT_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(),
+                 "ZeroOptimizer: bucket ", b, " mixes '", bucket.slots.front().name, "' (",
+                 first.scalar_type(), ", ", first.device(), ") and '", name, "' (", p.scalar_type(),
+                 ", ", p.device(), "); use one dtype and device per bucket");
+      }
+      const auto& spec = specs.at(name);
+      MT_CHECK(!spec.is_partitioned() || spec.group == "tp", "ZeroOptimizer: parameter '", name,
+               "' is partitioned over '", spec.group, "'; only 'tp' partitions are supported");
+      bucket.slots.push_back(
+          Slot{name, p, spec.is_partitioned(), decay_filter(name, p), offset, p.numel()});
+      offset += p.numel();
+    }
+    MT_CHECK(!bucket.slots.empty(), "ZeroOptimizer: bucket ", b, " is empty");
+    num_parameters_ += offset;
+    bucket.padded = round_up(offset, dp);
+    padded_numel_ += bucket.padded;
+    bucket.own_size = stage == 0 ? bucket.padded : bucket.padded / dp;
+    bucket.own_begin = stage == 0 ? 0 : rank * bucket.own_size;
+    buckets_.push_back(std::move(bucket));
+  }
+  for (const auto& [name, p] : params) {
+    MT_CHECK(placed.count(name) == 1, "ZeroOptimizer: trainable parameter '", name,
+             "' is in no bucket; pass every parameter (DataParallelReducer::bucket_names())");
+  }
+
+  // Flat parameter buffers; the parameters become views of them. Padding stays zero.
+  torch::NoGradGuard no_grad;
+  int64_t owned = 0;
+  for (auto& bucket : buckets_) {
+    const auto& first = bucket.slots.front().param;
+    bucket.params = torch::zeros({bucket.padded}, first.options().requires_grad(false));
+    for (auto& slot : bucket.slots) {
+      auto view = bucket.params.narrow(0, slot.offset, slot.numel).view(slot.param.sizes());
+      view.copy_(slot.param.detach());
+      slot.param.set_data(view);
+    }
+    const int64_t own_end = bucket.own_begin + bucket.own_size;
+    for (size_t s = 0; s < bucket.slots.size(); ++s) {
+      const auto& slot = bucket.slots[s];
+      const int64_t begin = std::max(slot.offset, bucket.own_begin);
+      const int64_t end = std::min(slot.offset + slot.numel, own_end);
+      if (begin < end) {
+        bucket.segments.push_back(
+            Segment{s, begin - bucket.own_begin, begin - slot.offset, end - begin});
+      }
+    }
+    owned += bucket.own_size;
+  }
+  master_ = torch::zeros(
+      {owned},
+      torch::TensorOptions().dtype(torch::kFloat).device(buckets_.front().params.device()));
+  for (const auto& name : state_names()) {
+    state_[name] = torch::zeros_like(master_);
+  }
+  int64_t at = 0;
+  for (auto& bucket : buckets_) {
+    bucket.master = master_.narrow(0, at, bucket.own_size);
+    for (auto& [name, t] : state_) {
+      bucket.state[name] = t.narrow(0, at, bucket.own_size);
+    }
+    at += bucket.own_size;
+  }
+  sync_master_from_params();
+}
+
+std::vector<std::string> ZeroOptimizer::state_names() const {
+  if (std::holds_alternative<AdamWOptions>(options_.rule())) {
+    return {"exp_avg", "exp_avg_sq"};
+  }
+  if (std::get<SGDOptions>(options_.rule()).momentum() != 0) {
+    return {"momentum_buffer"};
+  }
+  return {};
+}
+
+void ZeroOptimizer::sync_master_from_params() {
+  torch::NoGradGuard no_grad;
+  for (auto& bucket : buckets_) {
+    bucket.master.copy_(bucket.params.narrow(0, bucket.own_begin, bucket.own_size));
+  }
+}
+
+void ZeroOptimizer::set_lr(double lr) {
+  MT_CHECK(lr >= 0, "ZeroOptimizer::set_lr: lr must be >= 0, got ", lr);
+  lr_ = lr;
+}
+
+int64_t ZeroOptimizer::bucket_numel(int64_t b) const {
+  MT_CHECK(b >= 0 && b < num_buckets(), "ZeroOptimizer::bucket_numel: bucket ", b,
+           " is out of range [0, ", num_buckets(), ")");
+  return buckets_[b].padded;
+}
+
+int64_t ZeroOptimizer::state_bytes() const {
+  int64_t bytes = nbytes(master_);
+  for (const auto& [name, t] : state_) {
+    bytes += nbytes(t);
+  }
+  return bytes;
+}
+
+// This rank's owned range of every bucket's gradient, as fp32.
+std::vector<torch::Tensor>
+ZeroOptimizer::owned_grads(const std::vector<torch::Tensor>& grads) const {
+  MT_CHECK(grads.size() == buckets_.size(), "ZeroOptimizer: got gradients for ", grads.size(),
+           " buckets, the optimizer has ", buckets_.size(),
+           " (build it with the reducer's bucket_names())");
+  const bool sharded = options_.stage() == 2;
+  std::vector<torch::Tensor> out;
+  for (size_t b = 0; b < grads.size(); ++b) {
+    const auto& bucket = buckets_[b];
+    const auto& g = grads[b];
+    const int64_t expected = sharded ? bucket.own_size : bucket.padded;
+    MT_CHECK(g.defined() && g.dim() == 1 && g.numel() == expected, "ZeroOptimizer (stage ",
+             options_.stage(), "): rank ", dp_->rank(), ": gradient of bucket ", b, " has ",
+             (g.defined() ? g.numel() : 0), " elements, expected ", expected,
+             sharded ? " (this rank's shard: construct the reducer with shard_gradients(true))"
+                     : " (the full bucket: construct the reducer with shard_gradients(false))");
+    MT_CHECK(c10::isFloatingType(g.scalar_type()), "ZeroOptimizer: gradient of bucket ", b,
+             " has dtype ", g.scalar_type(), "; expected a floating dtype");
+    auto own = sharded ? g : g.narrow(0, bucket.own_begin, bucket.own_size);
+    out.push_back(own.to(torch::kFloat));
+  }
+  return out;
+}
+
+double ZeroOptimizer::clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
+  MT_CHECK(grads.size() == buckets_.size(), "ZeroOptimizer::clip_grad_norm: got ", grads.size(),
+           " bucket gradients, expected ", buckets_.size());
+  const bool sharded = options_.stage() == 2;
+  GradNormParts parts;
+  for (size_t b = 0; b < grads.size(); ++b) {
+    const auto& bucket = buckets_[b];
+    const auto& g = grads[b];
+    MT_CHECK(g.numel() == (sharded ? bucket.own_size : bucket.padded),
+             "ZeroOptimizer::clip_grad_norm: gradient of bucket ", b, " has ", g.numel(),
+             " elements, expected ", sharded ? bucket.own_size : bucket.padded);
+    if (sharded) {
+      for (const auto& seg : bucket.segments) {
+        parts.add(g.narrow(0, seg.shard_offset, seg.length), bucket.slots[seg.slot].partitioned);
+      }
+    } else {
+      for (const auto& slot : bucket.slots) {
+        parts.add(g.narrow(0, slot.offset, slot.numel), slot.partitioned);
+      }
+    }
+  }
+  const double norm = global_grad_norm(parts, tp_, sharded ? dp_ : nullptr);
+  const double coef = clip_coefficient(norm, max_norm);
+  if (coef < 1.0) {
+    torch::NoGradGuard no_grad;
+    for (const auto& g : grads) {
+      g.mul_(coef);
+    }
+  }
+  return norm;
+}
+
+void ZeroOptimizer::check_params_in_place() const {
+  for (const auto& bucket : buckets_) {
+    const auto* base = static_cast<const char*>(bucket.params.data_ptr());
+    for (const auto& slot : bucket.slots) {
+      const auto* expected =
+          base + slot.offset * static_cast<int64_t>(bucket.params.element_size());
+      MT_CHECK(slot.param.data_ptr() == expected, "ZeroOptimizer: parameter '", slot.name,
+               "' no longer lives in the optimizer's flat buffer (replaced with set_data, "
+               "or moved with .to()?); construct the optimizer after the model is final");
+    }
+  }
+}
+
+void ZeroOptimizer::step(const std::vector<torch::Tensor>& grads) {
+  torch::NoGradGuard no_grad;
+  check_params_in_place();
+  const auto owned = owned_grads(grads);
+  step_ += 1;
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    const auto& g = owned[b];
+    if (const auto* adamw = std::get_if<AdamWOptions>(&options_.rule())) {
+      for (const auto& seg : bucket.segments) {
+        if (bucket.slots[seg.slot].decay) {
+          decoupled_weight_decay_(bucket.master.narrow(0, seg.shard_offset, seg.length), lr_,
+                                  adamw->weight_decay());
+        }
+      }
+      adamw_update_(bucket.master, g, bucket.state.at("exp_avg"), bucket.state.at("exp_avg_sq"),
+                    step_, lr_, *adamw);
+    } else {
+      const auto& sgd = std::get<SGDOptions>(options_.rule());
+      auto d_p = g;
+      if (sgd.weight_decay() != 0) {
+        d_p = g.clone();
+        for (const auto& seg : bucket.segments) {
+          if (bucket.slots[seg.slot].decay) {
+            d_p.narrow(0, seg.shard_offset, seg.length)
+                .add_(bucket.master.narrow(0, seg.shard_offset, seg.length), sgd.weight_decay());
+          }
+        }
+      }
+      const auto buffer =
+          sgd.momentum() != 0 ? bucket.state.at("momentum_buffer") : torch::Tensor();
+      sgd_update_(bucket.master, d_p, buffer, /*first=*/step_ == 1, lr_, sgd);
+    }
+  }
+  write_params_and_gather();
+}
+
+void ZeroOptimizer::write_params_and_gather() {
+  torch::NoGradGuard no_grad;
+  std::vector<WorkPtr> works;
+  for (auto& bucket : buckets_) {
+    auto own = bucket.params.narrow(0, bucket.own_begin, bucket.own_size);
+    own.copy_(bucket.master);
+    if (options_.stage() >= 1) {
+      // In place: the input is this rank's chunk of the output.
+      works.push_back(dp_->all_gather_async(own, bucket.params));
+    }
+  }
+  for (auto& work : works) {
+    work->wait();
+  }
+}
+
+ZeroStateDict ZeroOptimizer::state_dict() const {
+  ZeroStateDict out;
+  out.step = step_;
+  for (const auto& bucket : buckets_) {
+    for (const auto& seg : bucket.segments) {
+      const auto& name = bucket.slots[seg.slot].name;
+      out.tensors[name + ".master"] = bucket.master.narrow(0, seg.shard_offset, seg.length);
+      for (const auto& [state, t] : bucket.state) {
+        out.tensors[name + "." + state] = t.narrow(0, seg.shard_offset, seg.length);
+      }
+    }
+  }
+  return out;
+}
+
+ZeroStateDict ZeroOptimizer::gathered_state_dict() const {
+  ZeroStateDict out;
+  out.step = step_;
+  for (const auto& bucket : buckets_) {
+    std::map<std::string, torch::Tensor> sources = bucket.state;
+    sources["master"] = bucket.master;
+    for (const auto& [state, own] : sources) {
+      auto full = own;
+      if (options_.stage() >= 1) {
+        full = torch::empty({bucket.padded}, own.options());
+        dp_->all_gather(own, full);
+      }
+      for (const auto& slot : bucket.slots) {
+        out.tensors[slot.name + "." + state] =
+            full.narrow(0, slot.offset, slot.numel).view(slot.param.sizes()).clone();
+      }
+    }
+  }
+  return out;
+}
+
+void ZeroOptimizer::load_state_dict(const ZeroStateDict& state) {
+  MT_CHECK(state.step >= 0, "ZeroOptimizer::load_state_dict: step must be >= 0, got ", state.step);
+  torch::NoGradGuard no_grad;
+  auto names = state_names();
+  names.insert(names.begin(), "master");
+  for (auto& bucket : buckets_) {
+    for (const auto& seg : bucket.segments) {
+      const auto& slot = bucket.slots[seg.slot];
+      for (const auto& name : names) {
+        const auto key = slot.name + "." + name;
+        auto it = state.tensors.find(key);
+        MT_CHECK(it != state.tensors.end(), "ZeroOptimizer::load_state_dict: rank ", dp_->rank(),
+                 " needs '", key, "', which the state dict lacks");
+        const auto flat = it->second.reshape({-1});
+        torch::Tensor piece;
+        if (flat.numel() == slot.numel) {
+          piece = flat.narrow(0, seg.param_offset, seg.length);
+        } else {
+          MT_CHECK(flat.numel() == seg.length, "ZeroOptimizer::load_state_dict: '", key, "' has ",
+                   flat.numel(), " elements; expected the full parameter (", slot.numel,
+                   ") or rank ", dp_->rank(), "'s piece [", seg.param_offset, ", ",
+                   seg.param_offset + seg.length, ") (", seg.length, ")");
+          piece = flat;
+        }
+        auto target = name == "master" ? bucket.master : bucket.state.at(name);
+        target.narrow(0, seg.shard_offset, seg.length).copy_(piece);
+      }
+    }
+  }
+  step_ = state.step;
+  write_params_and_gather();
+}
+
+std::vector<OwnedRange> ZeroOptimizer::owned_ranges() const {
+  std::vector<OwnedRange> out;
+  for (const auto& bucket : buckets_) {
+    for (const auto& seg : bucket.segments) {
+      out.push_back(
+          OwnedRange{bucket.slots[seg.slot].name, seg.param_offset, seg.param_offset + seg.length});
+    }
+  }
+  return out;
+}
+
+} // namespace meshtrain

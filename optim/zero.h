@@ -1,0 +1,176 @@
+// defines: ZeroOptions, ZeroStateDict, OwnedRange, ZeroOptimizer — AdamW or SGD on flat fp32
+// buffers, with optimizer state sharded over the data-parallel group (ZeRO stages 0-2,
+// Rajbhandari et al. 2020; DESIGN §3). Composes with tensor parallelism: it works on this
+// rank's (TP-local) parameters and shards within the mesh's "dp" group; the gradient norm
+// also spans the "tp" group.
+//
+// Layout (shared with parallel/data_parallel.h's buckets). The trainable parameters are
+// packed into buckets; bucket b is a flat tensor [padded_b] holding its parameters end to
+// end, padded_b = round_up(numel_b, dp), padding zero. Rank r of dp owns
+//   stage 0:  all of every bucket (nothing sharded)
+//   stage >=1: elements [r * padded_b / dp, (r + 1) * padded_b / dp) of every bucket.
+// The parameters themselves become views into one flat buffer per bucket (param dtype), so
+// the final all-gather writes them in place. The optimizer keeps, for its owned ranges only:
+//   master  fp32 copy of the parameters (exact even when the model runs in bf16)
+//   exp_avg, exp_avg_sq (AdamW) or momentum_buffer (SGD with momentum), fp32.
+//
+// Per-rank bytes, Psi = parameters of this TP rank, P = sum of padded_b (Psi plus < dp
+// elements per bucket), D = dp, K = 12 for AdamW (4 master + 4 + 4 moments), 8 for SGD:
+//   stage 0: state K*P        gradients (reducer) r*P
+//   stage 1: state K*P/D      gradients          r*P
+//   stage 2: state K*P/D      gradients          r*P/D   (+ transient staging, see reducer)
+// with r the reduce dtype's size. Stage 3 (parameter sharding) is not implemented.
+//
+// A step, given the reduced gradients of DataParallelReducer::finish() (stage 0/1: full
+// buckets [padded_b]; stage 2: this rank's shards [padded_b / D]):
+//   double norm = opt.clip_grad_norm(grads, max_norm);   // global norm before clipping
+//   opt.set_lr(schedule.lr(step));
+//   opt.step(grads);                                      // update, then all-gather (stage >= 1)
+// Weight decay: decoupled (AdamW) or L2 (SGD) on parameters selected by decay_filter
+// (default: dim >= 2); the others are never decayed.
+#pragma once
+
+#include "core/mesh.h"
+#include "optim/adamw.h"
+#include "optim/sgd.h"
+#include "parallel/sharding.h"
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace meshtrain {
+
+struct ZeroOptions {
+  /* implicit */ ZeroOptions(int stage = 1) : stage_(stage) {}
+  // 0: nothing sharded; 1: master + moments sharded over dp; 2: also gradients.
+  TORCH_ARG(int, stage) = 1;
+  // Which parameters get weight decay (default: decays_by_default, dim >= 2).
+  TORCH_ARG(std::function<bool(const std::string&, const torch::Tensor&)>, decay_filter);
+
+public:
+  // The update rule; AdamW with its defaults unless set.
+  ZeroOptions& adamw(AdamWOptions options) {
+    rule_ = options;
+    return *this;
+  }
+  ZeroOptions& sgd(SGDOptions options) {
+    rule_ = options;
+    return *this;
+  }
+  const std::variant<AdamWOptions, SGDOptions>& rule() const { return rule_; }
+
+private:
+  std::variant<AdamWOptions, SGDOptions> rule_ = AdamWOptions();
+};
+
+// A checkpointable view of the optimizer. Keys are "<param>.<state>" with state one of
+// master, exp_avg, exp_avg_sq (AdamW) or master, momentum_buffer (SGD with momentum).
+// state_dict(): 1-D pieces, this rank's owned range of each flattened parameter (see
+// owned_ranges(); a parameter this rank owns nothing of is absent). gathered_state_dict():
+// full tensors shaped like the parameters. load_state_dict() accepts either form.
+struct ZeroStateDict {
+  int64_t step = 0;
+  std::map<std::string, torch::Tensor> tensors;
+};
+
+// Elements [begin, end) of the flattened (TP-local) parameter `name` this rank owns.
+struct OwnedRange {
+  std::string name;
+  int64_t begin = 0;
+  int64_t end = 0;
+};
+
+class ZeroOptimizer {
+public:
+  // `buckets`: the parameter names of each bucket in packing order, as
+  // DataParallelReducer::bucket_names() returns them; empty: one bucket of every trainable
+  // parameter in reverse order. Every trainable parameter of `model` must appear once.
+  // Turns the parameters into views of the flat parameter buffers (set_data): construct it
+  // after loading weights, or call sync_master_from_params() after changing them.
+  ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, ZeroOptions options = {},
+                std::vector<std::vector<std::string>> buckets = {});
+
+  // Global L2 norm of the gradients (whole model, all tp partitions, replicated parameters
+  // once) before clipping; scales `grads` in place by clip_coefficient(norm, max_norm).
+  // max_norm <= 0 only measures. Collective over tp, and over dp at stage 2.
+  double clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm);
+  // One update with the current lr. grads: per bucket, [padded_b] at stage 0/1 or
+  // [padded_b / dp] at stage 2 (any floating dtype; read as fp32). Collective over dp at
+  // stage >= 1 (all-gather of the updated parameters).
+  void step(const std::vector<torch::Tensor>& grads);
+
+  void set_lr(double lr);
+  double lr() const { return lr_; }
+  int64_t step_count() const { return step_; }
+  const ZeroOptions& options() const { return options_; }
+
+  // Bytes of optimizer state on this rank: fp32 master + exp_avg + exp_avg_sq (AdamW) or
+  // master + momentum_buffer (SGD).
+  int64_t state_bytes() const;
+  // Trainable (TP-local) parameter count Psi, and P = sum of padded bucket sizes.
+  int64_t num_parameters() const { return num_parameters_; }
+  int64_t padded_numel() const { return padded_numel_; }
+  int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
+  int64_t bucket_numel(int64_t b) const;
+
+  ZeroStateDict state_dict() const;
+  // Collective over dp at stage >= 1.
+  ZeroStateDict gathered_state_dict() const;
+  // Loads pieces or full tensors (see ZeroStateDict), then rewrites the parameters from
+  // the loaded master weights. Collective over dp at stage >= 1.
+  void load_state_dict(const ZeroStateDict& state);
+  std::vector<OwnedRange> owned_ranges() const;
+  // Re-reads this rank's master weights from the parameters (after loading model weights).
+  void sync_master_from_params();
+
+private:
+  struct Slot {
+    std::string name;
+    torch::Tensor param;
+    bool partitioned = false; // over tp (ShardSpec)
+    bool decay = false;
+    int64_t offset = 0; // in the bucket
+    int64_t numel = 0;
+  };
+  // The part of one parameter inside this rank's owned range of its bucket.
+  struct Segment {
+    size_t slot = 0;
+    int64_t shard_offset = 0; // in the bucket's owned range
+    int64_t param_offset = 0; // in the flattened parameter
+    int64_t length = 0;
+  };
+  struct Bucket {
+    std::vector<Slot> slots;
+    std::vector<Segment> segments;
+    int64_t padded = 0;
+    int64_t own_begin = 0;
+    int64_t own_size = 0;
+    torch::Tensor params; // [padded], param dtype; the parameters are views of it
+    torch::Tensor master; // [own_size] fp32, view of master_
+    std::map<std::string, torch::Tensor> state; // [own_size] fp32 views
+  };
+
+  std::vector<std::string> state_names() const; // without "master"
+  std::vector<torch::Tensor> owned_grads(const std::vector<torch::Tensor>& grads) const;
+  void check_params_in_place() const;
+  void write_params_and_gather();
+
+  ZeroOptions options_;
+  CommunicatorPtr dp_;
+  CommunicatorPtr tp_;
+  std::vector<Bucket> buckets_;
+  torch::Tensor master_;                       // [sum own_size] fp32
+  std::map<std::string, torch::Tensor> state_; // [sum own_size] fp32 each
+  double lr_ = 0;
+  int64_t step_ = 0;
+  int64_t num_parameters_ = 0;
+  int64_t padded_numel_ = 0;
+};
+
+} // namespace meshtrain
