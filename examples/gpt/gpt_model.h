@@ -1,0 +1,119 @@
+// defines: GPTConfig, GPTOutput, GPTImpl, GPT — nanoGPT's language model (DESIGN §4) built
+// only from parallel/ layers, so the same code runs serial or tensor-parallel (with or
+// without sequence parallelism) over the TP group it is given. No communication here: the
+// layers and mappings of parallel/ carry it.
+//
+// Parameters (named_parameters(), nanoGPT's names; L = n_layer, C = n_embd, T = block_size,
+// V = vocab_size, Vp = V padded to a multiple of lcm(64, tp), tp = TP group size):
+//   transformer.wte.weight            [Vp/tp, C]  vocab rows of this rank (VocabParallelEmbedding)
+//   transformer.wpe.weight            [T, C]      replicated
+//   transformer.h.<i>.ln_1.{weight,bias}          [C]
+//   transformer.h.<i>.attn.c_attn.{weight,bias}   [3C/tp, C], [3C/tp]  (q|k|v of local heads)
+//   transformer.h.<i>.attn.c_proj.{weight,bias}   [C, C/tp], [C]
+//   transformer.h.<i>.ln_2.{weight,bias}          [C]
+//   transformer.h.<i>.mlp.c_fc.{weight,bias}      [4C/tp, C], [4C/tp]
+//   transformer.h.<i>.mlp.c_proj.{weight,bias}    [C, 4C/tp], [C]
+//   transformer.ln_f.{weight,bias}                [C]
+// lm_head is tied to wte and is not a parameter of its own: the logits are
+// wte.logits(x) = x wte^T, this rank's vocab columns [B, T, Vp/tp], fed to the vocab-parallel
+// cross-entropy without ever gathering the full logits (as PyTorch's named_parameters()
+// lists a nanoGPT model: the tied lm_head.weight is de-duplicated away).
+//
+// Init (DESIGN §3 init invariance): every rank draws the full "master" tensors from the
+// default generator in this fixed order, then keeps its shard:
+//   1. wte  [V, C] ~ N(0, 0.02)   one normal_ (VocabParallelEmbedding; padding rows are 0)
+//   2. wpe  [T, C] ~ N(0, 0.02)   one normal_
+//   3. h.0 .. h.<L-1>, each: c_attn.weight [3C, C], attn.c_proj.weight [C, C],
+//      c_fc.weight [4C, C], mlp.c_proj.weight [C, 4C] (c_proj std 0.02/sqrt(2L))
+//   LayerNorms (weight 1, bias 0) and biases (0) draw nothing.
+// So after torch::manual_seed(s) a GPT on any tp holds the shards of the tp = 1 GPT.
+//
+// Forward, idx [B, T'] int64 with T' <= block_size:
+//   x = drop(wte(idx) + wpe[:T'])   [B, T', C]  (sequence_parallel: [B, T'/tp, C]; wte then
+//                                   reduce-scatters and wpe's rows are scattered likewise)
+//   x = h[L-1](...h[0](x)); x = ln_f(x)
+//   logits = wte.logits(x)          [B, T', Vp/tp] (this rank's vocab shard)
+//   loss = vocab-parallel cross-entropy(logits, targets), identical on every TP rank.
+#pragma once
+
+#include "core/communicator.h"
+#include "parallel/parallel_layer_norm.h"
+#include "parallel/parallel_transformer_block.h"
+#include "parallel/rng_tracker.h"
+#include "parallel/vocab_parallel_embedding.h"
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace meshtrain::gpt {
+
+struct GPTConfig {
+  TORCH_ARG(int64_t, vocab_size) = 256; // V, unpadded (byte-level text: 256)
+  TORCH_ARG(int64_t, block_size) = 128; // T, longest sequence (rows of wpe)
+  TORCH_ARG(int64_t, n_layer) = 4;
+  TORCH_ARG(int64_t, n_head) = 4;
+  TORCH_ARG(int64_t, n_embd) = 128;
+  // Embedding, attention-probability and residual dropout (nanoGPT's single `dropout`).
+  TORCH_ARG(double, dropout) = 0.0;
+  TORCH_ARG(double, layer_norm_eps) = 1e-5;
+  TORCH_ARG(double, init_std) = 0.02;
+  // The vocab is padded to a multiple of lcm(this, tp) for the vocab-parallel layers.
+  TORCH_ARG(int64_t, pad_vocab_to_multiple_of) = 64;
+  // Activations between the blocks are sequence shards [B, T/tp, C] (Korthikanti et al.).
+  TORCH_ARG(bool, sequence_parallel) = false;
+  // Seed of the dropout streams when the model makes its own RngTracker (see GPTImpl).
+  TORCH_ARG(uint64_t, dropout_seed) = 1337;
+
+public:
+  // Throws naming the bad value (sizes positive, n_head | n_embd, 0 <= dropout < 1) and,
+  // for tp > 1, what the tensor-parallel split needs (tp | n_head).
+  void validate(int tp) const;
+};
+
+// What forward() returns. Without targets only `logits` is defined.
+struct GPTOutput {
+  torch::Tensor logits;      // [B, T, Vp/tp], this rank's vocab columns
+  torch::Tensor loss;        // [] mean token cross-entropy over the batch
+  torch::Tensor loss_sum;    // [] summed over the batch's tokens (for global_mean_loss)
+  torch::Tensor token_count; // [] int64, tokens in the loss
+};
+
+class GPTImpl : public torch::nn::Module {
+public:
+  // Collective-free construction; draws the master weights (see above) from the default
+  // generator. `rng` supplies the dropout streams; when null and dropout > 0 the model
+  // makes one from config.dropout_seed() (give each DP replica its own seed through `rng`).
+  GPTImpl(GPTConfig config, CommunicatorPtr tp_group, RngTrackerPtr rng = nullptr);
+
+  // idx [B, T] int64 -> logits [B, T, Vp/tp]; with targets [B, T] int64 (-1: ignored) also
+  // the loss. Under sequence parallelism T must be divisible by tp.
+  GPTOutput forward(const torch::Tensor& idx,
+                    const std::optional<torch::Tensor>& targets = std::nullopt);
+
+  const GPTConfig& config() const { return config_; }
+  const CommunicatorPtr& tp_group() const { return tp_group_; }
+  // Vp: the padded vocab (rows of the full wte).
+  int64_t padded_vocab_size() const { return wte->padded_num_embeddings(); }
+  // Parameters of the full (serial, unpadded) model, as nanoGPT counts them: every weight
+  // once, the tied lm_head not again.
+  int64_t num_parameters() const;
+
+  void pretty_print(std::ostream& stream) const override;
+
+  // The modules, also reachable by name under "transformer".
+  VocabParallelEmbedding wte{nullptr};
+  torch::nn::Embedding wpe{nullptr};
+  torch::nn::ModuleList h{nullptr}; // of ParallelTransformerBlock
+  ParallelLayerNorm ln_f{nullptr};
+
+private:
+  GPTConfig config_;
+  CommunicatorPtr tp_group_;
+  RngTrackerPtr rng_;
+};
+
+TORCH_MODULE(GPT);
+
+} // namespace meshtrain::gpt

@@ -1,0 +1,391 @@
+// Tests of the GPT example (examples/gpt/gpt_model.h) and the Trainer (launch/trainer.h):
+// nanoGPT's parameter names and shapes, the forward against a hand-written plain-LibTorch
+// nanoGPT, init invariance (every tp holds the shards of the serial model), per-step loss
+// parity of the Trainer across layouts (dp, tp, dp x tp, ZeRO 1/2, sequence parallelism,
+// accumulation) against a serial run on a group of one, and fit()'s metrics, validation
+// cadence, checkpoint hook and time budget.
+#include <catch2/catch.hpp>
+
+#include "core/mesh.h"
+#include "core/token_file.h"
+#include "launch/trainer.h"
+#include "parallel/shard_tensor.h"
+#include "parallel/sharding.h"
+#include "tests/harness.h"
+
+#include "examples/gpt/gpt_model.h"
+
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+using namespace meshtrain;
+using meshtrain::testing::rank_tag;
+using meshtrain::testing::relative_error;
+namespace F = torch::nn::functional;
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr uint64_t kSeed = 4242;
+constexpr int64_t kBlock = 16;
+constexpr int64_t kGlobalBatch = 16;
+constexpr int kSteps = 20;
+
+gpt::GPTConfig tiny_config() {
+  return gpt::GPTConfig().vocab_size(256).block_size(kBlock).n_layer(2).n_head(4).n_embd(32);
+}
+
+// A communicator holding only this rank (collective over the world).
+CommunicatorPtr self_group() {
+  const auto& world = meshtrain::testing::test_runtime().world();
+  return world->split(world->rank(), 0, "self");
+}
+
+// Token files private to this process (ranks of concurrent CTest runs never share one):
+// a learnable byte pattern with 20% noise, so the loss falls within a few steps.
+struct TokenFiles {
+  fs::path dir;
+  std::shared_ptr<const TokenFile> train, val;
+
+  TokenFiles() {
+    const auto& rt = meshtrain::testing::test_runtime();
+    dir = fs::temp_directory_path() /
+          ("meshtrain_test_gpt_" + std::to_string(getpid()) + "_r" + std::to_string(rt.rank()));
+    fs::create_directories(dir);
+    train = std::make_shared<const TokenFile>(write("train.bin", 1, 4000), 256);
+    val = std::make_shared<const TokenFile>(write("val.bin", 2, 1000), 256);
+  }
+  ~TokenFiles() {
+    train.reset();
+    val.reset();
+    std::error_code ignored;
+    fs::remove_all(dir, ignored);
+  }
+  std::string write(const std::string& name, uint32_t seed, int64_t n) const {
+    std::mt19937 engine(seed);
+    std::uniform_int_distribution<int> noise(0, 255), coin(0, 4);
+    std::vector<uint16_t> tokens(n);
+    for (int64_t i = 0; i < n; ++i) {
+      tokens[i] = static_cast<uint16_t>(coin(engine) == 0 ? noise(engine) : 97 + (i * 7) % 26);
+    }
+    const auto path = (dir / name).string();
+    write_token_file(path, tokens);
+    return path;
+  }
+};
+
+LossFunction loss_of(gpt::GPT model) {
+  return [model](const MicroBatch& mb) mutable {
+    return model->forward(mb.inputs, mb.targets).loss_sum;
+  };
+}
+
+TrainerOptions quiet_options() {
+  return TrainerOptions()
+      .steps(kSteps)
+      .global_batch(kGlobalBatch)
+      .micro_batch(kGlobalBatch)
+      .seq_len(kBlock)
+      .lr(1e-2)
+      .min_lr(1e-3)
+      .warmup_steps(2)
+      .weight_decay(0.1)
+      .grad_clip(0.5)
+      .val_every(0)
+      .val_batches(2)
+      .bucket_bytes(16 * 1024) // several buckets
+      .progress(ProgressStyle::kOff);
+}
+
+// nanoGPT's forward in plain LibTorch from the named parameters of a tp = 1 GPT:
+// logits [B, T, V] (padding columns dropped).
+torch::Tensor reference_logits(const gpt::GPT& model, const torch::Tensor& idx) {
+  const auto& c = model->config();
+  const int64_t B = idx.size(0), T = idx.size(1), C = c.n_embd(), H = c.n_head(), D = C / H;
+  const auto p = model->named_parameters();
+  const auto get = [&](const std::string& name) { return p[name]; };
+  const auto wte = get("transformer.wte.weight").narrow(0, 0, c.vocab_size()); // [V, C]
+  const auto ln = [&](const torch::Tensor& x, const std::string& prefix) {
+    return F::layer_norm(x, F::LayerNormFuncOptions({C})
+                                .weight(get(prefix + ".weight"))
+                                .bias(get(prefix + ".bias"))
+                                .eps(1e-5));
+  };
+  const auto linear = [&](const torch::Tensor& x, const std::string& prefix) {
+    return F::linear(x, get(prefix + ".weight"), get(prefix + ".bias"));
+  };
+  auto x = F::embedding(idx, wte) + get("transformer.wpe.weight").narrow(0, 0, T); // [B, T, C]
+  for (int64_t i = 0; i < c.n_layer(); ++i) {
+    const std::string h = "transformer.h." + std::to_string(i);
+    const auto qkv = linear(ln(x, h + ".ln_1"), h + ".attn.c_attn").split(C, -1); // 3 x [B,T,C]
+    const auto heads = [&](const torch::Tensor& m) { return m.view({B, T, H, D}).transpose(1, 2); };
+    auto att = torch::matmul(heads(qkv[0]), heads(qkv[1]).transpose(-2, -1)) / std::sqrt(double(D));
+    const auto future = torch::ones({T, T}, torch::kBool).triu(1);
+    att = att.masked_fill(future, -INFINITY).softmax(-1); // [B, H, T, T]
+    const auto y = torch::matmul(att, heads(qkv[2])).transpose(1, 2).reshape({B, T, C});
+    x = x + linear(y, h + ".attn.c_proj");
+    x = x + linear(F::gelu(linear(ln(x, h + ".ln_2"), h + ".mlp.c_fc")), h + ".mlp.c_proj");
+  }
+  return F::linear(ln(x, "transformer.ln_f"), wte); // [B, T, V]
+}
+
+struct Run {
+  std::vector<double> losses;
+  std::vector<double> norms;
+  double val_loss = 0;
+};
+
+Run train_run(const Mesh& mesh, const TokenFiles& files, bool sequence_parallel, int zero,
+              int64_t micro_batch) {
+  torch::manual_seed(kSeed);
+  gpt::GPT model(tiny_config().sequence_parallel(sequence_parallel), mesh.group("tp"));
+  Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
+                  quiet_options().zero_stage(zero).micro_batch(micro_batch));
+  Run run;
+  for (int s = 0; s < kSteps; ++s) {
+    const auto stats = trainer.train_step();
+    run.losses.push_back(stats.loss);
+    run.norms.push_back(stats.grad_norm);
+  }
+  run.val_loss = trainer.validate();
+  return run;
+}
+
+} // namespace
+
+TEST_CASE("GPT: nanoGPT parameter names and shapes, init draws, loss at init", "[gpt]") {
+  const auto self = self_group();
+  torch::manual_seed(kSeed);
+  gpt::GPT model(tiny_config().block_size(24), self);
+  const int64_t C = 32;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> expected = {
+      {"transformer.wte.weight", {256, C}}, {"transformer.wpe.weight", {24, C}}};
+  for (int i = 0; i < 2; ++i) {
+    const std::string h = "transformer.h." + std::to_string(i) + ".";
+    const std::vector<std::pair<std::string, std::vector<int64_t>>> block = {
+        {h + "ln_1.weight", {C}},
+        {h + "ln_1.bias", {C}},
+        {h + "attn.c_attn.weight", {3 * C, C}},
+        {h + "attn.c_attn.bias", {3 * C}},
+        {h + "attn.c_proj.weight", {C, C}},
+        {h + "attn.c_proj.bias", {C}},
+        {h + "ln_2.weight", {C}},
+        {h + "ln_2.bias", {C}},
+        {h + "mlp.c_fc.weight", {4 * C, C}},
+        {h + "mlp.c_fc.bias", {4 * C}},
+        {h + "mlp.c_proj.weight", {C, 4 * C}},
+        {h + "mlp.c_proj.bias", {C}}};
+    expected.insert(expected.end(), block.begin(), block.end());
+  }
+  expected.push_back({"transformer.ln_f.weight", {C}});
+  expected.push_back({"transformer.ln_f.bias", {C}});
+
+  const auto params = model->named_parameters();
+  REQUIRE(params.size() == expected.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    INFO("parameter " << i << ": " << params[i].key() << " " << params[i].value().sizes());
+    CHECK(params[i].key() == expected[i].first);
+    CHECK(params[i].value().sizes().vec() == expected[i].second);
+    total += params[i].value().numel();
+  }
+  CHECK(model->num_parameters() == total);
+
+  // The documented draw order: wte [V, C], then wpe [T, C], then the blocks.
+  torch::manual_seed(kSeed);
+  const auto wte = torch::empty({256, C}).normal_(0.0, 0.02);
+  const auto wpe = torch::empty({24, C}).normal_(0.0, 0.02);
+  CHECK(torch::equal(params["transformer.wte.weight"], wte));
+  CHECK(torch::equal(params["transformer.wpe.weight"], wpe));
+  const auto c_attn = torch::empty({3 * C, C}).normal_(0.0, 0.02);
+  CHECK(torch::equal(params["transformer.h.0.attn.c_attn.weight"], c_attn));
+
+  // Small weights: the logits start near 0, the loss near ln(V).
+  auto gen = at::detail::createCPUGenerator(7);
+  const auto idx = at::randint(256, {4, 24}, gen, torch::kLong);
+  const auto targets = at::randint(256, {4, 24}, gen, torch::kLong);
+  const auto out = model->forward(idx, targets);
+  CHECK(std::abs(out.loss.item<double>() - std::log(256.0)) < 0.05);
+  CHECK(out.token_count.item<int64_t>() == 4 * 24);
+  CHECK(std::abs(out.loss_sum.item<double>() / (4 * 24) - out.loss.item<double>()) < 1e-5);
+}
+
+TEST_CASE("GPT: tp=1 forward equals a plain LibTorch nanoGPT", "[gpt]") {
+  const auto self = self_group();
+  torch::manual_seed(kSeed);
+  // Larger weights than the init so that every term of the forward matters; a padded vocab
+  // (200 -> 256) so that padding is seen to stay out of the loss.
+  gpt::GPT model(tiny_config().vocab_size(200).init_std(0.3), self);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) {
+      if (p.dim() == 1) {
+        p.normal_(0.5, 0.2);
+      }
+    }
+  }
+  REQUIRE(model->padded_vocab_size() == 256);
+  auto gen = at::detail::createCPUGenerator(11);
+  const auto idx = at::randint(200, {3, 12}, gen, torch::kLong);
+  const auto targets = at::randint(200, {3, 12}, gen, torch::kLong);
+  const auto out = model->forward(idx, targets);
+  const auto expected = reference_logits(model, idx); // [B, T, V]
+  REQUIRE(out.logits.sizes() == torch::IntArrayRef({3, 12, 256}));
+  const auto logits = out.logits.narrow(-1, 0, 200);
+  INFO("logits relative error " << relative_error(logits, expected));
+  CHECK(relative_error(logits, expected) <= 1e-5);
+  const auto loss = F::cross_entropy(expected.reshape({-1, 200}), targets.reshape({-1}));
+  INFO("loss " << out.loss.item<double>() << " vs reference " << loss.item<double>());
+  CHECK(relative_error(out.loss, loss) <= 1e-5);
+  // Bad inputs are named.
+  REQUIRE_THROWS_WITH(model->forward(at::randint(200, {2, 17}, gen, torch::kLong)),
+                      Catch::Contains("sequence length 17 must be in [1, block_size = 16]"));
+  REQUIRE_THROWS_WITH(gpt::GPT(tiny_config().n_head(5), self),
+                      Catch::Contains("n_embd (32) must be divisible by n_head (5)"));
+}
+
+TEST_CASE("GPT: every tp holds the shards of the serial model", "[mpi][gpt]") {
+  auto& rt = meshtrain::testing::test_runtime();
+  const Mesh mesh(ParallelDims{1, rt.world_size(), 1}, rt.world()); // tp = world (2 or 4)
+  const auto config = tiny_config().vocab_size(250);                // padded to 256 on every tp
+  torch::manual_seed(kSeed);
+  gpt::GPT serial(config, self_group());
+  torch::manual_seed(kSeed);
+  gpt::GPT model(config, mesh.group("tp"));
+  const auto serial_params = serial->named_parameters();
+  for (const auto& [name, spec] : named_shard_specs(*model)) {
+    const auto local = model->named_parameters()[name];
+    const auto full =
+        spec.is_partitioned() ? gather_unsharded(local, spec, mesh.group(spec.group)) : local;
+    auto want = serial_params[name];
+    if (name == "transformer.wte.weight") {
+      want = want.narrow(0, 0, 250); // export drops the padding rows
+    }
+    INFO(rank_tag() << name << ": " << full.sizes() << " vs serial " << want.sizes());
+    REQUIRE(full.sizes() == want.sizes());
+    CHECK(torch::equal(full, want));
+  }
+}
+
+TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run", "[mpi][gpt]") {
+  auto& rt = meshtrain::testing::test_runtime();
+  const int world = rt.world_size();
+  const TokenFiles files;
+
+  // The serial run, on this rank alone.
+  const Mesh serial_mesh(ParallelDims{1, 1, 1}, self_group());
+  const auto serial = train_run(serial_mesh, files, false, 0, kGlobalBatch);
+  CHECK(serial.losses.back() < serial.losses.front()); // it learns
+  CHECK(serial.norms.front() > 0.5);                   // clipping is exercised
+
+  struct Layout {
+    std::string name;
+    int tp;
+    bool sp;
+    int zero;
+    int64_t accumulation;
+  };
+  std::vector<Layout> layouts = {
+      {"dp", 1, false, 0, 1},       {"dp zero1", 1, false, 1, 1},
+      {"dp zero2", 1, false, 2, 1}, {"dp accumulation 4", 1, false, 0, 4},
+      {"tp", world, false, 0, 1},   {"tp + sequence parallel", world, true, 0, 1},
+  };
+  if (world % 4 == 0) {
+    layouts.push_back({"dp2 x tp2", 2, false, 0, 1});
+    layouts.push_back({"dp2 x tp2, sequence parallel, zero2, accumulation 2", 2, true, 2, 2});
+  }
+  for (const auto& l : layouts) {
+    const Mesh mesh(ParallelDims{-1, l.tp, 1}, rt.world());
+    const int64_t dp = mesh.group("dp")->size();
+    const auto run = train_run(mesh, files, l.sp, l.zero, kGlobalBatch / (dp * l.accumulation));
+    for (int s = 0; s < kSteps; ++s) {
+      INFO(rank_tag() << l.name << " (dp " << dp << " x tp " << l.tp << "), step " << s << ": loss "
+                      << run.losses[s] << " vs serial " << serial.losses[s] << ", grad norm "
+                      << run.norms[s] << " vs " << serial.norms[s]);
+      CHECK(std::abs(run.losses[s] - serial.losses[s]) <= 1e-5 * std::abs(serial.losses[s]));
+      CHECK(std::abs(run.norms[s] - serial.norms[s]) <= 1e-5 * std::abs(serial.norms[s]));
+    }
+    INFO(rank_tag() << l.name << ": val_loss " << run.val_loss << " vs serial " << serial.val_loss);
+    CHECK(std::abs(run.val_loss - serial.val_loss) <= 1e-5 * serial.val_loss);
+  }
+}
+
+TEST_CASE("Trainer: fit writes metrics, validates on schedule, calls the hook, keeps the budget",
+          "[mpi][gpt]") {
+  auto& rt = meshtrain::testing::test_runtime();
+  const TokenFiles files;
+  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
+  const auto metrics = files.dir / "metrics.jsonl"; // only rank 0 writes it
+
+  torch::manual_seed(kSeed);
+  gpt::GPT model(tiny_config(), mesh.group("tp"));
+  const int64_t b = kGlobalBatch / mesh.group("dp")->size();
+  Trainer trainer(
+      model.ptr(), loss_of(model), mesh, files.train, files.val,
+      quiet_options().steps(4).micro_batch(b).val_every(2).metrics_path(metrics.string()));
+  std::vector<std::pair<int64_t, CheckpointEvent>> events;
+  trainer.set_checkpoint_hook(
+      [&](Trainer& t, CheckpointEvent e) { events.emplace_back(t.step(), e); });
+  const auto result = trainer.fit();
+  CHECK(result.steps == 4);
+  CHECK(result.reason == StopReason::kCompleted);
+  REQUIRE(result.history.size() == 4);
+  // Every 2 steps; the end coincides with step 4, so no extra validation.
+  REQUIRE(result.val_losses.size() == 2);
+  CHECK(result.val_losses[0].first == 2);
+  CHECK(result.val_losses[1].first == 4);
+  REQUIRE(events.size() == 5);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(events[i].first == i + 1);
+    CHECK(events[i].second == CheckpointEvent::kStep);
+  }
+  CHECK(events[4].second == CheckpointEvent::kEnd);
+
+  if (rt.rank() == 0) {
+    std::ifstream in(metrics);
+    std::vector<nlohmann::json> lines;
+    for (std::string line; std::getline(in, line);) {
+      lines.push_back(nlohmann::json::parse(line));
+    }
+    // step 1, 2, val 2, step 3, 4, val 4
+    REQUIRE(lines.size() == 6);
+    for (const char* key :
+         {"step", "loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mem_peak_bytes"}) {
+      INFO("key " << key);
+      CHECK(lines[0].contains(key));
+    }
+    CHECK(lines[0]["step"] == 1);
+    CHECK(std::abs(lines[0]["loss"].get<double>() - result.history[0].loss) < 1e-12);
+    CHECK(lines[0]["mem_peak_bytes"].get<int64_t>() > 0);
+    CHECK(lines[2]["step"] == 2);
+    CHECK(std::abs(lines[2]["val_loss"].get<double>() - result.val_losses[0].second) < 1e-12);
+    CHECK(lines[5]["step"] == 4);
+    CHECK(lines[5].contains("val_loss"));
+  }
+
+  // A budget smaller than one step: one step, then every rank stops together.
+  torch::manual_seed(kSeed);
+  gpt::GPT model2(tiny_config(), mesh.group("tp"));
+  Trainer budgeted(model2.ptr(), loss_of(model2), mesh, files.train, nullptr,
+                   quiet_options().steps(50).micro_batch(b).max_time(1e-6));
+  const auto short_run = budgeted.fit();
+  CHECK(short_run.steps == 1);
+  CHECK(short_run.reason == StopReason::kTimeBudget);
+  CHECK(short_run.val_losses.empty());
+
+  // A layout that does not divide the global batch is refused with the numbers.
+  const int64_t dp = mesh.group("dp")->size();
+  REQUIRE_THROWS_WITH(
+      Trainer(model2.ptr(), loss_of(model2), mesh, files.train, nullptr,
+              quiet_options().global_batch(10).micro_batch(4)),
+      Catch::Contains("global batch (10 sequences) must be a positive multiple of micro-batch "
+                      "(4) x dp (" +
+                      std::to_string(dp) + ")"));
+}
