@@ -12,6 +12,7 @@
 #include "core/runtime.h"
 #include "core/token_file.h"
 #include "examples/gpt/gpt_model.h"
+#include "launch/job_exit.h"
 #include "launch/trainer.h"
 #include "parallel/rng_tracker.h"
 
@@ -34,6 +35,9 @@
 #include <string>
 
 namespace {
+
+using meshtrain::agree_on_exit;
+using meshtrain::message_of;
 
 using meshtrain::CommunicatorPtr;
 namespace gpt = meshtrain::gpt;
@@ -339,35 +343,6 @@ void check_paths(const Flags& f, bool on_rank0) {
   }
 }
 
-// Every rank brings its exit code (0: fine) and message; all return the largest code. The
-// lowest failing rank prints its message (deterministic errors would otherwise be printed
-// once per rank). Collective over `group`.
-int agree_on_exit(const CommunicatorPtr& group, int code, const std::string& message) {
-  auto codes = torch::zeros({group->size()}, torch::kInt); // [world]
-  group->all_gather(torch::tensor({code}, torch::kInt), codes);
-  const auto* c = codes.data_ptr<int>();
-  int worst = 0;
-  int first_failing = -1;
-  for (int r = 0; r < group->size(); ++r) {
-    worst = std::max(worst, c[r]);
-    if (c[r] != 0 && first_failing < 0) {
-      first_failing = r;
-    }
-  }
-  if (first_failing == group->rank()) {
-    std::cerr << "train_gpt: error: " << message << "\n";
-  }
-  return worst;
-}
-
-// The message of an exception, without c10's C++ backtrace (not for users).
-std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
-    return c10_error->what_without_backtrace();
-  }
-  return e.what();
-}
-
 struct Data {
   std::shared_ptr<const meshtrain::TokenFile> train;
   std::shared_ptr<const meshtrain::TokenFile> val; // null: no validation
@@ -524,7 +499,7 @@ int main(int argc, char** argv) {
       code = kExitFailure;
       message = message_of(e);
     }
-    if ((code = agree_on_exit(world, code, message)) != 0) {
+    if ((code = agree_on_exit(world, code, message, "train_gpt")) != 0) {
       return code;
     }
     if (flags.help) {

@@ -12,6 +12,7 @@
 #include "examples/mnist/grad_averager.h"
 #include "examples/mnist/mlp.h"
 #include "examples/mnist/mnist_dataset.h"
+#include "launch/job_exit.h"
 
 #include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
@@ -36,6 +37,9 @@
 #include <vector>
 
 namespace {
+
+using meshtrain::agree_on_exit;
+using meshtrain::message_of;
 
 using meshtrain::CommunicatorPtr;
 using meshtrain::ReduceOp;
@@ -219,36 +223,6 @@ void check_paths(const Flags& f, bool on_rank0) {
                        " does not exist");
     }
   }
-}
-
-// Every rank brings its exit code (0: fine) and message; all return the largest code. The
-// lowest failing rank prints its message (deterministic errors would otherwise be printed
-// once per rank). Collective over `group`: without it a rank that failed alone would leave
-// the others blocked in their next collective.
-int agree_on_exit(const CommunicatorPtr& group, int code, const std::string& message) {
-  auto codes = torch::zeros({group->size()}, torch::kInt); // [world]
-  group->all_gather(torch::tensor({code}, torch::kInt), codes);
-  const auto* c = codes.data_ptr<int>();
-  int worst = 0;
-  int first_failing = -1;
-  for (int r = 0; r < group->size(); ++r) {
-    worst = std::max(worst, c[r]);
-    if (c[r] != 0 && first_failing < 0) {
-      first_failing = r;
-    }
-  }
-  if (first_failing == group->rank()) {
-    std::cerr << "train_mnist: error: " << message << "\n";
-  }
-  return worst;
-}
-
-// The message of an exception, without c10's C++ backtrace (not for users).
-std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) {
-    return c10_error->what_without_backtrace();
-  }
-  return e.what();
 }
 
 // Fraction of the test set classified correctly. Each rank scores its contiguous slice and
@@ -452,7 +426,7 @@ int main(int argc, char** argv) {
       code = kExitUsage;
       message = e.what();
     }
-    if ((code = agree_on_exit(world, code, message)) != 0) {
+    if ((code = agree_on_exit(world, code, message, "train_mnist")) != 0) {
       return code;
     }
     if (flags.help) {
@@ -493,7 +467,7 @@ int main(int argc, char** argv) {
       code = kExitFailure;
       message = message_of(e);
     }
-    if ((code = agree_on_exit(world, code, message)) != 0) {
+    if ((code = agree_on_exit(world, code, message, "train_mnist")) != 0) {
       return code;
     }
     // Collective: only after every rank is known to be ready for it.
