@@ -2,6 +2,7 @@
 #include "launch/trainer.h"
 
 #include "core/errors.h"
+#include "core/file_io.h"
 
 #include <nlohmann/json.hpp>
 
@@ -386,6 +387,11 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
     };
     write_metrics(line.dump());
   }
+  last_stats_ = stats;
+  if (!o.prometheus_path().empty() &&
+      (force_line || (o.log_every() > 0 && stats.step % o.log_every() == 0))) {
+    write_prometheus();
+  }
   if (!progress_) {
     return;
   }
@@ -426,6 +432,10 @@ void Trainer::report_validation(int64_t step, double val_loss, double seconds) {
   if (metrics_.is_open()) {
     write_metrics(nlohmann::json{{"step", step}, {"val_loss", val_loss}}.dump());
   }
+  last_val_loss_ = val_loss;
+  if (!options_.prometheus_path().empty()) {
+    write_prometheus();
+  }
   if (progress_) {
     end_progress_line();
     std::printf("step %lld/%lld  val_loss %.4f  (%lld batches, %.1fs)\n",
@@ -440,6 +450,43 @@ void Trainer::write_metrics(const std::string& line) {
   metrics_ << line + "\n" << std::flush;
   MT_CHECK(metrics_.good(), "Trainer: writing the metrics file '", options_.metrics_path(),
            "' failed");
+}
+
+void Trainer::write_prometheus() const {
+  std::ostringstream out;
+  out.precision(17);
+  const auto metric = [&](const char* name, const char* type, const char* help, double value) {
+    out << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n"
+        << name << " " << value << "\n";
+  };
+  const auto& s = last_stats_;
+  metric("meshtrain_step", "gauge", "Optimizer steps done.", static_cast<double>(s.step));
+  metric("meshtrain_steps_total", "gauge", "Optimizer steps of the run.",
+         static_cast<double>(options_.steps()));
+  metric("meshtrain_tokens_total", "counter", "Training tokens consumed.",
+         static_cast<double>(s.step * tokens_per_step()));
+  metric("meshtrain_loss", "gauge", "Mean token loss of the last step's global batch (nats).",
+         s.loss);
+  if (!std::isnan(last_val_loss_)) {
+    metric("meshtrain_val_loss", "gauge", "Mean token loss of the last validation (nats).",
+           last_val_loss_);
+  }
+  metric("meshtrain_learning_rate", "gauge", "Learning rate of the last step.", s.lr);
+  metric("meshtrain_grad_norm", "gauge", "Global gradient norm before clipping.", s.grad_norm);
+  metric("meshtrain_tokens_per_second", "gauge", "Global-batch tokens per second of the last step.",
+         s.tokens_per_s);
+  metric("meshtrain_step_seconds", "gauge", "Wall time of the last step.", s.step_ms / 1e3);
+  metric("meshtrain_peak_memory_bytes", "gauge", "Peak resident memory of rank 0.",
+         static_cast<double>(s.mem_peak_bytes));
+  write_file_atomic(options_.prometheus_path(), out.str());
+}
+
+void Trainer::log(const std::string& line) {
+  if (progress_) {
+    end_progress_line();
+    std::printf("%s\n", line.c_str());
+    std::fflush(stdout);
+  }
 }
 
 void Trainer::end_progress_line() {

@@ -39,6 +39,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdint>
 #include <fstream>
 #include <functional>
@@ -91,6 +92,10 @@ struct TrainerOptions {
   TORCH_ARG(int64_t, log_every) = 10;
   // JSON Lines metrics file written by rank 0 (empty: none), truncated at construction.
   TORCH_ARG(std::string, metrics_path) = "";
+  // Prometheus text-format file written by rank 0 (empty: none), replaced atomically every
+  // log_every steps, after each validation and at the end (for node_exporter's textfile
+  // collector, or any scraper that reads a file).
+  TORCH_ARG(std::string, prometheus_path) = "";
   // Wall-clock budget of fit() in seconds (0: none): fit() stops before a step that, with
   // the final validation, would end past it. Every rank takes the same decision.
   TORCH_ARG(double, max_time) = 0;
@@ -159,6 +164,8 @@ public:
   // the data and the schedule resume there.
   void set_step(int64_t step);
   void set_checkpoint_hook(CheckpointHook hook) { hook_ = std::move(hook); }
+  // Prints one line on rank 0 (below an open progress line) unless progress is off.
+  void log(const std::string& line);
 
   int64_t accumulation_steps() const { return loader_->accumulation_steps(); }
   int64_t tokens_per_step() const { return options_.global_batch() * options_.seq_len(); }
@@ -175,6 +182,7 @@ private:
   void report_step(const StepStats& stats, double eta_s, bool force_line);
   void report_validation(int64_t step, double val_loss, double seconds);
   void write_metrics(const std::string& line);
+  void write_prometheus() const;
   void end_progress_line();
 
   std::shared_ptr<torch::nn::Module> model_;
@@ -193,6 +201,8 @@ private:
   bool progress_ = false;  // rank 0 prints progress at all
   bool line_open_ = false; // a \r progress line is on the terminal
   std::ofstream metrics_;
+  StepStats last_stats_; // for the Prometheus file
+  double last_val_loss_ = std::nan("");
   // Progress window (since the last printed line).
   int64_t window_steps_ = 0;
   double window_seconds_ = 0;

@@ -1,4 +1,5 @@
-// defines: cut_shard, pad_dim, partitioned_spec, gather_unsharded (see shard_tensor.h).
+// defines: cut_shard, pad_dim, partitioned_spec, assemble_unsharded, gather_unsharded (see
+// shard_tensor.h).
 #include "parallel/shard_tensor.h"
 
 #include "core/errors.h"
@@ -46,6 +47,35 @@ ShardSpec partitioned_spec(int dim, int64_t global_size, int rank, int size, int
   return spec;
 }
 
+torch::Tensor assemble_unsharded(const std::vector<torch::Tensor>& shards, const ShardSpec& spec) {
+  MT_CHECK(!shards.empty(), "assemble_unsharded: no shards");
+  torch::NoGradGuard no_grad;
+  if (!spec.is_partitioned()) {
+    return shards.front().detach();
+  }
+  const int64_t dim = spec.dim;
+  const auto size = static_cast<int64_t>(shards.size());
+  MT_CHECK(spec.blocks >= 1 && spec.global_size % (spec.blocks * size) == 0,
+           "assemble_unsharded: global size ", spec.global_size, " is not divisible by blocks (",
+           spec.blocks, ") x shards (", size, ")");
+  const int64_t piece = spec.global_size / spec.blocks / size;
+  for (int64_t r = 0; r < size; ++r) {
+    MT_CHECK(dim < shards[r].dim() && shards[r].size(dim) == piece * spec.blocks,
+             "assemble_unsharded: shard ", r, " has sizes ", shards[r].sizes(), "; expected ",
+             piece * spec.blocks, " along dim ", dim, " (global size ", spec.global_size, " over ",
+             size, " shards)");
+  }
+  // Block-major, then rank: the master order cut_shard cut from.
+  std::vector<torch::Tensor> pieces;
+  pieces.reserve(spec.blocks * size);
+  for (int64_t b = 0; b < spec.blocks; ++b) {
+    for (int64_t r = 0; r < size; ++r) {
+      pieces.push_back(shards[r].detach().narrow(dim, b * piece, piece));
+    }
+  }
+  return torch::cat(pieces, dim).narrow(dim, 0, spec.unpadded_size).contiguous();
+}
+
 torch::Tensor gather_unsharded(const torch::Tensor& local, const ShardSpec& spec,
                                const CommunicatorPtr& group) {
   torch::NoGradGuard no_grad;
@@ -60,15 +90,13 @@ torch::Tensor gather_unsharded(const torch::Tensor& local, const ShardSpec& spec
   const auto front = local.detach().movedim(dim, 0).contiguous(); // [global/size, ...]
   auto sizes = front.sizes().vec();
   sizes[0] *= size;
-  auto all = torch::empty(sizes, front.options()); // [size, blocks, piece, ...] rank-major
+  auto all = torch::empty(sizes, front.options()); // rank-major: [size * global/size, ...]
   group->all_gather(front, all);
-  const int64_t piece = spec.global_size / spec.blocks / size;
-  auto rest = front.sizes().slice(1).vec();
-  std::vector<int64_t> split{size, spec.blocks, piece};
-  split.insert(split.end(), rest.begin(), rest.end());
-  // [size, blocks, piece, ...] -> [blocks, size, piece, ...]: block-major, the master order.
-  auto ordered = all.view(split).transpose(0, 1).reshape(sizes);
-  return ordered.narrow(0, 0, spec.unpadded_size).movedim(0, dim).contiguous();
+  auto gathered = all.chunk(size, 0);
+  for (auto& shard : gathered) {
+    shard = shard.movedim(0, dim);
+  }
+  return assemble_unsharded(gathered, spec);
 }
 
 } // namespace meshtrain

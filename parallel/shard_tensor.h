@@ -1,6 +1,7 @@
 // defines: cut_shard (this rank's piece of a full "master" tensor), pad_dim (zero padding
-// along a dim, for vocab padding) and gather_unsharded (the full, unpadded tensor back from
-// the shards of a group, following a ShardSpec — for export, checks and tests).
+// along a dim, for vocab padding), assemble_unsharded (the full, unpadded tensor from every
+// rank's shard, without communication — checkpoints and export) and gather_unsharded (the
+// same from the shards of a group, collectively — for checks and tests).
 //
 // Block layout (ShardSpec::blocks): a dim of size N made of k equal blocks of N/k is cut
 // block by block: rank r of `size` keeps rows [b*N/k + r*N/(k*size), +N/(k*size)) of every
@@ -12,6 +13,8 @@
 #include "parallel/sharding.h"
 
 #include <torch/torch.h>
+
+#include <vector>
 
 namespace meshtrain {
 
@@ -27,6 +30,11 @@ torch::Tensor pad_dim(const torch::Tensor& t, int64_t dim, int64_t size);
 // (`unpadded_size` of it real, the rest padding).
 ShardSpec partitioned_spec(int dim, int64_t global_size, int rank, int size,
                            int64_t unpadded_size = -1, int64_t blocks = 1);
+
+// The full tensor, unpadded, from the shards of ranks 0..size-1 (shards[r] is rank r's
+// local tensor; all cut with `spec`'s dim, blocks and global size): the inverse of
+// pad_dim + cut_shard. A replicated spec returns shards[0]. No communication, no autograd.
+torch::Tensor assemble_unsharded(const std::vector<torch::Tensor>& shards, const ShardSpec& spec);
 
 // Collective over `group` (the group the spec names): all-gathers the shards along
 // spec.dim, puts blocks back in order and drops padding. A replicated spec returns a copy

@@ -11,6 +11,7 @@
 #include "launch/trainer.h"
 #include "parallel/shard_tensor.h"
 #include "parallel/sharding.h"
+#include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
 #include "examples/gpt/gpt_model.h"
@@ -22,87 +23,18 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 
 using namespace meshtrain;
 using meshtrain::testing::rank_tag;
 using meshtrain::testing::relative_error;
+using namespace meshtrain::testing;
 namespace F = torch::nn::functional;
 namespace fs = std::filesystem;
 
 namespace {
-
-constexpr uint64_t kSeed = 4242;
-constexpr int64_t kBlock = 16;
-constexpr int64_t kGlobalBatch = 16;
-constexpr int kSteps = 20;
-
-gpt::GPTConfig tiny_config() {
-  return gpt::GPTConfig().vocab_size(256).block_size(kBlock).n_layer(2).n_head(4).n_embd(32);
-}
-
-// A communicator holding only this rank (collective over the world).
-CommunicatorPtr self_group() {
-  const auto& world = meshtrain::testing::test_runtime().world();
-  return world->split(world->rank(), 0, "self");
-}
-
-// Token files private to this process (ranks of concurrent CTest runs never share one):
-// a learnable byte pattern with 20% noise, so the loss falls within a few steps.
-struct TokenFiles {
-  fs::path dir;
-  std::shared_ptr<const TokenFile> train, val;
-
-  TokenFiles() {
-    const auto& rt = meshtrain::testing::test_runtime();
-    dir = fs::temp_directory_path() /
-          ("meshtrain_test_gpt_" + std::to_string(getpid()) + "_r" + std::to_string(rt.rank()));
-    fs::create_directories(dir);
-    train = std::make_shared<const TokenFile>(write("train.bin", 1, 4000), 256);
-    val = std::make_shared<const TokenFile>(write("val.bin", 2, 1000), 256);
-  }
-  ~TokenFiles() {
-    train.reset();
-    val.reset();
-    std::error_code ignored;
-    fs::remove_all(dir, ignored);
-  }
-  std::string write(const std::string& name, uint32_t seed, int64_t n) const {
-    std::mt19937 engine(seed);
-    std::uniform_int_distribution<int> noise(0, 255), coin(0, 4);
-    std::vector<uint16_t> tokens(n);
-    for (int64_t i = 0; i < n; ++i) {
-      tokens[i] = static_cast<uint16_t>(coin(engine) == 0 ? noise(engine) : 97 + (i * 7) % 26);
-    }
-    const auto path = (dir / name).string();
-    write_token_file(path, tokens);
-    return path;
-  }
-};
-
-LossFunction loss_of(gpt::GPT model) {
-  return [model](const MicroBatch& mb) mutable {
-    return model->forward(mb.inputs, mb.targets).loss_sum;
-  };
-}
-
-TrainerOptions quiet_options() {
-  return TrainerOptions()
-      .steps(kSteps)
-      .global_batch(kGlobalBatch)
-      .micro_batch(kGlobalBatch)
-      .seq_len(kBlock)
-      .lr(1e-2)
-      .min_lr(1e-3)
-      .warmup_steps(2)
-      .weight_decay(0.1)
-      .grad_clip(0.5)
-      .val_every(0)
-      .val_batches(2)
-      .bucket_bytes(16 * 1024) // several buckets
-      .progress(ProgressStyle::kOff);
-}
 
 // nanoGPT's forward in plain LibTorch from the named parameters of a tp = 1 GPT:
 // logits [B, T, V] (padding columns dropped).
@@ -327,9 +259,13 @@ TEST_CASE("Trainer: fit writes metrics, validates on schedule, calls the hook, k
   torch::manual_seed(kSeed);
   gpt::GPT model(tiny_config(), mesh.group("tp"));
   const int64_t b = kGlobalBatch / mesh.group("dp")->size();
-  Trainer trainer(
-      model.ptr(), loss_of(model), mesh, files.train, files.val,
-      quiet_options().steps(4).micro_batch(b).val_every(2).metrics_path(metrics.string()));
+  Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
+                  quiet_options()
+                      .steps(4)
+                      .micro_batch(b)
+                      .val_every(2)
+                      .metrics_path(metrics.string())
+                      .prometheus_path((files.dir / "metrics.prom").string()));
   std::vector<std::pair<int64_t, CheckpointEvent>> events;
   trainer.set_checkpoint_hook(
       [&](Trainer& t, CheckpointEvent e) { events.emplace_back(t.step(), e); });
@@ -368,6 +304,24 @@ TEST_CASE("Trainer: fit writes metrics, validates on schedule, calls the hook, k
     CHECK(std::abs(lines[2]["val_loss"].get<double>() - result.val_losses[0].second) < 1e-12);
     CHECK(lines[5]["step"] == 4);
     CHECK(lines[5].contains("val_loss"));
+
+    // The Prometheus file holds the last step's and the last validation's values.
+    std::ifstream prom(files.dir / "metrics.prom");
+    std::map<std::string, double> samples;
+    for (std::string line; std::getline(prom, line);) {
+      if (!line.empty() && line[0] != '#') {
+        std::istringstream fields(line);
+        std::string name;
+        double value = 0;
+        fields >> name >> value;
+        samples[name] = value;
+      }
+    }
+    CHECK(samples["meshtrain_step"] == 4);
+    CHECK(samples["meshtrain_tokens_total"] == 4 * kGlobalBatch * kBlock);
+    CHECK(samples["meshtrain_loss"] == result.history.back().loss);
+    CHECK(samples["meshtrain_val_loss"] == result.val_losses.back().second);
+    CHECK(samples.count("meshtrain_tokens_per_second") == 1);
   }
 
   // A budget smaller than one step: one step, then every rank stops together.

@@ -12,11 +12,13 @@
 #include "core/runtime.h"
 #include "core/token_file.h"
 #include "examples/gpt/gpt_model.h"
+#include "launch/checkpoint.h"
 #include "launch/job_exit.h"
 #include "launch/trainer.h"
 #include "parallel/rng_tracker.h"
 
 #include <cxxopts.hpp>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -79,11 +81,19 @@ struct Flags {
   bool sequence_parallel = false;
   bool shuffle = false;
   std::string metrics;
+  std::string prometheus;
   int64_t val_every = 0;
   int64_t val_batches = 0;
   int64_t log_every = 0;
   double max_time = 0;
-  int threads = 0; // 0: the runtime's choice
+  std::string checkpoint_dir; // empty: no checkpoints
+  int64_t save_every = 0;
+  int64_t keep_checkpoints = 0;
+  bool save_at_start = false;
+  std::string resume; // empty: none; "latest" (--resume): the newest in checkpoint_dir;
+                      // else --resume-from's path
+  std::string init;   // a safetensors file of full weights (meshtrain-export's)
+  int threads = 0;    // 0: the runtime's choice
   meshtrain::ProgressStyle progress = meshtrain::ProgressStyle::kAuto;
 };
 
@@ -134,6 +144,8 @@ cxxopts::Options make_options() {
   options.add_options("reporting")
     ("metrics", "JSON Lines metrics file (rank 0; one object per step and per validation)",
      cxxopts::value<std::string>())
+    ("prometheus", "Prometheus text file (rank 0), rewritten every --log-every steps",
+     text(""))
     ("val-every", "validate every N steps (0: only at the end)", text("250"))
     ("val-batches", "global batches of the validation file per validation", text("50"))
     ("progress", "rank-0 progress: auto, redraw (one line redrawn in place), lines (one "
@@ -143,6 +155,19 @@ cxxopts::Options make_options() {
     ("max-time", "stop before a step that would end past this many seconds; 0: no limit",
      text("600"))
     ("h,help", "print this help");
+  options.add_options("checkpoints")
+    ("checkpoint-dir", "directory of the checkpoints (step_<N>/ each); empty: no checkpoints",
+     text(""))
+    ("save-every", "save every N steps (and at the end, and on SIGTERM/SIGINT); 0: only those",
+     text("500"))
+    ("save-at-start", "also save before the first step (step 0)")
+    ("keep-checkpoints", "keep only the newest N checkpoints; 0: keep all", text("0"))
+    ("resume", "continue from the latest checkpoint in --checkpoint-dir (a fresh start when "
+               "there is none yet); a checkpoint of any layout reshards into this one")
+    ("resume-from", "continue from this checkpoint: a step directory, or a checkpoint "
+                    "directory (its latest)", text(""))
+    ("init", "start from the full weights of a safetensors file (meshtrain-export's, nanoGPT "
+             "names); ignored when --resume finds a checkpoint", text(""));
   // clang-format on
   return options;
 }
@@ -260,10 +285,32 @@ Flags parse_flags(int argc, char** argv, int world_size) {
       throw UsageError("--metrics: give a file path");
     }
   }
+  f.prometheus = str("prometheus");
   f.val_every = parse_int("val-every", str("val-every"), 0, kBig);
   f.val_batches = parse_int("val-batches", str("val-batches"), 0, kBig);
   f.log_every = parse_int("log-every", str("log-every"), 0, kBig);
   f.max_time = parse_double("max-time", str("max-time"), 0.0, 1e9);
+  f.checkpoint_dir = str("checkpoint-dir");
+  f.save_every = parse_int("save-every", str("save-every"), 0, kBig);
+  f.keep_checkpoints = parse_int("keep-checkpoints", str("keep-checkpoints"), 0, kBig);
+  f.save_at_start = result.count("save-at-start") > 0;
+  if (result.count("resume") > 0) {
+    if (f.checkpoint_dir.empty()) {
+      throw UsageError("--resume needs --checkpoint-dir (where to look for the latest "
+                       "checkpoint), or use --resume-from PATH");
+    }
+    f.resume = "latest";
+  }
+  if (!str("resume-from").empty()) {
+    if (!f.resume.empty()) {
+      throw UsageError("give --resume or --resume-from " + str("resume-from") + ", not both");
+    }
+    f.resume = str("resume-from");
+  }
+  f.init = str("init");
+  if (f.save_at_start && f.checkpoint_dir.empty()) {
+    throw UsageError("--save-at-start needs --checkpoint-dir");
+  }
   {
     const std::string p = str("progress");
     if (p == "auto") {
@@ -325,6 +372,18 @@ void check_paths(const Flags& f, bool on_rank0) {
   const std::string hint =
       std::string(" (prepare the fortunes corpus with: prepare_text --train ") + kDefaultTrain +
       " --val " + kDefaultVal + " /usr/share/games/fortunes; see docs/gpt.md)";
+  if (!f.init.empty() && !fs::is_regular_file(f.init)) {
+    throw UsageError("--init " + f.init +
+                     ": no such file (give a safetensors file of full "
+                     "weights, e.g. from meshtrain-export)");
+  }
+  if (!f.resume.empty() && f.resume != "latest") {
+    try {
+      meshtrain::resolve_checkpoint(f.resume);
+    } catch (const c10::Error& e) {
+      throw UsageError("--resume-from " + f.resume + ": " + e.what_without_backtrace());
+    }
+  }
   if (!fs::is_regular_file(f.data)) {
     throw UsageError("--data " + f.data + ": no such file" + hint);
   }
@@ -334,10 +393,23 @@ void check_paths(const Flags& f, bool on_rank0) {
                      "validation)" +
                      hint);
   }
-  if (on_rank0 && !f.metrics.empty()) {
-    const fs::path parent = fs::absolute(f.metrics).parent_path();
+  if (on_rank0 && !f.checkpoint_dir.empty()) {
+    // Made now, so that a path that cannot be a directory fails before any training.
+    std::error_code error;
+    fs::create_directories(f.checkpoint_dir, error);
+    if (error || !fs::is_directory(f.checkpoint_dir)) {
+      throw UsageError("--checkpoint-dir " + f.checkpoint_dir + ": cannot be made a directory (" +
+                       (error ? error.message() : "a file of that name exists") + ")");
+    }
+  }
+  for (const auto& [flag, path] :
+       {std::pair{"--metrics", f.metrics}, {"--prometheus", f.prometheus}}) {
+    if (!on_rank0 || path.empty()) {
+      continue;
+    }
+    const fs::path parent = fs::absolute(path).parent_path();
     if (!fs::is_directory(parent)) {
-      throw UsageError("--metrics " + f.metrics + ": directory " + parent.string() +
+      throw UsageError(std::string(flag) + " " + path + ": directory " + parent.string() +
                        " does not exist");
     }
   }
@@ -361,6 +433,15 @@ gpt::GPTConfig model_config(const Flags& f) {
   return config;
 }
 
+// What a checkpoint must agree on with the run that loads it (and what export and sampling
+// rebuild the model from).
+std::string model_json(const Flags& f) {
+  return nlohmann::json{{"architecture", "nanoGPT"},  {"vocab_size", f.vocab_size},
+                        {"block_size", f.block_size}, {"n_layer", f.n_layer},
+                        {"n_head", f.n_head},         {"n_embd", f.n_embd}}
+      .dump();
+}
+
 meshtrain::TrainerOptions trainer_options(const Flags& f) {
   return meshtrain::TrainerOptions()
       .steps(f.steps)
@@ -380,6 +461,7 @@ meshtrain::TrainerOptions trainer_options(const Flags& f) {
       .progress(f.progress)
       .log_every(f.log_every)
       .metrics_path(f.metrics)
+      .prometheus_path(f.prometheus)
       .max_time(f.max_time)
       .handle_signals(true);
 }
@@ -403,6 +485,27 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
         mesh.group("tp"));
   }
   gpt::GPT model(config, mesh.group("tp"), rng);
+
+  // Where to start: the checkpoint --resume names (or finds), else --init's weights, else
+  // the seeded init above.
+  std::optional<std::string> resume_from;
+  if (f.resume == "latest") {
+    resume_from = meshtrain::latest_checkpoint(f.checkpoint_dir);
+    if (!resume_from && rank0) {
+      std::printf("train_gpt: --resume: no checkpoint in %s yet; starting fresh\n",
+                  f.checkpoint_dir.c_str());
+    }
+  } else if (!f.resume.empty()) {
+    resume_from = meshtrain::resolve_checkpoint(f.resume);
+  }
+  if (!f.init.empty() && !resume_from) {
+    // Before the Trainer: its optimizer takes the master weights from the parameters.
+    const auto weights = meshtrain::load_safetensors(f.init);
+    meshtrain::load_full_weights(*model, weights.tensors, mesh.index("tp"), f.tp, f.init);
+    if (rank0) {
+      std::printf("train_gpt: initial weights from %s\n", f.init.c_str());
+    }
+  }
   auto loss_fn = [model](const meshtrain::MicroBatch& mb) mutable {
     return model->forward(mb.inputs, mb.targets).loss_sum;
   };
@@ -437,8 +540,24 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
     std::printf("%s\n", out.str().c_str());
     std::fflush(stdout);
   }
-  // The checkpoint manager (issue 5, later) attaches here: trainer.set_checkpoint_hook(...),
-  // saving on kStep when step % save_every == 0, and on kEnd / kSignal.
+  std::optional<meshtrain::CheckpointManager> checkpoints;
+  if (!f.checkpoint_dir.empty() || resume_from) {
+    checkpoints.emplace(meshtrain::CheckpointOptions()
+                            .dir(f.checkpoint_dir.empty() ? "." : f.checkpoint_dir)
+                            .save_every(f.save_every)
+                            .keep_last(f.keep_checkpoints)
+                            .model_json(model_json(f))
+                            .rng_tracker(rng));
+  }
+  if (resume_from) {
+    checkpoints->load(*resume_from, trainer);
+  }
+  if (!f.checkpoint_dir.empty()) {
+    if (f.save_at_start && trainer.step() == 0) {
+      checkpoints->save(trainer);
+    }
+    trainer.set_checkpoint_hook(checkpoints->hook());
+  }
   trainer.fit();
 }
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# End-to-end checks of train_gpt's checkpoints with real mpirun ranks, one CTest test per case:
+#   check_checkpoints.sh CASE BUILD_DIR MPIEXEC...
+#   kill-during-save      rank 0 is SIGKILLed inside the save of step 4 (after its shards are
+#                         written, before the checkpoint is complete): step 2 stays the latest,
+#                         loads, and --resume from it reproduces the straight run's losses.
+#   export-matches-pytorch  a tp 2 run's export loads into a plain nanoGPT PyTorch model
+#                         (Debian's python3-torch) that reproduces train_gpt's validation loss
+#                         within 1e-4; skipped (77) without python3-torch.
+#   sample-runs-with-tp   sample_gpt prints the same text on tp 2 as on one rank.
+# Runs in the build's examples/gpt directory, where the fixture left fortunes_{train,val}.bin.
+set -euo pipefail
+case_name=$1
+build=$2
+shift 2
+mpiexec=("$@")
+work=$(mktemp -d "${TMPDIR:-/tmp}/meshtrain_ckpt_${case_name}.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+train=(--data fortunes_train.bin --val-data fortunes_val.bin --steps 6 --warmup 1 --n-layer 2
+       --n-embd 32 --n-head 4 --block-size 32 --batch-size 8 --val-every 0 --val-batches 4
+       --progress lines --log-every 1 --max-time 0)
+train_gpt=$build/examples/gpt/train_gpt
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+# The "loss" of step $2 in the JSON Lines file $1 (keys are sorted: "step" comes last).
+loss_at() { grep -E "\"step\":$2[,}]" "$1" | grep -v val_loss | sed -E 's/.*"loss":([^,]*),.*/\1/'; }
+val_loss_of() { grep val_loss "$1" | tail -1 | sed -E 's/.*"val_loss":([^,}]*).*/\1/'; }
+
+case $case_name in
+kill-during-save)
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" --zero 1 --metrics "$work/straight.jsonl"
+  set +e
+  MESHTRAIN_FAULT=kill-in-save:4 "${mpiexec[@]}" -x MESHTRAIN_FAULT -np 2 "$train_gpt" \
+    "${train[@]}" --zero 1 --checkpoint-dir "$work/ckpt" --save-every 2 > "$work/killed.log" 2>&1
+  code=$?
+  set -e
+  cat "$work/killed.log"
+  [ "$code" -ne 0 ] || fail "the killed job exited with 0"
+  grep -q "rank 0 kills itself in the save of step 4" "$work/killed.log" || fail "no fault fired"
+  [ -f "$work/ckpt/step_00000002/meta.json" ] || fail "step 2 is not complete"
+  [ ! -e "$work/ckpt/step_00000004" ] || fail "the interrupted step 4 looks complete"
+  ls -a "$work/ckpt"
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" --zero 1 --checkpoint-dir "$work/ckpt" \
+    --save-every 2 --resume --metrics "$work/resumed.jsonl" | tee "$work/resumed.log"
+  grep -q "resumed from $work/ckpt/step_00000002 at step 2" "$work/resumed.log" ||
+    fail "did not resume from step 2"
+  for s in 3 4 5 6; do
+    want=$(loss_at "$work/straight.jsonl" $s)
+    got=$(loss_at "$work/resumed.jsonl" $s)
+    echo "step $s: straight $want, resumed $got"
+    [ -n "$want" ] && [ "$want" = "$got" ] || fail "step $s: resumed loss $got != straight $want"
+  done
+  # The resumed run's save of step 4 replaced the partial one.
+  [ -f "$work/ckpt/step_00000004/meta.json" ] && [ ! -e "$work/ckpt/.step_00000004.partial" ] ||
+    fail "step 4 was not saved cleanly on the second try"
+  ;;
+export-matches-pytorch)
+  python=/usr/bin/python3
+  if ! "$python" -c "import torch" 2>/dev/null; then
+    echo "python3-torch is not installed: skipped"
+    exit 77
+  fi
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" --tp 2 --checkpoint-dir "$work/ckpt" \
+    --metrics "$work/m.jsonl"
+  "$build/launch/meshtrain-export" "$work/ckpt" "$work/gpt.safetensors"
+  want=$(val_loss_of "$work/m.jsonl")
+  "$python" "$(dirname "$0")/nanogpt_check.py" --weights "$work/gpt.safetensors" \
+    --val fortunes_val.bin --block-size 32 --batch-size 8 --val-batches 4 --expect "$want" \
+    --tolerance 1e-4
+  # --init starts a run (here on one rank, tp 1) from the export: its step-0 checkpoint
+  # exports to the same tensors.
+  "$train_gpt" "${train[@]}" --steps 1 --init "$work/gpt.safetensors" \
+    --checkpoint-dir "$work/ckpt2" --save-at-start > "$work/init.log"
+  grep -q "initial weights from $work/gpt.safetensors" "$work/init.log" || fail "--init unused"
+  "$build/launch/meshtrain-export" "$work/ckpt2/step_00000000" "$work/init.safetensors"
+  "$python" "$(dirname "$0")/nanogpt_check.py" --weights "$work/init.safetensors" \
+    --same-as "$work/gpt.safetensors"
+  ;;
+sample-runs-with-tp)
+  "$train_gpt" "${train[@]}" --checkpoint-dir "$work/ckpt" > /dev/null
+  sample=("$build/examples/gpt/sample_gpt" --checkpoint "$work/ckpt" --tokens 60 --prompt "The ")
+  "${sample[@]}" > "$work/tp1.txt"
+  "${mpiexec[@]}" -np 2 "${sample[@]}" > "$work/tp2.txt"
+  cat "$work/tp2.txt"
+  [ "$(head -c 4 "$work/tp1.txt")" = "The " ] || fail "the sample does not start with the prompt"
+  [ "$(wc -c < "$work/tp1.txt")" -eq 65 ] || fail "expected 4 + 60 bytes and a newline"
+  cmp "$work/tp1.txt" "$work/tp2.txt" || fail "tp 2 sampled other text than one rank"
+  ;;
+*)
+  fail "unknown case '$case_name'"
+  ;;
+esac
+echo "PASS: $case_name"
