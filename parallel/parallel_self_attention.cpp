@@ -77,14 +77,19 @@ torch::Tensor ParallelSelfAttentionImpl::forward(const torch::Tensor& x) {
   const auto k = heads(parts[1]);
   const auto v = heads(parts[2]);
 
-  auto att = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(d)));
-  const auto future = torch::ones({t, t}, x.options().dtype(torch::kBool)).triu(1); // [T, T]
-  att =
-      att.masked_fill(future, -std::numeric_limits<float>::infinity()).softmax(-1); // [B, h, T, T]
-  if (rng_) {
-    att = rng_->dropout(att, options_.dropout(), is_training(), RngStream::kTensorParallel);
-  }
-  auto y = torch::matmul(att, v) // [B, h, T, D]
+  const CoreFn core = [this, d](const torch::Tensor& q, const torch::Tensor& k,
+                                const torch::Tensor& v) {
+    const int64_t t = q.size(2);
+    auto att = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(d)));
+    const auto future = torch::ones({t, t}, q.options().dtype(torch::kBool)).triu(1); // [T, T]
+    att = att.masked_fill(future, -std::numeric_limits<float>::infinity())
+              .softmax(-1); // [B, h, T, T]
+    if (rng_) {
+      att = rng_->dropout(att, options_.dropout(), is_training(), RngStream::kTensorParallel);
+    }
+    return torch::matmul(att, v); // [B, h, T, D]
+  };
+  auto y = (core_wrapper_ ? core_wrapper_(core, q, k, v) : core(q, k, v))
                .transpose(1, 2)
                .contiguous()
                .view({b, t, h * d}); // [B, T, C/tp]

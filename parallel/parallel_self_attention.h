@@ -24,6 +24,8 @@
 
 #include <torch/torch.h>
 
+#include <functional>
+
 namespace meshtrain {
 
 struct ParallelSelfAttentionOptions {
@@ -53,6 +55,16 @@ public:
   const ParallelSelfAttentionOptions& options() const { return options_; }
   int64_t local_heads() const { return options_.n_head() / tp_group_->size(); }
 
+  // The attention core: q, k, v [B, h, T, D] -> softmax(q k^T / sqrt(D), causal), its
+  // dropout, times v -> [B, h, T, D]. No parameters, no communication.
+  using CoreFn = std::function<torch::Tensor(const torch::Tensor& q, const torch::Tensor& k,
+                                             const torch::Tensor& v)>;
+  // Runs the core in forward; memory/'s selective recomputation installs one (the model
+  // composes it, so parallel/ does not depend on memory/). Empty: the core runs as is.
+  using CoreWrapper = std::function<torch::Tensor(const CoreFn& core, const torch::Tensor& q,
+                                                  const torch::Tensor& k, const torch::Tensor& v)>;
+  void set_core_wrapper(CoreWrapper wrapper) { core_wrapper_ = std::move(wrapper); }
+
   ColumnParallelLinear c_attn{nullptr};
   RowParallelLinear c_proj{nullptr};
 
@@ -60,6 +72,7 @@ private:
   ParallelSelfAttentionOptions options_;
   CommunicatorPtr tp_group_;
   RngTrackerPtr rng_;
+  CoreWrapper core_wrapper_;
 };
 
 TORCH_MODULE(ParallelSelfAttention);

@@ -60,6 +60,19 @@ GPTImpl::GPTImpl(GPTConfig config, CommunicatorPtr tp_group, RngTrackerPtr rng)
                                               .layer_norm_eps(c.layer_norm_eps())
                                               .sequence_parallel(c.sequence_parallel()),
                                           tp_group_, rng_));
+    if (c.recompute() == RecomputeMode::kSelective) {
+      // The core's [B, h, T, T] scores and probabilities are recomputed in backward.
+      RngTracker* rng = rng_.get();
+      h->ptr<ParallelTransformerBlockImpl>(i)->attn->set_core_wrapper(
+          [rng](const ParallelSelfAttentionImpl::CoreFn& core, const torch::Tensor& q,
+                const torch::Tensor& k, const torch::Tensor& v) {
+            return recompute(
+                [core](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
+                  return {core(in[0], in[1], in[2])};
+                },
+                {q, k, v}, rng)[0];
+          });
+    }
   }
   ln_f = ParallelLayerNorm(ParallelLayerNormOptions(c.n_embd())
                                .eps(c.layer_norm_eps())
@@ -96,8 +109,17 @@ GPTOutput GPTImpl::forward(const torch::Tensor& idx, const std::optional<torch::
   if (rng_) {
     x = rng_->dropout(x, c.dropout(), is_training(), residual_stream(c.sequence_parallel()));
   }
-  for (const auto& block : *h) {
-    x = block->as<ParallelTransformerBlockImpl>()->forward(x);
+  for (const auto& module : *h) {
+    auto* block = module->as<ParallelTransformerBlockImpl>();
+    if (c.recompute() == RecomputeMode::kFull) {
+      x = recompute(
+          [block](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
+            return {block->forward(in[0])};
+          },
+          {x}, rng_.get())[0];
+    } else {
+      x = block->forward(x);
+    }
   }
   x = ln_f(x);
 

@@ -37,6 +37,7 @@
 #pragma once
 
 #include "core/communicator.h"
+#include "memory/recompute.h"
 #include "parallel/parallel_layer_norm.h"
 #include "parallel/parallel_transformer_block.h"
 #include "parallel/rng_tracker.h"
@@ -65,6 +66,9 @@ struct GPTConfig {
   TORCH_ARG(bool, sequence_parallel) = false;
   // Seed of the dropout streams when the model makes its own RngTracker (see GPTImpl).
   TORCH_ARG(uint64_t, dropout_seed) = 1337;
+  // Activation recomputation (memory/recompute.h): none, selective (the attention core of
+  // every block) or full (every block keeps only its input).
+  TORCH_ARG(RecomputeMode, recompute) = RecomputeMode::kNone;
 
 public:
   // Throws naming the bad value (sizes positive, n_head | n_embd, 0 <= dropout < 1) and,

@@ -79,6 +79,7 @@ struct Flags {
   int tp = 1;
   int zero = 0;
   bool sequence_parallel = false;
+  meshtrain::RecomputeMode recompute = meshtrain::RecomputeMode::kNone;
   bool shuffle = false;
   std::string metrics;
   std::string prometheus;
@@ -140,6 +141,8 @@ cxxopts::Options make_options() {
            "MESHTRAIN_TP (set by meshrun --tp) or 1", text(default_tp().c_str()))
     ("zero", "ZeRO stage: 0, 1 (optimizer state sharded over dp), 2 (+ gradients)", text("0"))
     ("sequence-parallel", "sequence parallelism between the TP regions (tp > 1)")
+    ("recompute", "activation recomputation: none, selective (the attention core) or full "
+                  "(every transformer block)", text("none"))
     ("threads", "torch threads per rank; 0: MESHTRAIN_THREADS or cores / ranks", text("0"));
   options.add_options("reporting")
     ("metrics", "JSON Lines metrics file (rank 0; one object per step and per validation)",
@@ -278,6 +281,11 @@ Flags parse_flags(int argc, char** argv, int world_size) {
   const int64_t dp = world_size / f.tp;
   f.zero = static_cast<int>(parse_int("zero", str("zero"), 0, 2));
   f.sequence_parallel = result.count("sequence-parallel") > 0;
+  try {
+    f.recompute = meshtrain::parse_recompute_mode(str("recompute"));
+  } catch (const c10::Error&) {
+    throw UsageError("--recompute " + str("recompute") + ": must be none, selective or full");
+  }
   f.threads = static_cast<int>(parse_int("threads", str("threads"), 0, 1 << 12));
   if (result.count("metrics") > 0) {
     f.metrics = str("metrics");
@@ -429,6 +437,7 @@ gpt::GPTConfig model_config(const Flags& f) {
       .n_embd(f.n_embd)
       .dropout(f.dropout)
       .sequence_parallel(f.sequence_parallel)
+      .recompute(f.recompute)
       .dropout_seed(f.seed);
   return config;
 }
@@ -515,8 +524,9 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
     std::ostringstream out;
     out << "train_gpt: " << runtime.world_size() << " rank(s) ["
         << meshtrain::Runtime::backend_name() << "] = dp " << dp << " x tp " << f.tp << ", ZeRO "
-        << f.zero << (f.sequence_parallel ? ", sequence parallel" : "") << ", "
-        << torch::get_num_threads() << " thread(s)/rank\n";
+        << f.zero << (f.sequence_parallel ? ", sequence parallel" : "") << ", recompute "
+        << meshtrain::to_string(f.recompute) << ", " << torch::get_num_threads()
+        << " thread(s)/rank\n";
     out << "  model: " << model->num_parameters() << " parameters, vocab " << f.vocab_size
         << " (padded " << model->padded_vocab_size() << "), block " << f.block_size << ", "
         << f.n_layer << " layers, " << f.n_head << " heads, embd " << f.n_embd << ", dropout "
