@@ -3,6 +3,7 @@
 
 #include "core/errors.h"
 #include "core/file_io.h"
+#include "memory/alloc_tracker.h"
 
 #include <nlohmann/json.hpp>
 
@@ -231,6 +232,13 @@ StepStats Trainer::train_step() {
   const int64_t global_tokens = tokens_per_step();
 
   reducer_->zero_grad();
+  // With the counting allocator installed: peak tensor bytes of forward + backward above
+  // what lived before them (activations, their gradients, temporaries).
+  auto* tracker = AllocationTracker::get();
+  const int64_t bytes_before = tracker != nullptr ? tracker->current_bytes() : 0;
+  if (tracker != nullptr) {
+    tracker->reset_peaks();
+  }
   auto loss = torch::zeros({}, torch::kDouble); // this rank's share of the global mean
   const auto m_count = static_cast<int64_t>(batches.size());
   for (int64_t m = 0; m < m_count; ++m) {
@@ -243,6 +251,7 @@ StepStats Trainer::train_step() {
     loss += share.detach().to(torch::kDouble);
   }
   const auto grads = reducer_->finish();
+  const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
   const double norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
   const double lr = schedule_.lr(s);
   optimizer_->set_lr(lr);
@@ -260,6 +269,10 @@ StepStats Trainer::train_step() {
   stats.step_ms = seconds * 1e3;
   stats.tokens_per_s = static_cast<double>(global_tokens) / std::max(seconds, 1e-9);
   stats.mem_peak_bytes = peak_rss_bytes();
+  if (tracker != nullptr) {
+    stats.activation_peak_bytes = activation_peak;
+    stats.tensor_peak_bytes = tracker->peak_bytes();
+  }
   return stats;
 }
 
@@ -375,7 +388,7 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
   }
   const auto& o = options_;
   if (metrics_.is_open()) {
-    const nlohmann::json line = {
+    nlohmann::json line = {
         {"step", stats.step},
         {"loss", stats.loss},
         {"lr", stats.lr},
@@ -385,6 +398,10 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
         {"mem_peak_bytes", stats.mem_peak_bytes},
         {"tokens", stats.step * tokens_per_step()},
     };
+    if (stats.tensor_peak_bytes > 0) {
+      line["mem_tensor_peak_bytes"] = stats.tensor_peak_bytes;
+      line["mem_activation_peak_bytes"] = stats.activation_peak_bytes;
+    }
     write_metrics(line.dump());
   }
   last_stats_ = stats;
@@ -415,12 +432,20 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
                 static_cast<long long>(stats.step), static_cast<long long>(o.steps()), stats.loss,
                 stats.lr, stats.grad_norm, rate, format_duration(eta_s).c_str(),
                 static_cast<double>(stats.mem_peak_bytes) / (1024.0 * 1024.0));
+  std::string text = line;
+  if (stats.tensor_peak_bytes > 0) {
+    // Live-tensor peak of this step, and of it what forward + backward added.
+    std::snprintf(line, sizeof(line), " (tensors %.0f, act %.0f)",
+                  static_cast<double>(stats.tensor_peak_bytes) / (1024.0 * 1024.0),
+                  static_cast<double>(stats.activation_peak_bytes) / (1024.0 * 1024.0));
+    text += line;
+  }
   if (redraw_) {
     // \r and clear to the end of the line: the line is redrawn in place.
-    std::printf("\r%s\033[K", line);
+    std::printf("\r%s\033[K", text.c_str());
     line_open_ = true;
   } else {
-    std::printf("%s\n", line);
+    std::printf("%s\n", text.c_str());
   }
   std::fflush(stdout);
 }

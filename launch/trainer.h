@@ -116,6 +116,11 @@ struct StepStats {
   double step_ms = 0;         // wall time of the step
   double tokens_per_s = 0;    // B*T / step time
   int64_t mem_peak_bytes = 0; // peak resident memory of this process so far
+  // With memory/alloc_tracker.h's allocator installed (else 0): peak bytes of live CPU
+  // tensors during the step, and how far forward + backward rose above the step's start
+  // (activations, activation gradients, temporaries).
+  int64_t tensor_peak_bytes = 0;
+  int64_t activation_peak_bytes = 0;
 };
 
 enum class StopReason { kCompleted, kTimeBudget, kSignal };

@@ -15,6 +15,7 @@
 #include "launch/checkpoint.h"
 #include "launch/job_exit.h"
 #include "launch/trainer.h"
+#include "memory/alloc_tracker.h"
 #include "parallel/rng_tracker.h"
 
 #include <cxxopts.hpp>
@@ -574,6 +575,8 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
 } // namespace
 
 int main(int argc, char** argv) {
+  // First: only tensors allocated after it are counted (progress and metrics report them).
+  meshtrain::AllocationTracker::install();
   std::unique_ptr<meshtrain::Runtime> runtime;
   try {
     runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv);

@@ -1,0 +1,137 @@
+// defines: bench_recompute — what activation recomputation costs and saves on a GPT
+// (examples/gpt), per mode (none, selective, full), printed as a Markdown table:
+//   kept MiB   bytes a forward leaves alive for backward (the activations, logits included),
+//              measured by the counting allocator (memory/alloc_tracker.h)
+//   peak MiB   peak bytes above the step's start during forward + backward
+//   forward ms, step ms   median forward and forward + backward time over --steps timed
+//              steps (after --warmup)
+// glibc's malloc would hand every multi-MiB activation back to the OS and fault its pages in
+// again on the next step, which costs the modes that keep the most far more than the compute
+// does; like a caching allocator, the benchmark keeps freed memory in the heap (mallopt) so
+// that the times compare the computation.
+// The model is tensor-parallel over the ranks it is started with (tp = world size; 1 rank:
+// serial), optionally with sequence parallelism:
+//   bench_recompute                                  # serial, 8 layers
+//   mpirun -np 2 bench_recompute --sequence-parallel # tp 2
+// Each mode runs its own copy of the model (same seed); the modes are interleaved step by step
+// so that machine noise falls on all of them alike.
+#include "core/runtime.h"
+#include "memory/alloc_tracker.h"
+
+#include "examples/gpt/gpt_model.h"
+
+#include <cxxopts.hpp>
+#include <torch/torch.h>
+
+#include <malloc.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <vector>
+
+using namespace meshtrain;
+
+int main(int argc, char** argv) {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum; our activations are smaller
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // First, so that every tensor of the benchmark is counted.
+  auto& tracker = AllocationTracker::install();
+  Runtime runtime(&argc, &argv);
+  cxxopts::Options options("bench_recompute", "Cost and savings of activation recomputation");
+  // clang-format off
+  options.add_options()
+    ("n-layer", "transformer blocks", cxxopts::value<int64_t>()->default_value("8"))
+    ("n-embd", "width C", cxxopts::value<int64_t>()->default_value("128"))
+    ("n-head", "heads", cxxopts::value<int64_t>()->default_value("4"))
+    ("block-size", "sequence length T", cxxopts::value<int64_t>()->default_value("256"))
+    ("batch", "sequences per step", cxxopts::value<int64_t>()->default_value("8"))
+    ("steps", "timed steps per mode", cxxopts::value<int>()->default_value("10"))
+    ("warmup", "untimed steps per mode first", cxxopts::value<int>()->default_value("2"))
+    ("sequence-parallel", "sequence parallelism (tp > 1)")
+    ("h,help", "print this help");
+  // clang-format on
+  const auto args = options.parse(argc, argv);
+  if (args.count("help") > 0) {
+    std::cout << options.help() << "\n";
+    return 0;
+  }
+  const auto& world = runtime.world();
+  const auto config = gpt::GPTConfig()
+                          .n_layer(args["n-layer"].as<int64_t>())
+                          .n_embd(args["n-embd"].as<int64_t>())
+                          .n_head(args["n-head"].as<int64_t>())
+                          .block_size(args["block-size"].as<int64_t>())
+                          .sequence_parallel(args.count("sequence-parallel") > 0);
+  config.validate(world->size());
+  const int64_t batch = args["batch"].as<int64_t>();
+  const int steps = args["steps"].as<int>();
+  const int warmup = args["warmup"].as<int>();
+
+  const std::vector<RecomputeMode> modes = {RecomputeMode::kNone, RecomputeMode::kSelective,
+                                            RecomputeMode::kFull};
+  std::map<RecomputeMode, gpt::GPT> models;
+  for (auto mode : modes) {
+    torch::manual_seed(1337);
+    models.emplace(mode, gpt::GPT(gpt::GPTConfig(config).recompute(mode), world));
+  }
+  torch::manual_seed(7);
+  const auto idx = torch::randint(0, config.vocab_size(), {batch, config.block_size()});
+  std::map<RecomputeMode, std::vector<double>> ms, fwd;
+  std::map<RecomputeMode, int64_t> kept, peak;
+  for (int s = 0; s < warmup + steps; ++s) {
+    for (auto mode : modes) {
+      auto& model = models.at(mode);
+      model->zero_grad();
+      world->barrier();
+      const int64_t start_bytes = tracker.current_bytes();
+      tracker.reset_peaks();
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto loss = model->forward(idx, idx).loss;
+      const int64_t after_forward = tracker.current_bytes() - start_bytes;
+      const double forward_ms =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      loss.backward();
+      world->barrier();
+      const double elapsed =
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      if (s >= warmup) {
+        ms[mode].push_back(elapsed);
+        fwd[mode].push_back(forward_ms);
+        kept[mode] = after_forward;
+        peak[mode] = tracker.peak_bytes() - start_bytes;
+      }
+    }
+  }
+  if (runtime.rank() != 0) {
+    return 0;
+  }
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const double base_ms = median(ms.at(RecomputeMode::kNone));
+  const double base_kept = static_cast<double>(kept.at(RecomputeMode::kNone));
+  const double base_peak = static_cast<double>(peak.at(RecomputeMode::kNone));
+  std::printf("bench_recompute: GPT %lld layers, C %lld, %lld heads, T %lld, batch %lld; tp %d%s; "
+              "%d thread(s)/rank; median of %d steps\n\n",
+              static_cast<long long>(config.n_layer()), static_cast<long long>(config.n_embd()),
+              static_cast<long long>(config.n_head()), static_cast<long long>(config.block_size()),
+              static_cast<long long>(batch), world->size(),
+              config.sequence_parallel() ? " sequence parallel" : "", torch::get_num_threads(),
+              steps);
+  std::printf("| recompute | kept MiB | vs none | peak MiB | vs none | forward ms | step ms | "
+              "vs none |\n");
+  std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  for (auto mode : modes) {
+    const double k = static_cast<double>(kept.at(mode));
+    const double p = static_cast<double>(peak.at(mode));
+    const double t = median(ms.at(mode));
+    std::printf("| %s | %.1f | %+.0f%% | %.1f | %+.0f%% | %.1f | %.1f | %+.0f%% |\n",
+                to_string(mode), k / (1 << 20), 100 * (k / base_kept - 1), p / (1 << 20),
+                100 * (p / base_peak - 1), median(fwd.at(mode)), t, 100 * (t / base_ms - 1));
+  }
+  return 0;
+}
