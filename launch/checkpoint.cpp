@@ -8,8 +8,6 @@
 
 #include <nlohmann/json.hpp>
 
-#include <ATen/CPUGeneratorImpl.h>
-
 #include <algorithm>
 #include <chrono>
 #include <csignal>
@@ -18,7 +16,6 @@
 #include <filesystem>
 #include <iomanip>
 #include <map>
-#include <mutex>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -35,19 +32,6 @@ constexpr const char* kMeta = "meta.json";
 constexpr const char* kRngDefault = "rng.default";
 constexpr const char* kRngShared = "rng.tracker.shared";
 constexpr const char* kRngTensorParallel = "rng.tracker.tensor_parallel";
-
-// The default CPU generator (weight init, and dropout outside an RngTracker).
-torch::Tensor default_generator_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_default_generator_state(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
 
 std::string two_digits(int v) {
   char buf[16];
@@ -493,7 +477,7 @@ std::string CheckpointManager::save(Trainer& trainer) {
     for (const auto& [key, t] : state.tensors) {
       tensors.emplace_back(key, t.contiguous());
     }
-    tensors.emplace_back(kRngDefault, default_generator_state());
+    tensors.emplace_back(kRngDefault, default_cpu_generator_state());
     if (options_.rng_tracker()) {
       const auto rng = options_.rng_tracker()->get_state();
       tensors.emplace_back(kRngShared, rng.shared);
@@ -616,7 +600,7 @@ void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
         }
       }
       optimizer.load_state_dict(state);
-      set_default_generator_state(own->at(kRngDefault));
+      set_default_cpu_generator_state(own->at(kRngDefault));
       if (options_.rng_tracker() && own->contains(kRngShared)) {
         options_.rng_tracker()->set_state({own->at(kRngShared), own->at(kRngTensorParallel)});
       }

@@ -3,10 +3,8 @@
 
 #include "core/errors.h"
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <mutex>
 #include <optional>
 #include <utility>
 
@@ -15,18 +13,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-torch::Tensor cpu_generator_state() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return gen.get_state();
-}
-
-void set_cpu_generator_state(const torch::Tensor& state) {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  gen.set_state(state);
-}
 
 // What backward needs besides the saved inputs; travels through the autograd context as a
 // capsule (an IValue holding any CustomClassHolder).
@@ -42,14 +28,14 @@ struct RngSnapshot {
   torch::Tensor cpu;
   std::optional<RngTrackerState> tracker;
   static RngSnapshot take(RngTracker* rng) {
-    RngSnapshot s{cpu_generator_state(), std::nullopt};
+    RngSnapshot s{default_cpu_generator_state(), std::nullopt};
     if (rng != nullptr) {
       s.tracker = rng->get_state();
     }
     return s;
   }
   void restore(RngTracker* rng) const {
-    set_cpu_generator_state(cpu);
+    set_default_cpu_generator_state(cpu);
     if (rng != nullptr && tracker) {
       rng->set_state(*tracker);
     }

@@ -1,7 +1,11 @@
-// defines: RngTracker (see rng_tracker.h).
+// defines: RngTracker and the default CPU generator helpers (see rng_tracker.h).
 #include "parallel/rng_tracker.h"
 
 #include "core/errors.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <mutex>
 
 namespace meshtrain {
 namespace {
@@ -14,6 +18,18 @@ at::Generator make_generator(const torch::Device& device, uint64_t seed) {
 }
 
 } // namespace
+
+torch::Tensor default_cpu_generator_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_default_cpu_generator_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
 
 RngTracker::RngTracker(RngTrackerOptions options, const CommunicatorPtr& tp_group)
     : options_(std::move(options)) {

@@ -1,5 +1,6 @@
 // defines: RngStream, RngTrackerOptions, RngTrackerState, RngTracker (RngTrackerPtr) — the
-// random streams dropout draws from under tensor parallelism.
+// random streams dropout draws from under tensor parallelism; default_cpu_generator_state and
+// set_default_cpu_generator_state (what checkpoints and recomputation save and restore).
 //
 // Two streams per rank, each its own generator seeded once:
 //   kShared          seed                          identical on every rank of the TP group
@@ -36,6 +37,10 @@
 namespace meshtrain {
 
 enum class RngStream { kShared, kTensorParallel };
+
+// The state of LibTorch's default CPU generator (a ByteTensor), under its lock.
+torch::Tensor default_cpu_generator_state();
+void set_default_cpu_generator_state(const torch::Tensor& state);
 
 // The stream for a residual / hidden dropout outside the TP region: its activations are
 // replicated without sequence parallelism and sequence shards with it.
