@@ -81,6 +81,7 @@ struct Flags {
   int zero = 0;
   bool sequence_parallel = false;
   meshtrain::RecomputeMode recompute = meshtrain::RecomputeMode::kNone;
+  bool bf16 = false; // --precision bf16: bf16 parameters and compute, fp32 master weights
   bool shuffle = false;
   std::string metrics;
   std::string prometheus;
@@ -144,6 +145,8 @@ cxxopts::Options make_options() {
     ("sequence-parallel", "sequence parallelism between the TP regions (tp > 1)")
     ("recompute", "activation recomputation: none, selective (the attention core) or full "
                   "(every transformer block)", text("none"))
+    ("precision", "fp32, or bf16 (bf16 parameters and compute; fp32 master weights, optimizer "
+                  "state, gradient reduction and loss)", text("fp32"))
     ("threads", "torch threads per rank; 0: MESHTRAIN_THREADS or cores / ranks", text("0"));
   options.add_options("reporting")
     ("metrics", "JSON Lines metrics file (rank 0; one object per step and per validation)",
@@ -286,6 +289,17 @@ Flags parse_flags(int argc, char** argv, int world_size) {
     f.recompute = meshtrain::parse_recompute_mode(str("recompute"));
   } catch (const c10::Error&) {
     throw UsageError("--recompute " + str("recompute") + ": must be none, selective or full");
+  }
+  {
+    const std::string p = str("precision");
+    if (p == "fp16") {
+      throw UsageError("--precision fp16: not available yet (it needs the dynamic loss scaler "
+                       "and, for its matmuls, a GPU); use bf16 or fp32");
+    }
+    if (p != "fp32" && p != "bf16") {
+      throw UsageError("--precision " + p + ": must be fp32 or bf16");
+    }
+    f.bf16 = p == "bf16";
   }
   f.threads = static_cast<int>(parse_int("threads", str("threads"), 0, 1 << 12));
   if (result.count("metrics") > 0) {
@@ -516,6 +530,11 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
       std::printf("train_gpt: initial weights from %s\n", f.init.c_str());
     }
   }
+  if (f.bf16) {
+    // After the fp32 init (or --init): every layout rounds the same weights. The optimizer
+    // keeps fp32 master copies of these; the reducer sums gradients in fp32.
+    model->to(torch::kBFloat16);
+  }
   auto loss_fn = [model](const meshtrain::MicroBatch& mb) mutable {
     return model->forward(mb.inputs, mb.targets).loss_sum;
   };
@@ -526,8 +545,8 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
     out << "train_gpt: " << runtime.world_size() << " rank(s) ["
         << meshtrain::Runtime::backend_name() << "] = dp " << dp << " x tp " << f.tp << ", ZeRO "
         << f.zero << (f.sequence_parallel ? ", sequence parallel" : "") << ", recompute "
-        << meshtrain::to_string(f.recompute) << ", " << torch::get_num_threads()
-        << " thread(s)/rank\n";
+        << meshtrain::to_string(f.recompute) << (f.bf16 ? ", bf16" : ", fp32") << ", "
+        << torch::get_num_threads() << " thread(s)/rank\n";
     out << "  model: " << model->num_parameters() << " parameters, vocab " << f.vocab_size
         << " (padded " << model->padded_vocab_size() << "), block " << f.block_size << ", "
         << f.n_layer << " layers, " << f.n_head << " heads, embd " << f.n_embd << ", dropout "
