@@ -544,6 +544,10 @@ std::string CheckpointManager::save(Trainer& trainer) {
             {"shuffle", o.shuffle()},
             {"data_seed", o.data_seed()}}},
           {"optimizer", {{"step", trainer.optimizer().step_count()}}},
+          {"scaler", trainer.scaler() == nullptr
+                         ? json(nullptr)
+                         : json{{"scale", trainer.scaler()->scale()},
+                                {"clean_steps", trainer.scaler()->clean_steps()}}},
           {"model", json::parse(options_.model_json())},
           {"params", params},
           {"files", files}};
@@ -607,6 +611,11 @@ void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
     } else {
       state.tensors = resharded_state(info, meta, specs, tp_rank, mesh.group("tp")->size());
       optimizer.load_state_dict(state);
+    }
+    const json& scaler = meta.value("scaler", json(nullptr));
+    if (trainer.scaler() != nullptr && scaler.is_object()) {
+      trainer.scaler()->set_state(scaler.at("scale").get<double>(),
+                                  scaler.at("clean_steps").get<int64_t>());
     }
     trainer.set_step(info.step);
   });

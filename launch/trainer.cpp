@@ -194,6 +194,9 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, LossFunction loss_fn,
           .adamw(AdamWOptions(o.lr()).beta1(o.beta1()).beta2(o.beta2()).weight_decay(
               o.weight_decay())),
       reducer_->bucket_names());
+  if (o.loss_scaling()) {
+    scaler_ = std::make_unique<GradScaler>(o.scaler(), mesh_.group("world"));
+  }
 
   rank0_ = mesh_.rank() == 0;
   const ProgressStyle style = resolve_progress(o.progress());
@@ -247,15 +250,25 @@ StepStats Trainer::train_step() {
       guard.emplace(reducer_->no_sync()); // accumulate locally; the last micro-step reduces
     }
     const auto share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
-    share.backward();
+    if (scaler_) {
+      (share * scaler_->scale()).backward();
+    } else {
+      share.backward();
+    }
     loss += share.detach().to(torch::kDouble);
   }
   const auto grads = reducer_->finish();
   const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
-  const double norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
+  const double scale = scaler_ ? scaler_->scale() : 0;
+  // The skip verdict is the same on every rank (all-reduced), so all skip the update together.
+  const bool skipped = scaler_ && scaler_->unscale_and_check(grads);
   const double lr = schedule_.lr(s);
-  optimizer_->set_lr(lr);
-  optimizer_->step(grads);
+  double norm = std::numeric_limits<double>::quiet_NaN();
+  if (!skipped) {
+    norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
+    optimizer_->set_lr(lr);
+    optimizer_->step(grads);
+  }
   // The shares of all micro-steps and DP ranks add up to the global-batch mean.
   mesh_.group("dp")->all_reduce(loss, ReduceOp::kSum);
   ++step_;
@@ -269,6 +282,8 @@ StepStats Trainer::train_step() {
   stats.step_ms = seconds * 1e3;
   stats.tokens_per_s = static_cast<double>(global_tokens) / std::max(seconds, 1e-9);
   stats.mem_peak_bytes = peak_rss_bytes();
+  stats.loss_scale = scale;
+  stats.skipped = skipped;
   if (tracker != nullptr) {
     stats.activation_peak_bytes = activation_peak;
     stats.tensor_peak_bytes = tracker->peak_bytes();
@@ -398,6 +413,10 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
         {"mem_peak_bytes", stats.mem_peak_bytes},
         {"tokens", stats.step * tokens_per_step()},
     };
+    if (scaler_) {
+      line["loss_scale"] = stats.loss_scale;
+      line["skipped"] = stats.skipped;
+    }
     if (stats.tensor_peak_bytes > 0) {
       line["mem_tensor_peak_bytes"] = stats.tensor_peak_bytes;
       line["mem_activation_peak_bytes"] = stats.activation_peak_bytes;

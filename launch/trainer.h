@@ -33,6 +33,7 @@
 #include "core/mesh.h"
 #include "core/token_file.h"
 #include "launch/token_loader.h"
+#include "optim/grad_scaler.h"
 #include "optim/lr_schedule.h"
 #include "optim/zero.h"
 #include "parallel/data_parallel.h"
@@ -80,6 +81,10 @@ struct TrainerOptions {
   // ZeRO stage 0 (replicated state), 1 (optimizer state sharded over dp), 2 (+ gradients).
   TORCH_ARG(int, zero_stage) = 0;
   TORCH_ARG(int64_t, bucket_bytes) = int64_t{25} * 1024 * 1024;
+  // Dynamic loss scaling (optim/grad_scaler.h; what fp16 training needs): the loss is scaled
+  // before backward, a step with an inf/NaN gradient on any rank is skipped by all ranks.
+  TORCH_ARG(bool, loss_scaling) = false;
+  TORCH_ARG(GradScalerOptions, scaler);
 
   // Validation every val_every steps (0: only at the end of fit), over val_batches global
   // batches of the validation file. val_batches 0 (or no validation file): no validation.
@@ -121,6 +126,10 @@ struct StepStats {
   // (activations, activation gradients, temporaries).
   int64_t tensor_peak_bytes = 0;
   int64_t activation_peak_bytes = 0;
+  // With loss scaling: the scale this step used, and whether its update was skipped (an inf
+  // or NaN gradient on some rank; parameters and optimizer state unchanged).
+  double loss_scale = 0;
+  bool skipped = false;
 };
 
 enum class StopReason { kCompleted, kTimeBudget, kSignal };
@@ -179,6 +188,8 @@ public:
   torch::nn::Module& model() { return *model_; }
   DataParallelReducer& reducer() { return *reducer_; }
   ZeroOptimizer& optimizer() { return *optimizer_; }
+  // Null without options.loss_scaling.
+  GradScaler* scaler() { return scaler_.get(); }
   const WarmupCosineSchedule& schedule() const { return schedule_; }
 
 private:
@@ -199,6 +210,7 @@ private:
   std::unique_ptr<TokenLoader> val_loader_;
   std::unique_ptr<DataParallelReducer> reducer_;
   std::unique_ptr<ZeroOptimizer> optimizer_;
+  std::unique_ptr<GradScaler> scaler_;
   CheckpointHook hook_;
   int64_t step_ = 0;
   bool rank0_ = false;

@@ -68,7 +68,8 @@ std::string model_json() {
   return nlohmann::json{{"n_layer", c.n_layer()}, {"n_embd", c.n_embd()}}.dump();
 }
 
-Job make_job(const Layout& l, const TokenFiles& files, uint64_t seed = kSeed) {
+Job make_job(const Layout& l, const TokenFiles& files, uint64_t seed = kSeed,
+             bool loss_scaling = false) {
   const auto& world = test_runtime().world();
   const int ranks = l.ranks == 0 ? world->size() : l.ranks;
   Job job;
@@ -80,7 +81,7 @@ Job make_job(const Layout& l, const TokenFiles& files, uint64_t seed = kSeed) {
   const int64_t dp = job.mesh->group("dp")->size();
   job.trainer = std::make_unique<Trainer>(
       job.model.ptr(), loss_of(job.model), *job.mesh, files.train, files.val,
-      quiet_options().zero_stage(l.zero).micro_batch(kGlobalBatch / dp));
+      quiet_options().zero_stage(l.zero).micro_batch(kGlobalBatch / dp).loss_scaling(loss_scaling));
   return job;
 }
 
@@ -106,22 +107,28 @@ TEST_CASE("Checkpoint: 10 steps + save + resume 10 equal 20 straight steps, bit 
   // dp x tp with ZeRO 1 (and sequence parallelism when there are 4 ranks).
   const Layout layout{"", 0, world == 4 ? 2 : 1, 1, world == 4};
 
-  auto straight = make_job(layout, files);
+  // With loss scaling (exact in fp32): its state travels in meta.json too.
+  auto straight = make_job(layout, files, kSeed, true);
   const auto want = train(*straight.trainer, kSteps);
   const double want_val = straight.trainer->validate();
 
-  auto first = make_job(layout, files);
+  auto first = make_job(layout, files, kSeed, true);
   train(*first.trainer, kHalf);
+  const double scale = first.trainer->scaler()->scale();
+  const int64_t clean = first.trainer->scaler()->clean_steps();
   auto saver = manager(dir.path);
   const auto saved = saver.save(*first.trainer);
   CHECK(fs::path(saved).filename() == "step_00000010");
   REQUIRE(latest_checkpoint(dir.path.string()) == saved);
 
   // Different initial weights: everything the continuation needs comes from the checkpoint.
-  auto resumed = make_job(layout, files, kSeed + 1);
+  auto resumed = make_job(layout, files, kSeed + 1, true);
+  resumed.trainer->scaler()->set_state(1, 0);
   auto loader = manager(dir.path);
   loader.load(saved, *resumed.trainer);
   CHECK(resumed.trainer->step() == kHalf);
+  CHECK(resumed.trainer->scaler()->scale() == scale);
+  CHECK(resumed.trainer->scaler()->clean_steps() == clean);
   const auto got = train(*resumed.trainer, kHalf);
   for (int s = 0; s < kHalf; ++s) {
     INFO(rank_tag() << "step " << kHalf + s + 1 << ": resumed " << got[s] << " vs straight "

@@ -293,8 +293,8 @@ Flags parse_flags(int argc, char** argv, int world_size) {
   {
     const std::string p = str("precision");
     if (p == "fp16") {
-      throw UsageError("--precision fp16: not available yet (it needs the dynamic loss scaler "
-                       "and, for its matmuls, a GPU); use bf16 or fp32");
+      throw UsageError("--precision fp16: needs a CUDA build (LibTorch on CPU has no fp16 "
+                       "matmul); use bf16 or fp32");
     }
     if (p != "fp32" && p != "bf16") {
       throw UsageError("--precision " + p + ": must be fp32 or bf16");
