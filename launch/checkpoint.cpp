@@ -424,7 +424,6 @@ void load_full_weights(torch::nn::Module& model, const NamedTensors& weights, in
 }
 
 CheckpointManager::CheckpointManager(CheckpointOptions options) : options_(std::move(options)) {
-  MT_CHECK(!options_.dir().empty(), "CheckpointManager: give a checkpoint directory");
   MT_CHECK(options_.save_every() >= 0 && options_.keep_last() >= 0,
            "CheckpointManager: save_every (", options_.save_every(), ") and keep_last (",
            options_.keep_last(), ") must be >= 0");
@@ -446,6 +445,7 @@ std::string CheckpointManager::save(Trainer& trainer) {
   const int dp = mesh.group("dp")->size();
   const int tp = mesh.group("tp")->size();
   const int64_t step = trainer.step();
+  MT_CHECK(!options_.dir().empty(), "CheckpointManager::save: no checkpoint directory was given");
   const fs::path root = options_.dir();
   const fs::path dir = root / step_dir_name(step);
   const fs::path staged = root / ("." + step_dir_name(step) + ".partial");

@@ -75,6 +75,7 @@ void load_full_weights(torch::nn::Module& model, const NamedTensors& weights, in
                        int tp_size, const std::string& source);
 
 struct CheckpointOptions {
+  // Where save() writes (a load-only manager may leave it empty).
   TORCH_ARG(std::string, dir);
   // Save after every save_every-th step (0: only at the end and on a signal).
   TORCH_ARG(int64_t, save_every) = 0;

@@ -3,6 +3,8 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <iostream>
 
 namespace meshtrain {
@@ -31,6 +33,16 @@ std::string message_of(const std::exception& e) {
     return c10_error->what_without_backtrace();
   }
   return e.what();
+}
+
+int exit_after_failure(const std::string& program, const CommunicatorPtr& world,
+                       const std::exception& e, int code) {
+  std::cerr << program << ": rank " << world->rank() << ": error: " << message_of(e) << "\n";
+  if (world->size() > 1) {
+    std::fflush(nullptr);
+    std::_Exit(code);
+  }
+  return code;
 }
 
 } // namespace meshtrain

@@ -1,5 +1,5 @@
-// defines: agree_on_exit, message_of — how a training program's ranks end together with one
-// exit code and one error message (shared by train_mnist and train_gpt).
+// defines: agree_on_exit, message_of, exit_after_failure — how a program's ranks end together
+// with one exit code and one error message (train_mnist, train_gpt, sample_gpt).
 #pragma once
 
 #include "core/communicator.h"
@@ -18,5 +18,12 @@ int agree_on_exit(const CommunicatorPtr& group, int code, const std::string& mes
 
 // The message of an exception, without c10's C++ backtrace (not for users).
 std::string message_of(const std::exception& e);
+
+// For a failure on one rank after the set-up: prints "<program>: rank <r>: error: ..." and
+// returns `code` on a world of one; on a larger world it ends the process at once without
+// MPI_Finalize (the other ranks may wait in a collective that never completes, and finalizing
+// would wait for them), so that mpirun stops the whole job.
+int exit_after_failure(const std::string& program, const CommunicatorPtr& world,
+                       const std::exception& e, int code);
 
 } // namespace meshtrain

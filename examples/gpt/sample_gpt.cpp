@@ -253,10 +253,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {
-    std::cerr << "sample_gpt: rank " << runtime->rank() << ": error: " << meshtrain::message_of(e)
-              << "\n";
-    std::fflush(nullptr);
-    std::_Exit(kExitFailure);
+    return meshtrain::exit_after_failure("sample_gpt", world, e, kExitFailure);
   }
   return 0;
 }

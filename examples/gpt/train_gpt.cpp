@@ -573,7 +573,7 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
   std::optional<meshtrain::CheckpointManager> checkpoints;
   if (!f.checkpoint_dir.empty() || resume_from) {
     checkpoints.emplace(meshtrain::CheckpointOptions()
-                            .dir(f.checkpoint_dir.empty() ? "." : f.checkpoint_dir)
+                            .dir(f.checkpoint_dir)
                             .save_every(f.save_every)
                             .keep_last(f.keep_checkpoints)
                             .model_json(model_json(f))
@@ -666,15 +666,7 @@ int main(int argc, char** argv) {
   try {
     train(flags, *runtime, *mesh, data);
   } catch (const std::exception& e) {
-    std::cerr << "train_gpt: rank " << runtime->rank() << ": error: " << message_of(e) << "\n";
-    if (runtime->world_size() > 1) {
-      // A failure on one rank mid-training: the others may wait in a collective that will
-      // never complete, and MPI_Finalize would wait for them. Ending without finalizing makes
-      // mpirun stop the whole job instead.
-      std::fflush(nullptr);
-      std::_Exit(kExitFailure);
-    }
-    return kExitFailure;
+    return meshtrain::exit_after_failure("train_gpt", world, e, kExitFailure);
   }
   return 0;
 }

@@ -480,15 +480,7 @@ int main(int argc, char** argv) {
   try {
     train(flags, *runtime, *mesh, data, metrics.is_open() ? &metrics : nullptr);
   } catch (const std::exception& e) {
-    std::cerr << "train_mnist: rank " << runtime->rank() << ": error: " << message_of(e) << "\n";
-    if (runtime->world_size() > 1) {
-      // A failure on one rank mid-training: the others may wait in a collective that will
-      // never complete, and MPI_Finalize would wait for them. Ending without finalizing makes
-      // mpirun stop the whole job instead.
-      std::fflush(nullptr);
-      std::_Exit(kExitFailure);
-    }
-    return kExitFailure;
+    return meshtrain::exit_after_failure("train_mnist", world, e, kExitFailure);
   }
   return 0;
 }
