@@ -2,6 +2,7 @@
 // short cut, the across-rank agreement check and the counting log.
 #include "core/communicator.h"
 
+#include "core/comm_watchdog.h"
 #include "core/errors.h"
 
 #include <c10/util/irange.h>
@@ -100,10 +101,27 @@ void Communicator::check_peer(const char* call, const char* what, int peer) cons
            " is not a rank of this group (size ", size_, ")");
 }
 
-void Communicator::record(CollectiveKind kind, int64_t bytes) {
+WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
+                            const std::function<WorkPtr()>& run) {
   if (log_) {
     log_->record(kind, name_, bytes);
   }
+  const int64_t sequence = ++sequence_;
+  auto* watchdog = CommWatchdog::get();
+  if (watchdog == nullptr) {
+    return run();
+  }
+  // Registered before the backend runs it: a blocking backend call may be what hangs.
+  const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
+  WorkPtr work;
+  try {
+    work = run();
+  } catch (...) {
+    watchdog->attach(token, completed_work());
+    throw;
+  }
+  watchdog->attach(token, work);
+  return work;
 }
 
 void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype,
@@ -157,8 +175,8 @@ WorkPtr Communicator::all_reduce_async(const at::Tensor& tensor, ReduceOp op) {
   }
   check_agreement(CollectiveKind::kAllReduce, tensor.numel(), tensor.scalar_type(),
                   static_cast<int>(op));
-  record(CollectiveKind::kAllReduce, nbytes(tensor));
-  return do_all_reduce(tensor, op);
+  return issue(CollectiveKind::kAllReduce, nbytes(tensor),
+               [&] { return do_all_reduce(tensor, op); });
 }
 
 WorkPtr Communicator::reduce_scatter_async(const at::Tensor& input, const at::Tensor& output,
@@ -182,8 +200,8 @@ WorkPtr Communicator::reduce_scatter_async(const at::Tensor& input, const at::Te
   }
   check_agreement(CollectiveKind::kReduceScatter, input.numel(), input.scalar_type(),
                   static_cast<int>(op));
-  record(CollectiveKind::kReduceScatter, nbytes(input));
-  return do_reduce_scatter(input, output, op);
+  return issue(CollectiveKind::kReduceScatter, nbytes(input),
+               [&] { return do_reduce_scatter(input, output, op); });
 }
 
 WorkPtr Communicator::all_gather_async(const at::Tensor& input, const at::Tensor& output) {
@@ -202,8 +220,8 @@ WorkPtr Communicator::all_gather_async(const at::Tensor& input, const at::Tensor
     return completed_work();
   }
   check_agreement(CollectiveKind::kAllGather, input.numel(), input.scalar_type(), 0);
-  record(CollectiveKind::kAllGather, nbytes(output));
-  return do_all_gather(input, output);
+  return issue(CollectiveKind::kAllGather, nbytes(output),
+               [&] { return do_all_gather(input, output); });
 }
 
 WorkPtr Communicator::broadcast_async(const at::Tensor& tensor, int root) {
@@ -213,8 +231,8 @@ WorkPtr Communicator::broadcast_async(const at::Tensor& tensor, int root) {
     return completed_work();
   }
   check_agreement(CollectiveKind::kBroadcast, tensor.numel(), tensor.scalar_type(), root);
-  record(CollectiveKind::kBroadcast, nbytes(tensor));
-  return do_broadcast(tensor, root);
+  return issue(CollectiveKind::kBroadcast, nbytes(tensor),
+               [&] { return do_broadcast(tensor, root); });
 }
 
 WorkPtr Communicator::send_async(const at::Tensor& tensor, int dst, int tag) {
@@ -223,8 +241,7 @@ WorkPtr Communicator::send_async(const at::Tensor& tensor, int dst, int tag) {
   MT_CHECK(dst != rank_, "send on group '", name_, "': rank ", rank_, " cannot send to itself");
   // MPI rejects negative tags deep inside the transport; say so where the caller can act.
   MT_CHECK(tag >= 0, "send on group '", name_, "': tag ", tag, " must be >= 0");
-  record(CollectiveKind::kSend, nbytes(tensor));
-  return do_send(tensor, dst, tag);
+  return issue(CollectiveKind::kSend, nbytes(tensor), [&] { return do_send(tensor, dst, tag); });
 }
 
 WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
@@ -233,16 +250,14 @@ WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
   MT_CHECK(src != rank_, "recv on group '", name_, "': rank ", rank_,
            " cannot receive from itself");
   MT_CHECK(tag >= 0, "recv on group '", name_, "': tag ", tag, " must be >= 0");
-  record(CollectiveKind::kRecv, nbytes(tensor));
-  return do_recv(tensor, src, tag);
+  return issue(CollectiveKind::kRecv, nbytes(tensor), [&] { return do_recv(tensor, src, tag); });
 }
 
 WorkPtr Communicator::barrier_async() {
   if (size_ == 1) {
     return completed_work();
   }
-  record(CollectiveKind::kBarrier, 0);
-  return do_barrier();
+  return issue(CollectiveKind::kBarrier, 0, [&] { return do_barrier(); });
 }
 
 void Communicator::all_reduce(const at::Tensor& tensor, ReduceOp op) {

@@ -29,7 +29,9 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -120,13 +122,16 @@ private:
   // Agrees on a small descriptor (call, numel, dtype, op or root) across the group; throws on
   // every rank on a mismatch.
   void check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype, int64_t extra);
-  void record(CollectiveKind kind, int64_t bytes);
+  // Records the call (counting mode), numbers it and has the watchdog (core/comm_watchdog.h)
+  // watch `run`, which issues it on the backend.
+  WorkPtr issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run);
 
   std::string name_;
   int rank_;
   int size_;
   std::shared_ptr<CommLog> log_;
   bool check_across_ranks_ = false;
+  std::atomic<int64_t> sequence_{0}; // collectives issued, the watchdog's sequence numbers
 };
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;

@@ -2,9 +2,11 @@
 #include "core/runtime.h"
 
 #include "core/backend.h"
+#include "core/comm_watchdog.h"
 #include "core/errors.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <thread>
@@ -25,6 +27,19 @@ int env_int(const char* name, int fallback) {
   MT_CHECK(end != nullptr && *end == '\0' && parsed > 0 && parsed < 4096, name, "='", v,
            "' must be a positive integer");
   return static_cast<int>(parsed);
+}
+
+// MESHTRAIN_COMM_TIMEOUT in seconds (>= 0), else `fallback`.
+double env_seconds(const char* name, double fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') {
+    return fallback;
+  }
+  char* end = nullptr;
+  const double parsed = std::strtod(v, &end);
+  MT_CHECK(end != nullptr && *end == '\0' && std::isfinite(parsed) && parsed >= 0, name, "='", v,
+           "' must be a number of seconds >= 0 (0: no deadline)");
+  return parsed;
 }
 
 } // namespace
@@ -58,9 +73,26 @@ Runtime::Runtime(int* argc, char*** argv, RuntimeOptions options) {
   if (options.allow_cuda && gpus > 0) {
     device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank_ % gpus));
   }
+  set_comm_timeout(options.comm_timeout_s >= 0
+                       ? options.comm_timeout_s
+                       : env_seconds("MESHTRAIN_COMM_TIMEOUT", kDefaultCommTimeout));
+}
+
+void Runtime::set_comm_timeout(double seconds) {
+  MT_CHECK(std::isfinite(seconds) && seconds >= 0, "comm timeout (", seconds,
+           " s) must be >= 0 (0: no deadline)");
+  comm_timeout_s_ = seconds;
+  CommWatchdog::stop();
+  if (seconds > 0 && world_->size() > 1) {
+    CommWatchdogOptions watchdog;
+    watchdog.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+    watchdog.rank = world_->rank();
+    CommWatchdog::start(watchdog);
+  }
 }
 
 Runtime::~Runtime() {
+  CommWatchdog::stop();
   world_.reset(); // joins the world's worker before the transport goes away
   backend::finalize();
   g_runtime_alive = false;

@@ -5,6 +5,8 @@
 // Threads per rank: MESHTRAIN_THREADS if set (meshrun sets it), else the options value,
 // else cores on the node / ranks on the node (at least 1).
 // Device: cuda:(local_rank % n_gpus) when LibTorch sees CUDA devices, else cpu.
+// Collective watchdog: started here (RuntimeOptions::comm_timeout_s), stopped before the
+// backend finalizes.
 #pragma once
 
 #include "core/communicator.h"
@@ -16,7 +18,12 @@ namespace meshtrain {
 struct RuntimeOptions {
   int threads_per_rank = 0; // 0 = automatic (see above)
   bool allow_cuda = true;   // false forces the CPU even when GPUs are visible
+  // Deadline of every collective in seconds (core/comm_watchdog.h); negative: the
+  // MESHTRAIN_COMM_TIMEOUT environment variable if set, else kDefaultCommTimeout; 0: none.
+  double comm_timeout_s = -1;
 };
+
+constexpr double kDefaultCommTimeout = 300;
 
 class Runtime {
 public:
@@ -31,6 +38,10 @@ public:
   int local_size() const { return local_size_; }
   int threads() const { return threads_; }
   const torch::Device& device() const { return device_; }
+  double comm_timeout() const { return comm_timeout_s_; }
+  // (Re)starts the collective watchdog with this deadline in seconds (0: stops it). A world
+  // of one rank has no collectives to watch.
+  void set_comm_timeout(double seconds);
   const CommunicatorPtr& world() const { return world_; }
   // "mpi" or "single" (MESHTRAIN_WITH_MPI=OFF).
   static const char* backend_name();
@@ -40,6 +51,7 @@ private:
   int local_rank_ = 0;
   int local_size_ = 1;
   int threads_ = 1;
+  double comm_timeout_s_ = 0;
   torch::Device device_{torch::kCPU};
 };
 

@@ -99,7 +99,9 @@ void write_token_file(const std::string& path, const std::vector<uint16_t>& toke
   std::string bytes(kTokenHeaderBytes + tokens.size() * 2, '\0');
   int32_t header[256] = {kTokenFileMagic, kTokenFileVersion, static_cast<int32_t>(tokens.size())};
   std::memcpy(bytes.data(), header, sizeof(header));
-  std::memcpy(bytes.data() + kTokenHeaderBytes, tokens.data(), tokens.size() * 2);
+  if (!tokens.empty()) { // an empty vector's data() may be null, and memcpy's source may not
+    std::memcpy(bytes.data() + kTokenHeaderBytes, tokens.data(), tokens.size() * 2);
+  }
   write_file_atomic(path, bytes);
 }
 

@@ -4,6 +4,7 @@
 
 #include "core/errors.h"
 #include "core/file_io.h"
+#include "launch/fault_injection.h"
 #include "parallel/shard_tensor.h"
 
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -91,16 +93,11 @@ template <typename Fn> std::string error_of(Fn&& fn) {
   return "";
 }
 
-// MESHTRAIN_FAULT=kill-in-save:<step>: rank 0 kills itself (SIGKILL) in the save of that
-// step, after every shard is written and before the checkpoint is completed — the crash the
-// atomic rename exists for (tests/checkpoint_kill.sh).
+// MESHTRAIN_FAULT=kill-in-save:<step>[:<rank>] (launch/fault_injection.h): the rank kills
+// itself (SIGKILL) in the save of that step, after every shard is written and before the
+// checkpoint is completed — the crash the atomic rename exists for.
 void maybe_kill_in_save(int64_t step, int rank) {
-  const char* fault = std::getenv("MESHTRAIN_FAULT");
-  if (fault != nullptr && rank == 0 &&
-      std::string(fault) == "kill-in-save:" + std::to_string(step)) {
-    std::fprintf(stderr, "MESHTRAIN_FAULT: rank 0 kills itself in the save of step %lld\n",
-                 static_cast<long long>(step));
-    std::fflush(nullptr);
+  if (fault_due(FaultKind::kKillInSave, step, rank)) {
     std::raise(SIGKILL);
   }
 }
@@ -155,20 +152,117 @@ SafetensorsFile read_checked(const CheckpointInfo& info, const json& files,
   return parse_safetensors(bytes, path);
 }
 
-json read_meta(const std::string& step_dir) {
-  const std::string path = (fs::path(step_dir) / kMeta).string();
-  MT_CHECK(fs::is_regular_file(path), step_dir, ": not a checkpoint (no ", kMeta, ")");
+std::string meta_path(const std::string& step_dir) {
+  return (fs::path(step_dir) / kMeta).string();
+}
+
+// meta.json nests 4 levels (the root, "params", a parameter, its "shape"); anything much
+// deeper is refused while parsing: printing or comparing a value recurses once per level, and
+// a file of a million '[' would overflow the stack.
+constexpr int kMaxJsonDepth = 64;
+
+// Largest layout and sizes a meta.json may state: far above any real job, low enough that
+// nothing sized by them (a vector per TP rank, a product of dims) can overflow or exhaust
+// memory before the files themselves are read and checked.
+constexpr int64_t kMaxRanks = 1 << 16;
+constexpr int64_t kMaxCount = int64_t{1} << 50;
+
+// A meta.json text, parsed and checked to be a checkpoint this build reads; `path` names it in
+// errors. Every failure is a c10::Error: no JSON library exception gets out.
+json parse_meta(const std::string& text, const std::string& path) {
   json meta;
+  const json::parser_callback_t limit_depth = [&](int depth, json::parse_event_t event, json&) {
+    if (event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) {
+      MT_CHECK(depth < kMaxJsonDepth, path, ": JSON nested more than ", kMaxJsonDepth,
+               " levels deep (meta.json needs 4)");
+    }
+    return true;
+  };
   try {
-    meta = json::parse(read_file(path));
+    meta = json::parse(text, limit_depth);
   } catch (const json::exception& e) {
     MT_CHECK(false, path, ": not valid JSON (", e.what(), ")");
   }
-  MT_CHECK(meta.is_object() && meta.value("format", "") == kFormat, path,
+  // find(), not value(): value() throws a JSON type_error when the field has another type.
+  const auto format = meta.is_object() ? meta.find("format") : meta.end();
+  MT_CHECK(format != meta.end() && format->is_string() && *format == kFormat, path,
            ": not a meshtrain checkpoint (\"format\" must be \"", kFormat, "\")");
-  MT_CHECK(meta.value("version", 0) == kVersion, path, ": version ", meta.value("version", 0),
+  const auto version = meta.find("version");
+  MT_CHECK(version != meta.end() && version->is_number_integer() && *version == kVersion, path,
+           ": version ", version == meta.end() ? "(none)" : version->dump(),
            " is not supported (this build reads version ", kVersion, ")");
   return meta;
+}
+
+// Member `key` of `obj`, which must be an object holding it; `where` names `obj` in errors
+// ("<path>: layout").
+const json& member(const json& obj, const char* key, const std::string& where) {
+  MT_CHECK(obj.is_object(), where, " must be a JSON object, not ", obj.type_name());
+  const auto it = obj.find(key);
+  MT_CHECK(it != obj.end(), where, " has no \"", key, "\" (missing field)");
+  return *it;
+}
+
+// An integer in [lo, hi]. get<int>() would round a fraction, wrap a large integer, and is
+// undefined behaviour for 1e300; those are refused here, naming the value.
+int64_t integer(const json& value, const std::string& what, int64_t lo, int64_t hi) {
+  const bool in_int64 =
+      value.is_number_integer() &&
+      !(value.is_number_unsigned() && value.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX));
+  const int64_t v = in_int64 ? value.get<int64_t>() : 0;
+  MT_CHECK(in_int64 && v >= lo && v <= hi, what, " is ", value.dump(),
+           "; it must be an integer in [", lo, ", ", hi, "]");
+  return v;
+}
+
+int64_t integer_member(const json& obj, const char* key, const std::string& where, int64_t lo,
+                       int64_t hi) {
+  return integer(member(obj, key, where), where + "." + key, lo, hi);
+}
+
+// One entry of meta.json's "params", checked against itself and the TP size: what resharding,
+// export and the compatibility check index with (dim into shape, global_size / (blocks x tp)).
+std::pair<std::pair<std::string, ShardSpec>, std::vector<int64_t>>
+parse_param(const json& p, const std::string& where, int64_t tp) {
+  const json& name = member(p, "name", where);
+  MT_CHECK(name.is_string(), where, ".name is ", name.dump(), "; it must be a string");
+  const std::string at = where + " ('" + name.get<std::string>() + "')";
+  const json& shape_json = member(p, "shape", at);
+  MT_CHECK(shape_json.is_array(), at, ".shape must be an array of sizes, not ",
+           shape_json.type_name());
+  std::vector<int64_t> shape;
+  int64_t elements = 1; // of the shape with 0s read as 1s: what torch's strides multiply
+  for (size_t d = 0; d < shape_json.size(); ++d) {
+    const std::string what = at + ".shape[" + std::to_string(d) + "]";
+    shape.push_back(integer(shape_json[d], what, 0, kMaxCount));
+    const int64_t factor = std::max<int64_t>(shape.back(), 1);
+    MT_CHECK(elements <= kMaxCount / factor, at, ".shape ", c10::IntArrayRef(shape),
+             " has more than ", kMaxCount, " elements");
+    elements *= factor;
+  }
+  ShardSpec spec;
+  spec.dim =
+      static_cast<int>(integer_member(p, "dim", at, -1, static_cast<int64_t>(shape.size()) - 1));
+  spec.blocks = integer_member(p, "blocks", at, 1, kMaxCount);
+  spec.global_size = integer_member(p, "global_size", at, 0, kMaxCount);
+  spec.unpadded_size = integer_member(p, "unpadded_size", at, 0, kMaxCount);
+  if (spec.is_partitioned()) {
+    MT_CHECK(spec.global_size == shape[spec.dim], at, ": global_size ", spec.global_size,
+             " differs from shape[", spec.dim, "] = ", shape[spec.dim]);
+    MT_CHECK(spec.global_size % (spec.blocks * tp) == 0, at, ": global_size ", spec.global_size,
+             " is not divisible by blocks (", spec.blocks, ") x tp (", tp, ")");
+    MT_CHECK(spec.unpadded_size <= spec.global_size &&
+                 (spec.unpadded_size == spec.global_size || spec.blocks == 1),
+             at, ": unpadded_size ", spec.unpadded_size, " must be at most global_size ",
+             spec.global_size, ", and equal to it when blocks (", spec.blocks, ") > 1");
+  }
+  return {{name.get<std::string>(), spec}, std::move(shape)};
+}
+
+json read_meta(const std::string& step_dir) {
+  const std::string path = meta_path(step_dir);
+  MT_CHECK(fs::is_regular_file(path), step_dir, ": not a checkpoint (no ", kMeta, ")");
+  return parse_meta(read_file(path), path);
 }
 
 // The ZeRO state names of a "<param>.<state>" key: the part after the last dot.
@@ -321,36 +415,43 @@ resharded_state(const CheckpointInfo& info, const json& meta,
 
 } // namespace
 
-CheckpointInfo read_checkpoint_info(const std::string& step_dir) {
-  const json meta = read_meta(step_dir);
-  const std::string path = (fs::path(step_dir) / kMeta).string();
+CheckpointInfo parse_checkpoint_info(const std::string& json_text, const std::string& step_dir) {
+  const std::string path = meta_path(step_dir);
+  const json meta = parse_meta(json_text, path);
   CheckpointInfo info;
   info.path = step_dir;
-  try {
-    info.step = meta.at("step").get<int64_t>();
-    const auto& layout = meta.at("layout");
-    info.dp = layout.at("dp").get<int>();
-    info.tp = layout.at("tp").get<int>();
-    info.zero_stage = layout.at("zero").get<int>();
-    info.global_batch = meta.at("data").at("global_batch").get<int64_t>();
-    info.seq_len = meta.at("data").at("seq_len").get<int64_t>();
-    info.model_json = meta.at("model").dump();
-    for (const auto& p : meta.at("params")) {
-      ShardSpec spec;
-      spec.dim = p.at("dim").get<int>();
-      spec.blocks = p.at("blocks").get<int64_t>();
-      spec.global_size = p.at("global_size").get<int64_t>();
-      spec.unpadded_size = p.at("unpadded_size").get<int64_t>();
-      info.params.emplace_back(p.at("name").get<std::string>(), spec);
-      info.global_shapes.push_back(p.at("shape").get<std::vector<int64_t>>());
-    }
-  } catch (const json::exception& e) {
-    MT_CHECK(false, path, ": missing or malformed field (", e.what(), ")");
+  info.step = integer(member(meta, "step", path + ":"), path + ": step", 0, kMaxCount);
+  const std::string layout_at = path + ": layout";
+  const json& layout = member(meta, "layout", path + ":");
+  info.dp = static_cast<int>(integer_member(layout, "dp", layout_at, 1, kMaxRanks));
+  info.tp = static_cast<int>(integer_member(layout, "tp", layout_at, 1, kMaxRanks));
+  info.zero_stage = static_cast<int>(integer_member(layout, "zero", layout_at, 0, 3));
+  const std::string data_at = path + ": data";
+  const json& data = member(meta, "data", path + ":");
+  info.global_batch = integer_member(data, "global_batch", data_at, 1, kMaxCount);
+  info.seq_len = integer_member(data, "seq_len", data_at, 1, kMaxCount);
+  // The data position (DESIGN §3) is step x global_batch samples of seq_len tokens.
+  MT_CHECK(info.step <= kMaxCount / info.global_batch / info.seq_len, path, ": step ", info.step,
+           " x global_batch ", info.global_batch, " x seq_len ", info.seq_len, " tokens exceeds ",
+           kMaxCount);
+  const json& model = member(meta, "model", path + ":");
+  MT_CHECK(model.is_object(), path, ": model must be a JSON object, not ", model.type_name());
+  info.model_json = model.dump();
+  const json& params = member(meta, "params", path + ":");
+  MT_CHECK(params.is_array(), path, ": params must be a JSON array, not ", params.type_name());
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto [param, shape] =
+        parse_param(params[i], path + ": params[" + std::to_string(i) + "]", info.tp);
+    info.params.push_back(std::move(param));
+    info.global_shapes.push_back(std::move(shape));
   }
-  MT_CHECK(info.step >= 0 && info.dp >= 1 && info.tp >= 1 && info.zero_stage >= 0, path,
-           ": bad step or layout (step ", info.step, ", dp ", info.dp, ", tp ", info.tp, ", zero ",
-           info.zero_stage, ")");
   return info;
+}
+
+CheckpointInfo read_checkpoint_info(const std::string& step_dir) {
+  const std::string path = meta_path(step_dir);
+  MT_CHECK(fs::is_regular_file(path), step_dir, ": not a checkpoint (no ", kMeta, ")");
+  return parse_checkpoint_info(read_file(path), step_dir);
 }
 
 std::optional<std::string> latest_checkpoint(const std::string& root) {

@@ -1,6 +1,6 @@
-// defines: CheckpointInfo, read_checkpoint_info, latest_checkpoint, resolve_checkpoint,
-// load_consolidated_weights, load_full_weights, CheckpointOptions, CheckpointManager —
-// distributed checkpoints (DESIGN §5; the format is docs/checkpoints.md):
+// defines: CheckpointInfo, read_checkpoint_info, parse_checkpoint_info, latest_checkpoint,
+// resolve_checkpoint, load_consolidated_weights, load_full_weights, CheckpointOptions,
+// CheckpointManager — distributed checkpoints (DESIGN §5; the format is docs/checkpoints.md):
 //
 //   <dir>/step_00000100/
 //     meta.json                  layout, step, data position, model config, every parameter's
@@ -53,6 +53,10 @@ struct CheckpointInfo {
 
 // Reads and checks <step_dir>/meta.json; throws naming the file and the bad field.
 CheckpointInfo read_checkpoint_info(const std::string& step_dir);
+// The same checks on a meta.json text already in memory (what read_checkpoint_info reads from
+// <step_dir>/meta.json); `step_dir` is the result's path and names the file in errors. Any
+// input either parses or throws c10::Error (tests/fuzz/fuzz_checkpoint_meta.cpp).
+CheckpointInfo parse_checkpoint_info(const std::string& json_text, const std::string& step_dir);
 
 // The complete checkpoint (a step_<N> directory holding meta.json) with the largest N under
 // `root`; nullopt when there is none (or no `root`). Partial saves are never returned.

@@ -3,6 +3,7 @@
 
 #include "core/errors.h"
 #include "core/file_io.h"
+#include "launch/fault_injection.h"
 #include "memory/alloc_tracker.h"
 
 #include <nlohmann/json.hpp>
@@ -132,8 +133,18 @@ const char* to_string(StopReason reason) {
     return "time budget";
   case StopReason::kSignal:
     return "signal";
+  case StopReason::kNonFinite:
+    return "non-finite gradient norm";
   }
   return "?";
+}
+
+NanPolicy parse_nan_policy(const std::string& text) {
+  if (text == "skip") {
+    return NanPolicy::kSkip;
+  }
+  MT_CHECK(text == "stop", "nan policy '", text, "': must be stop or skip");
+  return NanPolicy::kStop;
 }
 
 Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, LossFunction loss_fn, const Mesh& mesh,
@@ -227,6 +238,8 @@ StepStats Trainer::train_step() {
   const auto start = Clock::now();
   const auto& o = options_;
   const int64_t s = step_;
+  inject_step_start_faults(s + 1, mesh_.rank()); // test-only (launch/fault_injection.h)
+  const bool inject_nan = fault_due(FaultKind::kNan, s + 1, mesh_.rank());
   model_->train();
   if (loader_->next_step() != s) {
     loader_->seek(s);
@@ -249,7 +262,10 @@ StepStats Trainer::train_step() {
     if (m + 1 < m_count) {
       guard.emplace(reducer_->no_sync()); // accumulate locally; the last micro-step reduces
     }
-    const auto share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
+    auto share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
+    if (inject_nan) {
+      share = share * std::numeric_limits<double>::quiet_NaN();
+    }
     if (scaler_) {
       (share * scaler_->scale()).backward();
     } else {
@@ -264,10 +280,15 @@ StepStats Trainer::train_step() {
   const bool skipped = scaler_ && scaler_->unscale_and_check(grads);
   const double lr = schedule_.lr(s);
   double norm = std::numeric_limits<double>::quiet_NaN();
+  bool non_finite = false;
   if (!skipped) {
     norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
-    optimizer_->set_lr(lr);
-    optimizer_->step(grads);
+    // The norm spans every rank's gradients, so this verdict is the same everywhere.
+    non_finite = !std::isfinite(norm);
+    if (!non_finite) {
+      optimizer_->set_lr(lr);
+      optimizer_->step(grads);
+    }
   }
   // The shares of all micro-steps and DP ranks add up to the global-batch mean.
   mesh_.group("dp")->all_reduce(loss, ReduceOp::kSum);
@@ -283,9 +304,11 @@ StepStats Trainer::train_step() {
   stats.tokens_per_s = static_cast<double>(global_tokens) / std::max(seconds, 1e-9);
   stats.mem_peak_bytes = peak_rss_bytes();
   stats.loss_scale = scale;
-  stats.skipped = skipped;
+  stats.skipped = skipped || non_finite;
+  stats.non_finite = non_finite;
   if (tracker != nullptr) {
     stats.activation_peak_bytes = activation_peak;
+    stats.state_bytes = bytes_before;
     stats.tensor_peak_bytes = tracker->peak_bytes();
   }
   return stats;
@@ -357,6 +380,14 @@ FitResult Trainer::fit() {
     const auto stats = train_step();
     train_seconds += stats.step_ms / 1e3;
     result.history.push_back(stats);
+    if (stats.non_finite && o.nan_policy() == NanPolicy::kStop) {
+      // The update was not applied; the step is undone so a checkpoint or a resume starts
+      // from the last good one.
+      --step_;
+      result.reason = StopReason::kNonFinite;
+      report_step(stats, 0, true);
+      break;
+    }
     const int64_t done = step_ - first;
     const double remaining_s =
         train_seconds / static_cast<double>(done) * static_cast<double>(o.steps() - step_);
@@ -375,11 +406,13 @@ FitResult Trainer::fit() {
     }
   }
   // On a signal the job may have seconds left (SLURM, then SIGKILL): leave at once.
-  if (val_loader_ != nullptr && !validated_last && result.reason != StopReason::kSignal) {
+  const bool failed = result.reason == StopReason::kNonFinite;
+  if (val_loader_ != nullptr && !validated_last && result.reason != StopReason::kSignal &&
+      !failed) {
     run_validation();
   }
   end_progress_line();
-  if (hook_) {
+  if (hook_ && !failed) {
     hook_(*this,
           result.reason == StopReason::kSignal ? CheckpointEvent::kSignal : CheckpointEvent::kEnd);
   }
@@ -415,10 +448,16 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
     };
     if (scaler_) {
       line["loss_scale"] = stats.loss_scale;
+    }
+    if (scaler_ || stats.skipped) {
       line["skipped"] = stats.skipped;
+    }
+    if (stats.non_finite) {
+      line["non_finite"] = true;
     }
     if (stats.tensor_peak_bytes > 0) {
       line["mem_tensor_peak_bytes"] = stats.tensor_peak_bytes;
+      line["mem_state_bytes"] = stats.state_bytes;
       line["mem_activation_peak_bytes"] = stats.activation_peak_bytes;
     }
     write_metrics(line.dump());

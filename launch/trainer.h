@@ -59,6 +59,10 @@ namespace meshtrain {
 // a file, so there kLines (a launcher that knows better exports MESHTRAIN_PROGRESS=redraw).
 enum class ProgressStyle { kAuto, kRedraw, kLines, kOff };
 
+enum class NanPolicy { kStop, kSkip };
+// "stop" or "skip"; throws naming the value otherwise.
+NanPolicy parse_nan_policy(const std::string& text);
+
 struct TrainerOptions {
   // Optimizer steps of the run; also where the cosine reaches min_lr.
   TORCH_ARG(int64_t, steps) = 1000;
@@ -85,6 +89,11 @@ struct TrainerOptions {
   // before backward, a step with an inf/NaN gradient on any rank is skipped by all ranks.
   TORCH_ARG(bool, loss_scaling) = false;
   TORCH_ARG(GradScalerOptions, scaler);
+  // A step whose global gradient norm is inf or NaN (without loss scaling): kStop ends fit()
+  // before the update (StopReason::kNonFinite; parameters and optimizer state are the last
+  // good step's), kSkip drops the update and goes on. The norm is global, so every rank
+  // decides the same.
+  TORCH_ARG(NanPolicy, nan_policy) = NanPolicy::kStop;
 
   // Validation every val_every steps (0: only at the end of fit), over val_batches global
   // batches of the validation file. val_batches 0 (or no validation file): no validation.
@@ -122,17 +131,22 @@ struct StepStats {
   double tokens_per_s = 0;    // B*T / step time
   int64_t mem_peak_bytes = 0; // peak resident memory of this process so far
   // With memory/alloc_tracker.h's allocator installed (else 0): peak bytes of live CPU
-  // tensors during the step, and how far forward + backward rose above the step's start
-  // (activations, activation gradients, temporaries).
+  // tensors during the step; the bytes live at its start, before forward (parameters,
+  // gradient buffers, optimizer state, the step's batches); and how far forward + backward
+  // rose above that (activations, activation gradients, temporaries). The memory planner's
+  // state and activation_peak (memory/planner.h) estimate the last two.
   int64_t tensor_peak_bytes = 0;
+  int64_t state_bytes = 0;
   int64_t activation_peak_bytes = 0;
   // With loss scaling: the scale this step used, and whether its update was skipped (an inf
   // or NaN gradient on some rank; parameters and optimizer state unchanged).
   double loss_scale = 0;
   bool skipped = false;
+  bool non_finite = false; // the gradient norm was inf or NaN (the update was not applied)
 };
 
-enum class StopReason { kCompleted, kTimeBudget, kSignal };
+// kNonFinite: a non-finite gradient norm under NanPolicy::kStop.
+enum class StopReason { kCompleted, kTimeBudget, kSignal, kNonFinite };
 const char* to_string(StopReason reason);
 
 // When the checkpoint hook is called: after every optimizer step (the hook decides whether

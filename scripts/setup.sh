@@ -15,6 +15,8 @@ packages=(
   fortunes dataset-fashion-mnist
   # the PyTorch side of the comparisons and export check; charts
   python3-torch python3-matplotlib
+  # fuzzing (scripts/fuzz.sh): clang and its libFuzzer, ASan and UBSan runtimes
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -1,14 +1,20 @@
-// Tests of the file formats: safetensors (round trip, every rejection path) and llm.c token
-// files (round trip, bad magic/version, truncation, out-of-vocab tokens).
+// Tests of the file formats: safetensors (round trip, every rejection path), llm.c token
+// files (round trip, bad magic/version, truncation, out-of-vocab tokens) and checkpoint
+// meta.json parsing. The "found by fuzzing" cases are regressions of tests/fuzz findings
+// (docs/reliability.md).
 #include <catch2/catch.hpp>
 
 #include "core/file_io.h"
 #include "core/safetensors.h"
 #include "core/token_file.h"
+#include "launch/checkpoint.h"
+
+#include <nlohmann/json.hpp>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 
 using namespace meshtrain;
 
@@ -136,4 +142,119 @@ TEST_CASE("token file: bad magic, version, truncation and vocabulary are errors"
   CHECK_THROWS_WITH(TokenFile(path), Catch::Contains("shorter than the 1024-byte"));
   std::remove(path.c_str());
   CHECK_THROWS_WITH(TokenFile(path), Catch::Contains("cannot open token file"));
+}
+
+TEST_CASE("safetensors: deep nesting and absurd zero-size shapes are refused (found by fuzzing)",
+          "[formats]") {
+  // 40 MB of '[' used to take 40 s and 2.7 GB to parse; now the parser stops at level 64.
+  const std::string deep(1000, '[');
+  CHECK_THROWS_WITH(parse_safetensors(image(R"({"__metadata__":)" + deep, 0), "f"),
+                    Catch::Contains("nested more than 64 levels"));
+  // numel is 0, but torch's strides would be 2^117: an int64 overflow.
+  CHECK_THROWS_WITH(
+      parse_safetensors(
+          image(R"({"x":{"dtype":"F32","shape":[0,549755813887,549755813887,549755813887],)"
+                R"("data_offsets":[0,0]}})",
+                0),
+          "f"),
+      Catch::Contains("absurd shape") && Catch::Contains("dim 2 = 549755813887"));
+  // A real zero-size tensor still loads.
+  const auto ok = parse_safetensors(
+      image(R"({"x":{"dtype":"F32","shape":[0,1024,1024],"data_offsets":[0,0]}})", 0), "f");
+  CHECK(ok.at("x").sizes() == c10::IntArrayRef({0, 1024, 1024}));
+}
+
+TEST_CASE("token file: an empty file round-trips (UBSan: memcpy from null, found by fuzzing)",
+          "[formats]") {
+  const auto path = temp_path("empty_tokens.bin");
+  write_token_file(path, {});
+  CHECK(TokenFile(path).size() == 0);
+  CHECK(TokenFile(path).max_token() == 0);
+  std::remove(path.c_str());
+}
+
+namespace {
+
+// A valid meta.json (tp 2) with `edit` applied: the JSON text parse_checkpoint_info reads.
+std::string meta_text(const std::function<void(nlohmann::json&)>& edit = {}) {
+  auto param = [](const std::string& name, std::vector<int64_t> shape, int dim, int64_t blocks,
+                  int64_t global_size) {
+    return nlohmann::json{{"name", name},
+                          {"shape", shape},
+                          {"dtype", "Float"},
+                          {"dim", dim},
+                          {"blocks", blocks},
+                          {"global_size", global_size},
+                          {"unpadded_size", global_size}};
+  };
+  nlohmann::json meta = {{"format", "meshtrain-checkpoint"},
+                         {"version", 1},
+                         {"step", 3},
+                         {"layout", {{"dp", 1}, {"tp", 2}, {"zero", 1}, {"world", 2}}},
+                         {"data", {{"global_batch", 8}, {"seq_len", 16}}},
+                         {"model", {{"n_layer", 1}, {"n_embd", 8}}},
+                         {"params",
+                          {param("transformer.wte.weight", {256, 8}, 0, 1, 256),
+                           param("transformer.h.0.attn.c_attn.weight", {24, 8}, 0, 3, 24),
+                           param("transformer.ln_f.weight", {8}, -1, 1, 0)}},
+                         {"files", nlohmann::json::object()}};
+  if (edit) {
+    edit(meta);
+  }
+  return meta.dump(1);
+}
+
+} // namespace
+
+TEST_CASE("checkpoint meta.json: parsed from text, every field checked (found by fuzzing)",
+          "[formats]") {
+  const auto info = parse_checkpoint_info(meta_text(), "ckpt/step_00000003");
+  CHECK(info.path == "ckpt/step_00000003");
+  CHECK(info.step == 3);
+  CHECK(info.tp == 2);
+  CHECK(info.zero_stage == 1);
+  REQUIRE(info.params.size() == 3);
+  CHECK(info.params[1].second.blocks == 3);
+  CHECK((info.global_shapes[0] == std::vector<int64_t>{256, 8}));
+
+  const auto refused = [](const std::function<void(nlohmann::json&)>& edit) {
+    return parse_checkpoint_info(meta_text(edit), "ckpt/step_00000003");
+  };
+  using nlohmann::json;
+  // These used to escape as nlohmann::json type errors (not c10::Error) ...
+  CHECK_THROWS_WITH(refused([](json& m) { m["format"] = 1; }),
+                    Catch::Contains("not a meshtrain checkpoint"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["version"] = "1"; }),
+                    Catch::Contains("version \"1\" is not supported"));
+  // ... or were undefined behaviour (a double far outside int) or wrapped silently.
+  CHECK_THROWS_WITH(refused([](json& m) { m["layout"]["dp"] = 1e300; }),
+                    Catch::Contains("layout.dp is 1e+300; it must be an integer in [1, 65536]"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["layout"]["tp"] = 2147483648ULL; }),
+                    Catch::Contains("layout.tp is 2147483648"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["step"] = 1.5; }),
+                    Catch::Contains("step is 1.5; it must be an integer"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["data"].erase("seq_len"); }),
+                    Catch::Contains("data has no \"seq_len\""));
+  CHECK_THROWS_WITH(refused([](json& m) { m["params"] = 7; }),
+                    Catch::Contains("params must be a JSON array, not number"));
+  // A dim outside the shape used to index past the end of it (resharding, export).
+  CHECK_THROWS_WITH(refused([](json& m) { m["params"][2]["dim"] = 1; }),
+                    Catch::Contains("('transformer.ln_f.weight').dim is 1") &&
+                        Catch::Contains("[-1, 0]"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["params"][0]["global_size"] = 255; }),
+                    Catch::Contains("global_size 255 differs from shape[0] = 256"));
+  CHECK_THROWS_WITH(refused([](json& m) { m["params"][1]["blocks"] = 5; }),
+                    Catch::Contains("not divisible by blocks (5) x tp (2)"));
+  CHECK_THROWS_WITH(refused([](json& m) {
+                      m["params"][0]["shape"] = {-1, 8};
+                    }),
+                    Catch::Contains("shape[0] is -1"));
+  // A deeply nested "model" overflowed the stack when printed.
+  const std::string deep =
+      "{\"format\":\"meshtrain-checkpoint\",\"version\":1,\"model\":" + std::string(100000, '[') +
+      std::string(100000, ']') + "}";
+  CHECK_THROWS_WITH(parse_checkpoint_info(deep, "ckpt/step_00000003"),
+                    Catch::Contains("nested more than 64 levels"));
+  CHECK_THROWS_WITH(parse_checkpoint_info("{\"format\":", "ckpt/step_00000003"),
+                    Catch::Contains("ckpt/step_00000003/meta.json: not valid JSON"));
 }

@@ -36,7 +36,7 @@ kill-during-save)
   set -e
   cat "$work/killed.log"
   [ "$code" -ne 0 ] || fail "the killed job exited with 0"
-  grep -q "rank 0 kills itself in the save of step 4" "$work/killed.log" || fail "no fault fired"
+  grep -q "MESHTRAIN_FAULT: kill-in-save at step 4 on rank 0" "$work/killed.log" || fail "no fault fired"
   [ -f "$work/ckpt/step_00000002/meta.json" ] || fail "step 2 is not complete"
   [ ! -e "$work/ckpt/step_00000004" ] || fail "the interrupted step 4 looks complete"
   ls -a "$work/ckpt"

@@ -14,6 +14,7 @@
 #include "examples/gpt/gpt_model.h"
 #include "launch/checkpoint.h"
 #include "launch/job_exit.h"
+#include "launch/startup_check.h"
 #include "launch/trainer.h"
 #include "memory/alloc_tracker.h"
 #include "parallel/rng_tracker.h"
@@ -98,6 +99,8 @@ struct Flags {
   std::string init;   // a safetensors file of full weights (meshtrain-export's)
   int threads = 0;    // 0: the runtime's choice
   meshtrain::ProgressStyle progress = meshtrain::ProgressStyle::kAuto;
+  double comm_timeout = 0; // seconds; 0: no collective deadline
+  meshtrain::NanPolicy nan_policy = meshtrain::NanPolicy::kStop;
 };
 
 // meshrun exports its --tp to the ranks; programs take it as their default.
@@ -159,6 +162,10 @@ cxxopts::Options make_options() {
                  "every --log-every steps) or off; auto: MESHTRAIN_PROGRESS, else redraw on a "
                  "terminal, lines under mpirun", text("auto"))
     ("log-every", "progress line every N steps in the lines style", text("50"))
+    ("comm-timeout", "seconds a collective may wait before the watchdog reports it and ends "
+                     "the job; 0: no deadline", text("300"))
+    ("nan-policy", "a step with an inf/NaN gradient norm: stop (before its update, exit 1) or "
+                   "skip (drop its update, go on)", text("stop"))
     ("max-time", "stop before a step that would end past this many seconds; 0: no limit",
      text("600"))
     ("h,help", "print this help");
@@ -313,6 +320,12 @@ Flags parse_flags(int argc, char** argv, int world_size) {
   f.val_batches = parse_int("val-batches", str("val-batches"), 0, kBig);
   f.log_every = parse_int("log-every", str("log-every"), 0, kBig);
   f.max_time = parse_double("max-time", str("max-time"), 0.0, 1e9);
+  f.comm_timeout = parse_double("comm-timeout", str("comm-timeout"), 0.0, 1e7);
+  try {
+    f.nan_policy = meshtrain::parse_nan_policy(str("nan-policy"));
+  } catch (const c10::Error&) {
+    throw UsageError("--nan-policy " + str("nan-policy") + ": must be stop or skip");
+  }
   f.checkpoint_dir = str("checkpoint-dir");
   f.save_every = parse_int("save-every", str("save-every"), 0, kBig);
   f.keep_checkpoints = parse_int("keep-checkpoints", str("keep-checkpoints"), 0, kBig);
@@ -487,12 +500,60 @@ meshtrain::TrainerOptions trainer_options(const Flags& f) {
       .metrics_path(f.metrics)
       .prometheus_path(f.prometheus)
       .max_time(f.max_time)
+      .nan_policy(f.nan_policy)
       .handle_signals(true);
 }
 
-// The job proper: the same steps and collectives on every rank; rank 0 reports.
-void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Mesh& mesh,
-           const Data& data) {
+// What every rank must agree on before training (launch/startup_check.h): the library
+// versions and every flag that shapes the collectives or the model. Not the rank-0-only
+// reporting flags (progress, metrics files) or the threads.
+std::vector<meshtrain::SetupField> config_fields(const Flags& f) {
+  const nlohmann::json config = {
+      {"data", f.data},
+      {"val-data", f.val_data},
+      {"shuffle", f.shuffle},
+      {"block-size", f.block_size},
+      {"n-layer", f.n_layer},
+      {"n-head", f.n_head},
+      {"n-embd", f.n_embd},
+      {"vocab-size", f.vocab_size},
+      {"dropout", f.dropout},
+      {"steps", f.steps},
+      {"batch-size", f.batch_size},
+      {"micro-batch-size", f.micro_batch_size},
+      {"lr", f.lr},
+      {"min-lr", f.min_lr},
+      {"warmup", f.warmup},
+      {"weight-decay", f.weight_decay},
+      {"grad-clip", f.grad_clip},
+      {"seed", f.seed},
+      {"tp", f.tp},
+      {"zero", f.zero},
+      {"sequence-parallel", f.sequence_parallel},
+      {"recompute", meshtrain::to_string(f.recompute)},
+      {"precision", f.bf16 ? "bf16" : "fp32"},
+      {"val-every", f.val_every},
+      {"val-batches", f.val_batches},
+      {"max-time", f.max_time},
+      {"checkpoint-dir", f.checkpoint_dir},
+      {"save-every", f.save_every},
+      {"keep-checkpoints", f.keep_checkpoints},
+      {"save-at-start", f.save_at_start},
+      {"resume", f.resume},
+      {"init", f.init},
+      {"comm-timeout", f.comm_timeout},
+      {"nan-policy", f.nan_policy == meshtrain::NanPolicy::kStop ? "stop" : "skip"}};
+  auto fields = meshtrain::library_version_fields();
+  for (const auto& [name, value] : config.items()) {
+    fields.emplace_back("--" + name, value.dump());
+  }
+  return fields;
+}
+
+// The job proper: the same steps and collectives on every rank; rank 0 reports. Returns the
+// exit code.
+int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Mesh& mesh,
+          const Data& data) {
   const bool rank0 = runtime.rank() == 0;
   const int dp = mesh.group("dp")->size();
   const int dp_rank = mesh.group("dp")->rank();
@@ -535,6 +596,9 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
     // keeps fp32 master copies of these; the reducer sums gradients in fp32.
     model->to(torch::kBFloat16);
   }
+  // Same flags but another build, or a model code change on some node: stop here.
+  meshtrain::check_ranks_agree(mesh.group("world"), meshtrain::parameter_fields(*model),
+                               "model's parameter shapes and dtypes");
   auto loss_fn = [model](const meshtrain::MicroBatch& mb) mutable {
     return model->forward(mb.inputs, mb.targets).loss_sum;
   };
@@ -588,7 +652,18 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
     }
     trainer.set_checkpoint_hook(checkpoints->hook());
   }
-  trainer.fit();
+  const auto result = trainer.fit();
+  if (result.reason == meshtrain::StopReason::kNonFinite) {
+    if (rank0) {
+      std::fprintf(stderr,
+                   "train_gpt: error: step %lld: the gradient norm is not finite; stopped before "
+                   "applying it (--nan-policy stop; the last checkpoint and the parameters are "
+                   "the previous step's)\n",
+                   static_cast<long long>(result.steps + 1));
+    }
+    return kExitFailure;
+  }
+  return 0;
 }
 
 } // namespace
@@ -659,14 +734,23 @@ int main(int argc, char** argv) {
       }
       return 0;
     }
+    // Every rank runs the same build with the same flags, or none trains.
+    try {
+      meshtrain::check_ranks_agree(world, config_fields(flags), "configuration");
+      runtime->set_comm_timeout(flags.comm_timeout);
+    } catch (const c10::Error& e) {
+      if (rank0) {
+        std::cerr << "train_gpt: error: " << message_of(e) << "\n";
+      }
+      return kExitUsage;
+    }
     // Collective: only after every rank is known to be ready for it.
     mesh.emplace(meshtrain::ParallelDims{/*dp=*/-1, /*tp=*/flags.tp, /*pp=*/1}, world);
   }
 
   try {
-    train(flags, *runtime, *mesh, data);
+    return train(flags, *runtime, *mesh, data);
   } catch (const std::exception& e) {
     return meshtrain::exit_after_failure("train_gpt", world, e, kExitFailure);
   }
-  return 0;
 }

@@ -1,0 +1,124 @@
+// Tests of the reliability pieces below the programs: the collective watchdog reports a
+// collective that one rank never joins (kind, group, sequence number, bytes, the flight
+// recorder) and stays quiet otherwise; the start-up agreement stops every rank with a
+// message naming the fields and ranks that differ; MESHTRAIN_FAULT's parser. The programs'
+// behaviour under injected faults (crash, hang, NaN) is tested end to end by
+// examples/gpt/check_faults.sh.
+#include <catch2/catch.hpp>
+
+#include "core/comm_watchdog.h"
+#include "launch/fault_injection.h"
+#include "launch/startup_check.h"
+#include "tests/harness.h"
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <thread>
+
+using namespace meshtrain;
+using namespace meshtrain::testing;
+
+namespace {
+
+// Restores the Runtime's own watchdog when a test is done with its own.
+struct RestoreWatchdog {
+  ~RestoreWatchdog() { test_runtime().set_comm_timeout(test_runtime().comm_timeout()); }
+};
+
+} // namespace
+
+TEST_CASE("watchdog: a collective one rank is late for is reported with the flight recorder",
+          "[reliability][mpi]") {
+  const auto& world = test_runtime().world();
+  if (world->size() < 2) {
+    WARN("needs 2 ranks: a group of one issues no collectives"); // single-process build
+    return;
+  }
+  const RestoreWatchdog restore;
+  std::mutex mutex;
+  std::string report;
+  CommWatchdogOptions options;
+  options.timeout = std::chrono::milliseconds(300);
+  options.rank = world->rank();
+  options.on_expiry = [&](const std::string& text) {
+    std::lock_guard<std::mutex> lock(mutex);
+    report = text;
+  };
+  CommWatchdog::start(options);
+
+  auto warm = torch::ones({4});
+  world->all_reduce(warm); // completes: goes to the flight recorder
+  world->barrier();
+  auto late = torch::ones({256});
+  if (world->rank() != 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1500)); // rank 0 waits past 300 ms
+  }
+  world->all_reduce(late);
+  CHECK(late[0].item<float>() == static_cast<float>(world->size()));
+  CommWatchdog::stop(); // joins the watchdog thread: its handler has run if it was to
+
+  std::lock_guard<std::mutex> lock(mutex);
+  if (world->rank() == 0) {
+    INFO(report);
+    CHECK_THAT(report, Catch::Contains("rank 0: collective watchdog: all_reduce #") &&
+                           Catch::Contains("on group 'world' (1024 bytes) has not completed") &&
+                           Catch::Contains("last completed collectives") &&
+                           Catch::Contains("all_reduce #") && Catch::Contains("(16 bytes)"));
+  } else {
+    CHECK(report.empty()); // its collectives all completed within the deadline
+  }
+}
+
+TEST_CASE("watchdog: no report while collectives complete in time", "[reliability][mpi]") {
+  const auto& world = test_runtime().world();
+  const RestoreWatchdog restore;
+  std::atomic<bool> fired{false};
+  CommWatchdogOptions options;
+  options.timeout = std::chrono::milliseconds(2000);
+  options.on_expiry = [&](const std::string&) { fired = true; };
+  CommWatchdog::start(options);
+  for (int i = 0; i < 50; ++i) {
+    auto t = torch::ones({1000});
+    world->all_reduce_async(t)->wait();
+  }
+  CHECK(CommWatchdog::get()->report().empty()); // nothing left in flight
+  CommWatchdog::stop();
+  CHECK_FALSE(fired.load());
+}
+
+TEST_CASE("start-up agreement: equal fields pass, a differing one stops every rank",
+          "[reliability][mpi]") {
+  const auto& world = test_runtime().world();
+  std::vector<SetupField> same = {{"--n-layer", "4"}, {"--tp", "2"}};
+  CHECK_NOTHROW(check_ranks_agree(world, same, "configuration"));
+
+  auto differing = same;
+  if (world->rank() == world->size() - 1) {
+    differing[0].second = "5";
+  }
+  if (world->size() == 1) { // a group of one agrees with itself
+    CHECK_NOTHROW(check_ranks_agree(world, differing, "configuration"));
+    return;
+  }
+  const std::string last = std::to_string(world->size() - 1);
+  REQUIRE_THROWS_WITH(check_ranks_agree(world, differing, "configuration"),
+                      Catch::Contains("the ranks disagree on the configuration (1 field(s)") &&
+                          Catch::Contains("--n-layer: rank 0 has '4', rank " + last + " has '5'") &&
+                          !Catch::Contains("--tp"));
+}
+
+TEST_CASE("fault injection: MESHTRAIN_FAULT entries parse, bad ones name the entry",
+          "[reliability]") {
+  const auto faults = parse_faults("crash:3:1,hang:5,nan:2:0,kill-in-save:4");
+  REQUIRE(faults.size() == 4);
+  CHECK(faults[0].kind == FaultKind::kCrash);
+  CHECK(faults[0].step == 3);
+  CHECK(faults[0].rank == 1);
+  CHECK(faults[1].kind == FaultKind::kHang);
+  CHECK(faults[1].rank == 0);
+  CHECK(faults[3].kind == FaultKind::kKillInSave);
+  REQUIRE_THROWS_WITH(parse_faults("explode:3"), Catch::Contains("kind 'explode' is not crash"));
+  REQUIRE_THROWS_WITH(parse_faults("crash:x"), Catch::Contains("'x' is not a number >= 0"));
+  REQUIRE_THROWS_WITH(parse_faults("crash"), Catch::Contains("expected <kind>:<step>[:<rank>]"));
+}
