@@ -1,0 +1,266 @@
+// defines: the memory planner (see planner.h). The formulas, term by term, are in
+// docs/memory.md#memory-planner; the comments here say which tensor each term is.
+#include "memory/planner.h"
+
+#include "core/errors.h"
+
+#include <algorithm>
+#include <numeric>
+#include <tuple>
+
+namespace meshtrain {
+
+Precision parse_precision(const std::string& text) {
+  if (text == "fp32") {
+    return Precision::kFp32;
+  }
+  if (text == "bf16") {
+    return Precision::kBf16;
+  }
+  MT_CHECK(text == "fp16", "precision '", text, "': must be fp32, bf16 or fp16");
+  return Precision::kFp16;
+}
+
+const char* to_string(Precision precision) {
+  switch (precision) {
+  case Precision::kFp32:
+    return "fp32";
+  case Precision::kBf16:
+    return "bf16";
+  case Precision::kFp16:
+    return "fp16";
+  }
+  return "?";
+}
+
+int64_t element_bytes(Precision precision) {
+  return precision == Precision::kFp32 ? 4 : 2;
+}
+
+namespace {
+
+constexpr int64_t kFp32 = 4;
+
+int64_t micro_batch_of(const PlanLayout& l) {
+  return l.micro_batch > 0 ? l.micro_batch : l.global_batch / l.dp;
+}
+
+// Vp: the vocab padded to a multiple of lcm(pad, tp) (VocabParallelEmbedding).
+int64_t padded_vocab(const PlanModel& m, int64_t tp) {
+  const int64_t multiple = std::lcm(m.pad_vocab_to_multiple_of, tp);
+  return (m.vocab_size + multiple - 1) / multiple * multiple;
+}
+
+// Elements of this rank's parameters (gpt_model.h's table, sharded by tp).
+int64_t parameters_per_rank(const PlanModel& m, int64_t tp) {
+  const int64_t c = m.n_embd;
+  const int64_t per_block = 12 * c * c / tp // c_attn, attn.c_proj, c_fc, mlp.c_proj weights
+                            + 7 * c / tp    // c_attn (3C) and c_fc (4C) biases
+                            + 6 * c;        // ln_1, ln_2, both c_proj biases (replicated)
+  return padded_vocab(m, tp) * c / tp + m.block_size * c + m.n_layer * per_block + 2 * c;
+}
+
+} // namespace
+
+void validate_plan(const PlanModel& m, const PlanLayout& l) {
+  MT_CHECK(m.vocab_size >= 1 && m.block_size >= 1 && m.n_layer >= 1 && m.n_head >= 1 &&
+               m.n_embd >= 1,
+           "planner: model sizes must be >= 1 (vocab ", m.vocab_size, ", block ", m.block_size,
+           ", layers ", m.n_layer, ", heads ", m.n_head, ", embd ", m.n_embd, ")");
+  MT_CHECK(m.n_embd % m.n_head == 0, "planner: n_embd (", m.n_embd,
+           ") must be divisible by n_head (", m.n_head, ")");
+  MT_CHECK(m.dropout >= 0.0 && m.dropout < 1.0, "planner: dropout (", m.dropout,
+           ") must be in [0, 1)");
+  MT_CHECK(l.dp >= 1 && l.tp >= 1, "planner: dp (", l.dp, ") and tp (", l.tp, ") must be >= 1");
+  MT_CHECK(m.n_head % l.tp == 0, "planner: tp (", l.tp, ") must divide n_head (", m.n_head, ")");
+  MT_CHECK(l.zero >= 0 && l.zero <= 2, "planner: ZeRO stage ", l.zero, " is not 0, 1 or 2");
+  MT_CHECK(!l.sequence_parallel || l.tp > 1,
+           "planner: sequence parallelism needs tp > 1 (tp = ", l.tp, ")");
+  MT_CHECK(!l.sequence_parallel || m.block_size % l.tp == 0,
+           "planner: with sequence "
+           "parallelism tp (",
+           l.tp, ") must divide block_size (", m.block_size, ")");
+  MT_CHECK(l.global_batch >= 1 && l.global_batch % l.dp == 0, "planner: batch size (",
+           l.global_batch, ") must be a positive multiple of dp (", l.dp, ")");
+  const int64_t b = micro_batch_of(l);
+  MT_CHECK(b >= 1 && (l.global_batch / l.dp) % b == 0, "planner: micro-batch size (", b,
+           ") must divide batch size / dp (", l.global_batch / l.dp, ")");
+  MT_CHECK(l.bucket_bytes >= 1, "planner: bucket bytes (", l.bucket_bytes, ") must be >= 1");
+}
+
+MemoryEstimate estimate_memory(const PlanModel& m, const PlanLayout& l) {
+  validate_plan(m, l);
+  const int64_t e = element_bytes(l.precision);
+  const int64_t t = l.tp;
+  const int64_t sigma = l.sequence_parallel ? t : 1; // the residual stream is [b, T/sigma, C]
+  const int64_t b = micro_batch_of(l);
+  const int64_t T = m.block_size, C = m.n_embd, a = m.n_head, L = m.n_layer;
+  const int64_t n = b * T;               // tokens of one micro-batch
+  const int64_t vp = padded_vocab(m, t); // the logits of this rank: [n, vp / t]
+  const bool dropout = m.dropout > 0.0;
+  const bool padded_columns = vp > m.vocab_size; // the last rank masks its padding columns
+
+  MemoryEstimate r;
+  const int64_t psi = parameters_per_rank(m, t);
+  r.parameters_per_rank = psi;
+  r.parameters = psi * e;
+  // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
+  r.gradients = (l.zero >= 2 ? psi / l.dp : psi) * kFp32;
+  // fp32 master weights and the two AdamW moments of the owned elements.
+  r.optimizer = 3 * (l.zero >= 1 ? psi / l.dp : psi) * kFp32;
+  // Inputs and targets of every micro-batch of the step, int64 [b, T] each.
+  r.data = 2 * (l.global_batch / l.dp) * T * 8;
+  r.state = r.parameters + r.gradients + r.optimizer + r.data;
+
+  // ---- saved for backward, one transformer block (elements in the activation dtype) ----
+  const int64_t stream = n * C / sigma; // the residual stream of this rank
+  const int64_t scores = a / t * b * T * T;
+  // ln_1 and ln_2 inputs (the residual stream); the c_attn and c_fc inputs, full [n, C]
+  // (gathered under sequence parallelism); contiguous copies of q, k, v that the batched
+  // matmuls keep; the attention output (c_proj's input); GELU's input and output.
+  int64_t block = 2 * stream + 2 * n * C + 3 * n * C / t + n * C / t + 2 * 4 * n * C / t;
+  if (l.recompute == RecomputeMode::kNone) {
+    block += scores; // softmax output [b, a/t, T, T]
+    if (dropout) {
+      block += 2 * scores; // its dropout mask, and the dropped probabilities matmul keeps
+    }
+  }
+  if (dropout) {
+    block += 2 * stream; // masks of the attention and MLP residual dropouts
+  }
+  // LayerNorm means and reciprocal std (fp32), the causal mask (bool [T, T]).
+  const int64_t block_bytes = block * e + 2 * 2 * (n / sigma) * kFp32 + T * T;
+  const int64_t kept_input = stream * e; // full recomputation keeps only the block input
+  r.saved_layers = L * (l.recompute == RecomputeMode::kFull ? kept_input : block_bytes);
+
+  // ---- the head: embedding dropout mask, ln_f input and statistics, the logits matmul's
+  // (gathered) input, and the cross-entropy's exp() output [n, vp/t] in fp32.
+  const int64_t logits = n * (vp / t);
+  r.saved_head = (dropout ? stream * e : 0) + stream * e + 2 * (n / sigma) * kFp32 + n * C * e +
+                 logits * kFp32;
+
+  // ---- transients on top of what is saved; the largest of three moments.
+  // ZeRO-2: a bucket's full-size fp32 staging lives from its first gradient to its
+  // reduce-scatter; the wte gradient arrives first, so one bucket is already there.
+  const int64_t staging = l.zero >= 2 ? std::min(psi * kFp32, l.bucket_bytes) : 0;
+  // (1) the end of the loss: the logits (model dtype), the fp32 copy of bf16 logits, the
+  // padding-masked copy, and the shifted logits.
+  const int64_t loss_end =
+      logits * (e + (e != kFp32 ? kFp32 : 0) + (padded_columns ? kFp32 : 0) + kFp32);
+  // (2) the first steps of backward: the gradient of exp()'s output and of the logits, the
+  // logits matmul's input gradient, wte's gradient, and the staging bucket.
+  const int64_t backward_start = logits * (kFp32 + e) + n * C * e + vp / t * C * e + staging;
+  // (3) full recomputation: the last block runs again with everything it saves, while the
+  // inputs of all blocks are still kept; plus the gradients flowing through it (the MLP's
+  // [n, 4C/t] and the stream's) and wte's gradient.
+  int64_t replay = 0;
+  if (l.recompute == RecomputeMode::kFull) {
+    const int64_t replayed_block =
+        (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
+    replay = replayed_block + (2 * 4 * n * C / t + 2 * stream) * e + vp / t * C * e + staging -
+             r.saved_head;
+  }
+  r.transient = std::max({loss_end, backward_start, replay, int64_t{0}});
+  r.activation_peak = r.saved_layers + r.saved_head + r.transient;
+  r.peak = r.state + r.activation_peak;
+  return r;
+}
+
+PlanCost estimate_cost(const PlanModel& m, const PlanLayout& l, const PlanHardware& hw) {
+  validate_plan(m, l);
+  const int64_t e = element_bytes(l.precision);
+  const double t = static_cast<double>(l.tp);
+  const double dp = static_cast<double>(l.dp);
+  const int64_t b = micro_batch_of(l);
+  const double T = static_cast<double>(m.block_size), C = static_cast<double>(m.n_embd);
+  const double L = static_cast<double>(m.n_layer);
+  const double tokens = static_cast<double>(l.global_batch) * T / dp; // per dp rank
+  const double vp = static_cast<double>(padded_vocab(m, l.tp));
+
+  // Forward matmul FLOPs per token of one rank: the block's linears, q k^T and att v, the
+  // logits; backward doubles it; recomputation adds the forward part it replays.
+  const double linear = 2.0 * 12.0 * C * C / t * L;
+  const double attention = 2.0 * 2.0 * T * C / t * L;
+  const double head = 2.0 * C * vp / t;
+  double flops = 3.0 * (linear + attention + head);
+  if (l.recompute == RecomputeMode::kFull) {
+    flops += linear + attention;
+  } else if (l.recompute == RecomputeMode::kSelective) {
+    flops += attention;
+  }
+  PlanCost cost;
+  cost.compute_s = flops * tokens / hw.flops_per_s;
+
+  // Bytes each rank moves (ring algorithms): all-reduce 2 (n-1)/n S, all-gather and
+  // reduce-scatter (n-1)/n S of the full size S.
+  const int64_t micro_steps = l.global_batch / l.dp / b;
+  const double stream = static_cast<double>(b) * T * C * static_cast<double>(e);
+  double bytes = 0;
+  if (l.tp > 1) {
+    // Per block and micro-step: forward 2 all-reduces (or 2 all-gathers + 2 reduce-scatters
+    // under sequence parallelism: the same bytes), backward the same again; full
+    // recomputation replays the forward's. Plus the embedding's and the logits' input.
+    const double per_block =
+        (l.recompute == RecomputeMode::kFull ? 6.0 : 4.0) * 2.0 * (t - 1) / t * stream;
+    bytes += static_cast<double>(micro_steps) * (L * per_block + 2.0 * 2.0 * (t - 1) / t * stream);
+  }
+  if (l.dp > 1) {
+    const double psi = static_cast<double>(parameters_per_rank(m, l.tp));
+    const double grads = psi * kFp32;
+    bytes += (l.zero >= 2 ? 1.0 : 2.0) * (dp - 1) / dp * grads; // all-reduce or reduce-scatter
+    if (l.zero >= 1) {
+      bytes += (dp - 1) / dp * psi * static_cast<double>(e); // parameter all-gather
+    }
+  }
+  cost.comm_bytes = static_cast<int64_t>(bytes);
+  cost.comm_s = bytes / hw.bytes_per_s;
+  cost.step_s = cost.compute_s + cost.comm_s;
+  return cost;
+}
+
+std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const PlanLayout& fixed,
+                                       int64_t budget_bytes, const PlanHardware& hw) {
+  MT_CHECK(world >= 1, "planner: world size (", world, ") must be >= 1");
+  std::vector<RankedLayout> out;
+  for (int64_t tp = 1; tp <= world; ++tp) {
+    if (world % tp != 0 || m.n_head % tp != 0 || m.n_embd % tp != 0) {
+      continue;
+    }
+    const int64_t dp = world / tp;
+    if (fixed.global_batch % dp != 0) {
+      continue;
+    }
+    const int64_t local = fixed.global_batch / dp;
+    for (int zero = 0; zero <= (dp > 1 ? 2 : 0); ++zero) {
+      for (bool sp : {false, true}) {
+        if (sp && (tp == 1 || m.block_size % tp != 0)) {
+          continue;
+        }
+        for (auto mode : {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
+          for (int64_t b = 1; b <= local; ++b) {
+            if (local % b != 0) {
+              continue;
+            }
+            PlanLayout l = fixed;
+            l.dp = dp;
+            l.tp = tp;
+            l.zero = zero;
+            l.sequence_parallel = sp;
+            l.recompute = mode;
+            l.micro_batch = b;
+            const auto memory = estimate_memory(m, l);
+            if (memory.peak <= budget_bytes) {
+              out.push_back({l, memory, estimate_cost(m, l, hw)});
+            }
+          }
+        }
+      }
+    }
+  }
+  std::stable_sort(out.begin(), out.end(), [](const RankedLayout& x, const RankedLayout& y) {
+    return std::tie(x.cost.step_s, x.memory.peak) < std::tie(y.cost.step_s, y.memory.peak);
+  });
+  return out;
+}
+
+} // namespace meshtrain

@@ -1,0 +1,105 @@
+// defines: PlanModel, PlanLayout, MemoryEstimate, estimate_memory, PlanCost, estimate_cost,
+// RankedLayout, plan_layouts, parse_precision, element_bytes — the memory planner: per-rank
+// bytes of a GPT (examples/gpt) in a layout, from formulas that count what this
+// implementation keeps (docs/memory.md#memory-planner), and the layouts that fit a budget.
+//
+// Pure arithmetic (no tensors, no communication). The activation terms follow Korthikanti
+// et al. 2022 ("Reducing activation recomputation in large transformer models"), adjusted
+// to what our layers save for backward: e.g. the linear layers after a sequence-parallel
+// all-gather keep the gathered [b, T, C] input (Megatron keeps the shard and gathers again),
+// batched matmuls keep contiguous copies of q, k, v, and dropout keeps a mask in the
+// activation dtype. Checked against memory/alloc_tracker.h's measured peaks:
+// tests/test_planner.cpp and examples/benchmarks/bench_memory_plan.py.
+#pragma once
+
+#include "memory/recompute.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace meshtrain {
+
+enum class Precision { kFp32, kBf16, kFp16 };
+// "fp32", "bf16" or "fp16"; throws naming the value otherwise.
+Precision parse_precision(const std::string& text);
+const char* to_string(Precision precision);
+// Bytes of a parameter / activation element: 4 (fp32) or 2 (bf16, fp16).
+int64_t element_bytes(Precision precision);
+
+// The GPT's shape (examples/gpt/gpt_model.h's GPTConfig, the fields memory depends on).
+struct PlanModel {
+  int64_t vocab_size = 256;
+  int64_t block_size = 64;
+  int64_t n_layer = 4;
+  int64_t n_head = 4;
+  int64_t n_embd = 128;
+  double dropout = 0.0;
+  int64_t pad_vocab_to_multiple_of = 64;
+};
+
+struct PlanLayout {
+  int64_t dp = 1;
+  int64_t tp = 1;
+  int zero = 0; // ZeRO stage 0, 1, 2
+  bool sequence_parallel = false;
+  RecomputeMode recompute = RecomputeMode::kNone;
+  Precision precision = Precision::kFp32;
+  int64_t global_batch = 16; // B, sequences per step over all dp ranks
+  int64_t micro_batch = 0;   // b, sequences per forward on one dp rank; 0: B / dp
+  int64_t bucket_bytes = int64_t{25} * 1024 * 1024; // the reducer's (DataParallelOptions)
+};
+
+// Throws naming the value when the layout does not fit the model (tp | n_head, dp | B,
+// b * dp | B, sequence parallel needs tp > 1 and tp | T, ZeRO stage in 0..2, ...).
+void validate_plan(const PlanModel& model, const PlanLayout& layout);
+
+// Per-rank bytes. `state` = parameters + gradients + optimizer + data: what lives between
+// steps. `activation_peak`: how far a step's forward + backward rises above that (what the
+// Trainer reports as mem_activation_peak_bytes). `peak` = state + activation_peak.
+struct MemoryEstimate {
+  int64_t parameters = 0;
+  int64_t gradients = 0; // the reducer's persistent buffer (fp32)
+  int64_t optimizer = 0; // fp32 master weights + AdamW moments of the owned shard
+  int64_t data = 0;      // the step's token batches (int64 inputs and targets)
+  int64_t state = 0;
+  // Parts of activation_peak: saved for backward at the end of forward (layers, then the
+  // embedding / final LayerNorm / loss head), and the largest transient on top of them.
+  int64_t saved_layers = 0;
+  int64_t saved_head = 0;
+  int64_t transient = 0;
+  int64_t activation_peak = 0;
+  int64_t peak = 0;
+  int64_t parameters_per_rank = 0; // element count
+};
+
+MemoryEstimate estimate_memory(const PlanModel& model, const PlanLayout& layout);
+
+// A simple cost model to order layouts: matmul FLOPs at a sustained rate plus the bytes each
+// rank moves, at a bus bandwidth (ring algorithms; overlap ignored). Seconds per step.
+struct PlanHardware {
+  double flops_per_s = 5e10; // per rank
+  double bytes_per_s = 5e9;  // bus bandwidth per rank
+};
+struct PlanCost {
+  double compute_s = 0;
+  double comm_s = 0;
+  double step_s = 0;
+  int64_t comm_bytes = 0; // per rank and step
+};
+PlanCost estimate_cost(const PlanModel& model, const PlanLayout& layout,
+                       const PlanHardware& hardware = {});
+
+struct RankedLayout {
+  PlanLayout layout;
+  MemoryEstimate memory;
+  PlanCost cost;
+};
+// Every layout of `world` ranks (dp x tp, ZeRO 0-2, sequence parallel, recompute modes,
+// micro-batch sizes dividing B / dp) with the precision and global batch of `fixed` whose estimated
+// peak fits `budget_bytes`, fastest first (ties: smaller peak).
+std::vector<RankedLayout> plan_layouts(const PlanModel& model, int64_t world,
+                                       const PlanLayout& fixed, int64_t budget_bytes,
+                                       const PlanHardware& hardware = {});
+
+} // namespace meshtrain

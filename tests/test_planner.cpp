@@ -1,0 +1,141 @@
+// Tests of the memory planner (memory/planner.h): its parameter count is the GPT's, serial
+// and on every tensor-parallel rank; its formulas move the way the layout says they must
+// (ZeRO shards, recomputation, sequence parallelism, bf16); bad layouts are refused naming
+// the value; the budget search returns only layouts that fit, fastest first. How close the
+// estimates come to the allocation tracker's measured peaks is checked end to end by
+// examples/benchmarks/bench_memory_plan.py (CTest "planner matches the tracker").
+#include <catch2/catch.hpp>
+
+#include "memory/planner.h"
+#include "tests/gpt_fixtures.h"
+#include "tests/harness.h"
+
+using namespace meshtrain;
+using namespace meshtrain::testing;
+
+namespace {
+
+PlanModel plan_model_of(const gpt::GPTConfig& c) {
+  PlanModel m;
+  m.vocab_size = c.vocab_size();
+  m.block_size = c.block_size();
+  m.n_layer = c.n_layer();
+  m.n_head = c.n_head();
+  m.n_embd = c.n_embd();
+  m.pad_vocab_to_multiple_of = c.pad_vocab_to_multiple_of();
+  return m;
+}
+
+int64_t numel_of(const torch::nn::Module& module) {
+  int64_t n = 0;
+  for (const auto& p : module.parameters()) {
+    n += p.numel();
+  }
+  return n;
+}
+
+} // namespace
+
+TEST_CASE("planner: parameters per rank are the GPT's", "[planner]") {
+  for (const int64_t vocab : {256, 100}) { // 100 pads to 128 rows
+    const auto config = tiny_config().vocab_size(vocab);
+    gpt::GPT model(config, self_group());
+    PlanLayout layout;
+    const auto estimate = estimate_memory(plan_model_of(config), layout);
+    CHECK(estimate.parameters_per_rank == numel_of(*model));
+    CHECK(estimate.parameters == 4 * numel_of(*model));
+    layout.precision = Precision::kBf16;
+    CHECK(estimate_memory(plan_model_of(config), layout).parameters == 2 * numel_of(*model));
+  }
+}
+
+TEST_CASE("planner: parameters per rank are the GPT's on every TP rank", "[planner][mpi]") {
+  const auto& world = test_runtime().world();
+  const auto config = tiny_config().vocab_size(100);
+  gpt::GPT model(config, world);
+  PlanLayout layout;
+  layout.tp = world->size();
+  // Vocab rows split evenly after padding, so every rank holds the same count.
+  CHECK(estimate_memory(plan_model_of(config), layout).parameters_per_rank == numel_of(*model));
+}
+
+TEST_CASE("planner: terms follow the layout", "[planner]") {
+  PlanModel m; // train_gpt's default GPT
+  PlanLayout base;
+  base.dp = 2;
+  const auto plain = estimate_memory(m, base);
+  CHECK(plain.optimizer == 3 * 4 * plain.parameters_per_rank);
+  CHECK(plain.gradients == 4 * plain.parameters_per_rank);
+  CHECK(plain.peak == plain.state + plain.activation_peak);
+
+  auto zero1 = base;
+  zero1.zero = 1;
+  CHECK(estimate_memory(m, zero1).optimizer == plain.optimizer / 2);
+  CHECK(estimate_memory(m, zero1).gradients == plain.gradients);
+  auto zero2 = base;
+  zero2.zero = 2;
+  CHECK(estimate_memory(m, zero2).gradients == plain.gradients / 2);
+
+  auto selective = base;
+  selective.recompute = RecomputeMode::kSelective;
+  auto full = base;
+  full.recompute = RecomputeMode::kFull;
+  // Selective drops exactly the softmax output [b, h, T, T] of every block.
+  const int64_t b = 8, scores = m.n_head * b * m.block_size * m.block_size;
+  CHECK(plain.saved_layers - estimate_memory(m, selective).saved_layers == m.n_layer * scores * 4);
+  CHECK(estimate_memory(m, full).saved_layers == m.n_layer * b * m.block_size * m.n_embd * 4);
+  CHECK(estimate_memory(m, full).activation_peak < plain.activation_peak / 2);
+
+  PlanLayout tp2;
+  tp2.tp = 2;
+  auto sp = tp2;
+  sp.sequence_parallel = true;
+  CHECK(estimate_memory(m, sp).saved_layers < estimate_memory(m, tp2).saved_layers);
+  auto bf16 = base;
+  bf16.precision = Precision::kBf16;
+  CHECK(estimate_memory(m, bf16).saved_layers < plain.saved_layers * 6 / 10);
+}
+
+TEST_CASE("planner: bad layouts are refused naming the value", "[planner]") {
+  PlanModel m;
+  PlanLayout l;
+  l.tp = 3;
+  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("tp (3) must divide n_head (4)"));
+  l = PlanLayout();
+  l.zero = 3;
+  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("ZeRO stage 3 is not 0, 1 or 2"));
+  l = PlanLayout();
+  l.sequence_parallel = true;
+  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("needs tp > 1 (tp = 1)"));
+  l = PlanLayout();
+  l.micro_batch = 5;
+  REQUIRE_THROWS_WITH(estimate_memory(m, l),
+                      Catch::Contains("micro-batch size (5) must divide batch size / dp (16)"));
+  REQUIRE_THROWS_WITH(parse_precision("fp8"), Catch::Contains("precision 'fp8': must be"));
+}
+
+TEST_CASE("planner: the budget search lists what fits, fastest first", "[planner]") {
+  PlanModel m;
+  PlanLayout fixed;
+  const auto all = plan_layouts(m, 4, fixed, int64_t{1} << 40);
+  // dp 4 x tp 1: ZeRO 0-2 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-2 x
+  // sequence parallel or not x 3 modes x {1, 2, 4, 8}; dp 1 x tp 4: ZeRO 0 x 2 x 3 x
+  // {1, 2, 4, 8, 16}.
+  CHECK(all.size() == 3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5);
+  for (size_t i = 1; i < all.size(); ++i) {
+    CHECK(all[i - 1].cost.step_s <= all[i].cost.step_s);
+  }
+  // Half-way between the smallest and the largest peak: some fit, some do not.
+  int64_t lo = all.front().memory.peak, hi = lo;
+  for (const auto& r : all) {
+    lo = std::min(lo, r.memory.peak);
+    hi = std::max(hi, r.memory.peak);
+  }
+  const auto some = plan_layouts(m, 4, fixed, (lo + hi) / 2);
+  CHECK(!some.empty());
+  CHECK(some.size() < all.size());
+  for (const auto& r : some) {
+    CHECK(r.memory.peak <= (lo + hi) / 2);
+  }
+  CHECK(plan_layouts(m, 4, fixed, lo - 1).empty());
+}
