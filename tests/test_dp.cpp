@@ -175,7 +175,7 @@ TEST_CASE("DataParallelReducer: no_sync accumulates locally and communicates onc
       group->all_gather(grads[b], full);
       int64_t offset = 0;
       for (const auto& name : reducer.bucket_names()[b]) {
-        const auto& p = model->named_parameters()[name];
+        const torch::Tensor p = model->named_parameters()[name]; // a copy: the dict is a temporary
         full_grads[name] = full.narrow(0, offset, p.numel()).view(p.sizes());
         offset += p.numel();
       }
