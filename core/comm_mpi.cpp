@@ -6,6 +6,7 @@
 // same order, same result, no thread hand-off.
 #include "core/backend.h"
 #include "core/errors.h"
+#include "core/trace.h"
 
 #include <mpi.h>
 
@@ -134,6 +135,10 @@ template <typename T> void divide_in_place(T* data, int64_t n, int divisor) {
 // Completion state shared between the caller and the worker thread.
 class MpiWork final : public Work {
 public:
+  // The trace's name of the operation (empty when not tracing; core/trace.h).
+  explicit MpiWork(std::string label) : label_(std::move(label)) {}
+  const std::string& label() const { return label_; }
+
   bool is_completed() override {
     std::lock_guard<std::mutex> lock(mutex_);
     return done_;
@@ -162,6 +167,7 @@ public:
   }
 
 private:
+  const std::string label_;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -317,7 +323,7 @@ private:
   // loaded one a scheduler slice (ms) for each wake-up of a sleeping thread, which raw MPI,
   // spinning on the caller's thread, never pays (see docs/benchmarks.md).
   WorkPtr enqueue(std::function<void()> fn) {
-    auto work = std::make_shared<MpiWork>();
+    auto work = std::make_shared<MpiWork>(CollectiveLabelScope::current());
     {
       std::unique_lock<std::mutex> lock(mutex_);
       if (!caller_waits() || busy_ || !queue_.empty()) {
@@ -343,12 +349,18 @@ private:
     return work;
   }
 
-  static void run(const std::function<void()>& fn, MpiWork& work) {
+  // Runs `fn` on this thread (the worker, or a caller inline) and records it in the trace.
+  void run(const std::function<void()>& fn, MpiWork& work) const {
+    auto* tracer = work.label().empty() ? nullptr : Tracer::get();
+    const int64_t begin_us = tracer != nullptr ? tracer->now_us() : 0;
     std::exception_ptr error;
     try {
       fn();
     } catch (...) {
       error = std::current_exception();
+    }
+    if (tracer != nullptr) {
+      tracer->complete(work.label(), "comm", begin_us, tracer->now_us());
     }
     work.finish(error);
   }
@@ -369,6 +381,10 @@ private:
         queue_.pop_front();
         busy_ = true;
       }
+      if (!worker_named_ && Tracer::get() != nullptr) {
+        Tracer::get()->name_thread("comm " + name());
+        worker_named_ = true;
+      }
       run(item.first, *item.second);
       {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -383,7 +399,8 @@ private:
   std::condition_variable cv_;
   std::deque<std::pair<std::function<void()>, std::shared_ptr<MpiWork>>> queue_;
   bool stopping_ = false;
-  bool busy_ = false; // an operation is running (on the worker or inline on a caller)
+  bool busy_ = false;         // an operation is running (on the worker or inline on a caller)
+  bool worker_named_ = false; // in the trace; touched by the worker thread only
 };
 
 } // namespace

@@ -4,11 +4,14 @@
 
 #include "core/comm_watchdog.h"
 #include "core/errors.h"
+#include "core/trace.h"
 
 #include <c10/util/irange.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <sstream>
 
 namespace meshtrain {
@@ -65,6 +68,56 @@ int64_t nbytes(const at::Tensor& t) {
   return t.numel() * static_cast<int64_t>(t.element_size());
 }
 
+int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
+                                                              since)
+      .count();
+}
+
+// "all_reduce dp 1.50 MiB": a collective's name in the trace.
+std::string collective_label(CollectiveKind kind, const std::string& group, int64_t bytes) {
+  char size[32];
+  if (bytes >= (1 << 20)) {
+    std::snprintf(size, sizeof(size), "%.2f MiB", static_cast<double>(bytes) / (1 << 20));
+  } else {
+    std::snprintf(size, sizeof(size), "%.1f KiB", static_cast<double>(bytes) / 1024);
+  }
+  return std::string(to_string(kind)) + " " + group + " " + size;
+}
+
+// Counts the time a caller spends waiting on the backend's Work as blocked communication
+// (core/trace.h) and, when tracing, records each wait that blocked as a "wait" span.
+class TimedWork final : public Work {
+public:
+  TimedWork(WorkPtr inner, std::string label)
+      : inner_(std::move(inner)), label_(std::move(label)) {}
+  bool is_completed() override { return inner_->is_completed(); }
+  bool wait(std::chrono::milliseconds timeout) override {
+    auto* tracer = Tracer::get();
+    const int64_t begin_us = tracer != nullptr ? tracer->now_us() : 0;
+    const auto begin = std::chrono::steady_clock::now();
+    bool done = false;
+    try {
+      done = inner_->wait(timeout);
+    } catch (...) {
+      add_comm_blocked_ns(elapsed_ns(begin));
+      throw;
+    }
+    add_comm_blocked_ns(elapsed_ns(begin));
+    if (tracer != nullptr) {
+      const int64_t end_us = tracer->now_us();
+      if (end_us > begin_us) {
+        tracer->complete("wait " + label_, "wait", begin_us, end_us);
+      }
+    }
+    return done;
+  }
+
+private:
+  WorkPtr inner_;
+  std::string label_;
+};
+
 } // namespace
 
 bool Communicator::caller_waits() {
@@ -107,21 +160,32 @@ WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
     log_->record(kind, name_, bytes);
   }
   const int64_t sequence = ++sequence_;
+  // Tracing: the backend names the span it runs (on its worker, or inline here) by this label.
+  std::optional<CollectiveLabelScope> label;
+  if (Tracer::get() != nullptr) {
+    label.emplace(collective_label(kind, name_, bytes));
+  }
+  // Issuing a blocking call the backend runs inline is blocked time too.
+  const auto begin = std::chrono::steady_clock::now();
+  WorkPtr work;
   auto* watchdog = CommWatchdog::get();
   if (watchdog == nullptr) {
-    return run();
-  }
-  // Registered before the backend runs it: a blocking backend call may be what hangs.
-  const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
-  WorkPtr work;
-  try {
     work = run();
-  } catch (...) {
-    watchdog->attach(token, completed_work());
-    throw;
+  } else {
+    // Registered before the backend runs it: a blocking backend call may be what hangs.
+    const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
+    try {
+      work = run();
+    } catch (...) {
+      watchdog->attach(token, completed_work());
+      add_comm_blocked_ns(elapsed_ns(begin));
+      throw;
+    }
+    watchdog->attach(token, work);
   }
-  watchdog->attach(token, work);
-  return work;
+  add_comm_blocked_ns(elapsed_ns(begin));
+  return std::make_shared<TimedWork>(std::move(work),
+                                     label ? CollectiveLabelScope::current() : std::string());
 }
 
 void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype,

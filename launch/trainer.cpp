@@ -3,6 +3,7 @@
 
 #include "core/errors.h"
 #include "core/file_io.h"
+#include "core/trace.h"
 #include "launch/fault_injection.h"
 #include "memory/alloc_tracker.h"
 
@@ -29,6 +30,38 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
   return std::chrono::duration<double>(Clock::now() - t).count();
 }
+
+// Wall time of one phase of a step (summed over its micro-steps) and the blocked
+// communication inside it; time() returns a scope that also records the phase in the trace.
+class PhaseClock {
+public:
+  class Scope {
+  public:
+    Scope(PhaseClock& clock, const char* name)
+        : clock_(clock), span_(name, "compute"), begin_(Clock::now()),
+          blocked_begin_(comm_blocked_ns()) {}
+    ~Scope() {
+      clock_.wall_ns_ +=
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - begin_).count();
+      clock_.blocked_ns_ += comm_blocked_ns() - blocked_begin_;
+    }
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+  private:
+    PhaseClock& clock_;
+    const TraceSpan span_;
+    const Clock::time_point begin_;
+    const int64_t blocked_begin_;
+  };
+
+  Scope time(const char* name) { return Scope(*this, name); }
+  double compute_ms() const { return static_cast<double>(wall_ns_ - blocked_ns_) / 1e6; }
+
+private:
+  int64_t wall_ns_ = 0;
+  int64_t blocked_ns_ = 0;
+};
 
 // Peak resident set size of this process in bytes. getrusage's ru_maxrss (KiB on Linux)
 // counts every allocation, torch's and ours; a memory tracker of the memory/ layer (allocator
@@ -235,6 +268,7 @@ void Trainer::set_step(int64_t step) {
 }
 
 StepStats Trainer::train_step() {
+  const TraceSpan step_span("step", "step");
   const auto start = Clock::now();
   const auto& o = options_;
   const int64_t s = step_;
@@ -244,7 +278,12 @@ StepStats Trainer::train_step() {
   if (loader_->next_step() != s) {
     loader_->seek(s);
   }
-  const auto batches = loader_->next(); // M micro-batches of b sequences
+  const auto batches = loader_->next();               // M micro-batches of b sequences
+  const auto& comm_log = mesh_.group("world")->log(); // shared by every group of the mesh
+  const bool count_comm = comm_log && comm_log->enabled();
+  if (count_comm) {
+    comm_log->clear(); // what ran between steps (validation, the stop agreement) is not counted
+  }
   const int64_t global_tokens = tokens_per_step();
 
   reducer_->zero_grad();
@@ -255,6 +294,12 @@ StepStats Trainer::train_step() {
   if (tracker != nullptr) {
     tracker->reset_peaks();
   }
+  // Phase clocks: wall time of each phase and the blocked-communication time inside it, so
+  // that the compute phases can be reported without the communication they waited on.
+  PhaseClock forward_clock;
+  PhaseClock backward_clock;
+  PhaseClock optimizer_clock;
+  const int64_t blocked_before = comm_blocked_ns();
   auto loss = torch::zeros({}, torch::kDouble); // this rank's share of the global mean
   const auto m_count = static_cast<int64_t>(batches.size());
   for (int64_t m = 0; m < m_count; ++m) {
@@ -262,32 +307,47 @@ StepStats Trainer::train_step() {
     if (m + 1 < m_count) {
       guard.emplace(reducer_->no_sync()); // accumulate locally; the last micro-step reduces
     }
-    auto share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
+    torch::Tensor share;
+    {
+      const auto timed = forward_clock.time("forward");
+      share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
+    }
     if (inject_nan) {
       share = share * std::numeric_limits<double>::quiet_NaN();
     }
-    if (scaler_) {
-      (share * scaler_->scale()).backward();
-    } else {
-      share.backward();
+    {
+      const auto timed = backward_clock.time("backward");
+      if (scaler_) {
+        (share * scaler_->scale()).backward();
+      } else {
+        share.backward();
+      }
     }
     loss += share.detach().to(torch::kDouble);
   }
-  const auto grads = reducer_->finish();
+  std::vector<torch::Tensor> grads;
+  {
+    const TraceSpan span("reduce gradients", "step");
+    grads = reducer_->finish();
+  }
   const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
   const double scale = scaler_ ? scaler_->scale() : 0;
-  // The skip verdict is the same on every rank (all-reduced), so all skip the update together.
-  const bool skipped = scaler_ && scaler_->unscale_and_check(grads);
   const double lr = schedule_.lr(s);
   double norm = std::numeric_limits<double>::quiet_NaN();
+  bool skipped = false;
   bool non_finite = false;
-  if (!skipped) {
-    norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
-    // The norm spans every rank's gradients, so this verdict is the same everywhere.
-    non_finite = !std::isfinite(norm);
-    if (!non_finite) {
-      optimizer_->set_lr(lr);
-      optimizer_->step(grads);
+  {
+    const auto timed = optimizer_clock.time("optimizer");
+    // The skip verdict is the same on every rank (all-reduced), so all skip the update together.
+    skipped = scaler_ && scaler_->unscale_and_check(grads);
+    if (!skipped) {
+      norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
+      // The norm spans every rank's gradients, so this verdict is the same everywhere.
+      non_finite = !std::isfinite(norm);
+      if (!non_finite) {
+        optimizer_->set_lr(lr);
+        optimizer_->step(grads);
+      }
     }
   }
   // The shares of all micro-steps and DP ranks add up to the global-batch mean.
@@ -302,6 +362,15 @@ StepStats Trainer::train_step() {
   const double seconds = seconds_since(start);
   stats.step_ms = seconds * 1e3;
   stats.tokens_per_s = static_cast<double>(global_tokens) / std::max(seconds, 1e-9);
+  stats.forward_ms = forward_clock.compute_ms();
+  stats.backward_ms = backward_clock.compute_ms();
+  stats.optimizer_ms = optimizer_clock.compute_ms();
+  stats.comm_ms = static_cast<double>(comm_blocked_ns() - blocked_before) / 1e6;
+  if (count_comm) {
+    for (const auto& record : comm_log->records()) {
+      stats.comm_bytes[record.group + " " + to_string(record.kind)] += record.bytes;
+    }
+  }
   stats.mem_peak_bytes = peak_rss_bytes();
   stats.loss_scale = scale;
   stats.skipped = skipped || non_finite;
@@ -443,9 +512,16 @@ void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line)
         {"grad_norm", stats.grad_norm},
         {"tokens_per_s", stats.tokens_per_s},
         {"step_ms", stats.step_ms},
+        {"forward_ms", stats.forward_ms},
+        {"backward_ms", stats.backward_ms},
+        {"optimizer_ms", stats.optimizer_ms},
+        {"comm_ms", stats.comm_ms},
         {"mem_peak_bytes", stats.mem_peak_bytes},
         {"tokens", stats.step * tokens_per_step()},
     };
+    if (!stats.comm_bytes.empty()) {
+      line["comm_bytes"] = stats.comm_bytes;
+    }
     if (scaler_) {
       line["loss_scale"] = stats.loss_scale;
     }

@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -123,12 +124,24 @@ struct TrainerOptions {
 using LossFunction = std::function<torch::Tensor(const MicroBatch&)>;
 
 struct StepStats {
-  int64_t step = 0;           // optimizer steps done after this one (1-based)
-  double loss = 0;            // mean token loss over the global batch
-  double lr = 0;              // learning rate the step used
-  double grad_norm = 0;       // global gradient norm before clipping
-  double step_ms = 0;         // wall time of the step
-  double tokens_per_s = 0;    // B*T / step time
+  int64_t step = 0;        // optimizer steps done after this one (1-based)
+  double loss = 0;         // mean token loss over the global batch
+  double lr = 0;           // learning rate the step used
+  double grad_norm = 0;    // global gradient norm before clipping
+  double step_ms = 0;      // wall time of the step
+  double tokens_per_s = 0; // B*T / step time
+  // Where the step's wall time went on this rank. The three compute phases exclude the
+  // communication they waited on; comm_ms is all exposed communication of the step (the
+  // training thread blocked in a collective: bucket waits, ZeRO gathers, the loss and norm
+  // reductions; core/trace.h). The rest (data, bookkeeping) is step_ms minus the four.
+  double forward_ms = 0;   // forward passes of all micro-steps, loss included
+  double backward_ms = 0;  // backward passes (the reducer's hooks issue their buckets here)
+  double optimizer_ms = 0; // unscale, clipping, the optimizer step
+  double comm_ms = 0;      // exposed communication
+  // With the mesh's counting log enabled (core/comm_log.h; train_gpt --count-comm): bytes of
+  // the step's collectives on this rank by "<group> <kind>" (e.g. "dp all_reduce"), counted
+  // as nccl-tests does. Empty otherwise.
+  std::map<std::string, int64_t> comm_bytes;
   int64_t mem_peak_bytes = 0; // peak resident memory of this process so far
   // With memory/alloc_tracker.h's allocator installed (else 0): peak bytes of live CPU
   // tensors during the step; the bytes live at its start, before forward (parameters,

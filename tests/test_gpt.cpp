@@ -379,3 +379,56 @@ TEST_CASE("GPT + Trainer: bf16 parameters with fp32 master weights follow the fp
   }
   CHECK(bf16.back() < bf16.front()); // it learns
 }
+
+TEST_CASE("Trainer: a step reports its compute split, exposed communication and bytes by group",
+          "[mpi][gpt]") {
+  auto& rt = meshtrain::testing::test_runtime();
+  const TokenFiles files;
+  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
+  const int64_t dp = mesh.group("dp")->size();
+  torch::manual_seed(kSeed);
+  gpt::GPT model(tiny_config(), mesh.group("tp"));
+  int64_t params = 0; // this rank's parameter elements (tp = 1: all of them)
+  for (const auto& p : model->parameters()) {
+    params += p.numel();
+  }
+
+  const auto& log = mesh.group("world")->log();
+  for (const int zero : {0, 2}) {
+    Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
+                    quiet_options().zero_stage(zero).micro_batch(kGlobalBatch / dp));
+    log->enable();
+    const auto stats = trainer.train_step();
+    log->enable(false);
+    INFO(rank_tag() << "zero " << zero << ": step " << stats.step_ms << " ms = forward "
+                    << stats.forward_ms << " + backward " << stats.backward_ms << " + optimizer "
+                    << stats.optimizer_ms << " + comm " << stats.comm_ms);
+    CHECK(stats.forward_ms > 0);
+    CHECK(stats.backward_ms > 0);
+    CHECK(stats.optimizer_ms > 0);
+    CHECK(stats.comm_ms >= 0);
+    CHECK(stats.forward_ms + stats.backward_ms + stats.optimizer_ms + stats.comm_ms <=
+          stats.step_ms * 1.001);
+
+    // Buckets of 16 KiB are padded to a multiple of dp: less than dp elements each, and there
+    // are at most as many buckets as parameter tensors.
+    const auto padding = static_cast<int64_t>(model->parameters().size()) * (dp - 1) * 4;
+    const auto bytes = [&](const std::string& key) {
+      const auto it = stats.comm_bytes.find(key);
+      return it == stats.comm_bytes.end() ? int64_t{0} : it->second;
+    };
+    if (dp == 1) {
+      CHECK(stats.comm_bytes.empty()); // a group of one moves nothing
+    } else if (zero == 0) {
+      CHECK(stats.comm_bytes.size() == 1);
+      CHECK(bytes("dp all_reduce") >= 4 * params + 8); // the gradients and the loss (a double)
+      CHECK(bytes("dp all_reduce") <= 4 * params + 8 + padding);
+    } else {
+      CHECK(stats.comm_bytes.size() == 3);
+      CHECK(bytes("dp reduce_scatter") >= 4 * params);
+      CHECK(bytes("dp reduce_scatter") <= 4 * params + padding);
+      CHECK(bytes("dp all_gather") == bytes("dp reduce_scatter")); // fp32 parameters
+      CHECK(bytes("dp all_reduce") == 24); // the norm (two doubles) and the loss
+    }
+  }
+}

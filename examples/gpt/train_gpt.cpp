@@ -11,6 +11,7 @@
 #include "core/mesh.h"
 #include "core/runtime.h"
 #include "core/token_file.h"
+#include "core/trace.h"
 #include "examples/gpt/gpt_model.h"
 #include "launch/checkpoint.h"
 #include "launch/job_exit.h"
@@ -101,6 +102,8 @@ struct Flags {
   meshtrain::ProgressStyle progress = meshtrain::ProgressStyle::kAuto;
   double comm_timeout = 0; // seconds; 0: no collective deadline
   meshtrain::NanPolicy nan_policy = meshtrain::NanPolicy::kStop;
+  std::string trace;       // directory of the per-rank Chrome traces; empty: no trace
+  bool count_comm = false; // per-step collective bytes in the metrics
 };
 
 // meshrun exports its --tp to the ranks; programs take it as their default.
@@ -162,6 +165,9 @@ cxxopts::Options make_options() {
                  "every --log-every steps) or off; auto: MESHTRAIN_PROGRESS, else redraw on a "
                  "terminal, lines under mpirun", text("auto"))
     ("log-every", "progress line every N steps in the lines style", text("50"))
+    ("trace", "write a Chrome trace per rank (DIR/trace-rank<R>.json: forward, backward, "
+              "optimizer, each collective) for ui.perfetto.dev or chrome://tracing", text(""))
+    ("count-comm", "count the bytes of every collective; the metrics get comm_bytes per step")
     ("comm-timeout", "seconds a collective may wait before the watchdog reports it and ends "
                      "the job; 0: no deadline", text("300"))
     ("nan-policy", "a step with an inf/NaN gradient norm: stop (before its update, exit 1) or "
@@ -316,6 +322,8 @@ Flags parse_flags(int argc, char** argv, int world_size) {
     }
   }
   f.prometheus = str("prometheus");
+  f.trace = str("trace");
+  f.count_comm = result.count("count-comm") > 0;
   f.val_every = parse_int("val-every", str("val-every"), 0, kBig);
   f.val_batches = parse_int("val-batches", str("val-batches"), 0, kBig);
   f.log_every = parse_int("log-every", str("log-every"), 0, kBig);
@@ -429,12 +437,16 @@ void check_paths(const Flags& f, bool on_rank0) {
                      "validation)" +
                      hint);
   }
-  if (on_rank0 && !f.checkpoint_dir.empty()) {
-    // Made now, so that a path that cannot be a directory fails before any training.
+  // Made now, so that a path that cannot be a directory fails before any training.
+  for (const auto& [flag, dir] :
+       {std::pair{"--checkpoint-dir", f.checkpoint_dir}, {"--trace", f.trace}}) {
+    if (!on_rank0 || dir.empty()) {
+      continue;
+    }
     std::error_code error;
-    fs::create_directories(f.checkpoint_dir, error);
-    if (error || !fs::is_directory(f.checkpoint_dir)) {
-      throw UsageError("--checkpoint-dir " + f.checkpoint_dir + ": cannot be made a directory (" +
+    fs::create_directories(dir, error);
+    if (error || !fs::is_directory(dir)) {
+      throw UsageError(std::string(flag) + " " + dir + ": cannot be made a directory (" +
                        (error ? error.message() : "a file of that name exists") + ")");
     }
   }
@@ -652,7 +664,22 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
     }
     trainer.set_checkpoint_hook(checkpoints->hook());
   }
+  if (f.count_comm) {
+    mesh.group("world")->log()->enable(); // every group of the mesh shares this log
+  }
+  if (!f.trace.empty()) {
+    meshtrain::Tracer::start(runtime.rank()).name_thread("train");
+  }
   const auto result = trainer.fit();
+  if (!f.trace.empty()) {
+    const std::string path = f.trace + "/trace-rank" + std::to_string(runtime.rank()) + ".json";
+    meshtrain::Tracer::get()->write(path);
+    if (rank0) {
+      std::printf("trace: %s/trace-rank<R>.json, one per rank (open in ui.perfetto.dev)\n",
+                  f.trace.c_str());
+      std::fflush(stdout);
+    }
+  }
   if (result.reason == meshtrain::StopReason::kNonFinite) {
     if (rank0) {
       std::fprintf(stderr,
