@@ -5,10 +5,9 @@
 //   peak MiB   peak bytes above the step's start during forward + backward
 //   forward ms, step ms   median forward and forward + backward time over --steps timed
 //              steps (after --warmup)
-// glibc's malloc would hand every multi-MiB activation back to the OS and fault its pages in
-// again on the next step, which costs the modes that keep the most far more than the compute
-// does; like a caching allocator, the benchmark keeps freed memory in the heap (mallopt) so
-// that the times compare the computation.
+// The Runtime keeps freed host memory in the heap (core/runtime.cpp), so re-allocated
+// activations do not fault their pages in again every step and the times compare the
+// computation.
 // The model is tensor-parallel over the ranks it is started with (tp = world size; 1 rank:
 // serial), optionally with sequence parallelism:
 //   bench_recompute                                  # serial, 8 layers
@@ -23,8 +22,6 @@
 #include <cxxopts.hpp>
 #include <torch/torch.h>
 
-#include <malloc.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -35,8 +32,6 @@
 using namespace meshtrain;
 
 int main(int argc, char** argv) {
-  mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's maximum; our activations are smaller
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
   // First, so that every tensor of the benchmark is counted.
   auto& tracker = AllocationTracker::install();
   Runtime runtime(&argc, &argv);

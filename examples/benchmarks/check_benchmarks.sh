@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# CTest cases of the benchmark tooling (docs/benchmarks.md), on real mpirun ranks:
+#
+#   trace       train_gpt --trace on 2 ranks writes one Chrome trace per rank that parses, with
+#               forward / backward / optimizer spans on the training thread and the dp
+#               all_reduce on the communicator's thread
+#   strategies  bench_strategies.py on three layouts: exit 0 (communication equals theory),
+#               the table, the CSV and four PNG charts; then --compare against a baseline
+#               doctored to be 2x faster and 2x lighter flags SLOWER and HEAVIER and exits 1
+#
+# usage: check_benchmarks.sh CASE BUILD_DIR MPIRUN [MPIRUN OPTIONS...]
+set -euo pipefail
+case_name=$1
+build=$(cd "$2" && pwd)
+shift 2
+mpirun=("$@")
+here=$(cd "$(dirname "$0")" && pwd)
+python=/usr/bin/python3 # Debian's, with python3-matplotlib
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+data=$build/examples/gpt/fortunes_train.bin
+small=(--n-layer 2 --n-embd 64 --n-head 2 --block-size 32 --batch-size 8)
+
+fail() {
+  echo "check_benchmarks $case_name: FAILED: $*" >&2
+  exit 1
+}
+
+case $case_name in
+trace)
+  "${mpirun[@]}" -np 2 "$build/examples/gpt/train_gpt" --data "$data" --val-data "" \
+    --steps 3 --warmup 1 --progress off "${small[@]}" --trace "$work/trace" >"$work/out.txt"
+  grep -q "trace: $work/trace/trace-rank<R>.json" "$work/out.txt" || fail "no trace line"
+  "$python" - "$work/trace" <<'EOF' || fail "trace content"
+import json, sys
+for rank in (0, 1):
+    events = json.load(open(f"{sys.argv[1]}/trace-rank{rank}.json"))["traceEvents"]
+    threads = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert all(e["pid"] == rank and e["dur"] >= 0 for e in spans), "pid / dur"
+    on = lambda thread: {e["name"] for e in spans if threads.get(e["tid"]) == thread}
+    train = on("train")
+    for name in ("step", "forward", "backward", "optimizer", "reduce gradients"):
+        assert name in train, f"rank {rank}: no {name} span on the training thread: {train}"
+    assert sum(e["name"] == "step" for e in spans) == 3, "one step span per step"
+    comm = {e["name"] for e in spans if e["cat"] == "comm"}
+    assert any(n.startswith("all_reduce dp ") for n in comm), f"rank {rank}: comm spans {comm}"
+    print(f"rank {rank}: {len(spans)} spans, threads {sorted(threads.values())}")
+EOF
+  ;;
+strategies)
+  run=("$python" "$here/bench_strategies.py" --build "$build" --data "$data" --steps 2 --warmup 1
+    --layouts "dp2,tp2 sp,dp2 zero2" "--mpirun=${mpirun[*]}")
+  "${run[@]}" --out "$work/now" || fail "bench_strategies exited $?"
+  for f in results.md results.csv throughput.png step_split.png memory.png comm.png; do
+    [[ -s $work/now/$f ]] || fail "no $f"
+  done
+  for f in "$work"/now/*.png; do
+    [[ $(head -c 4 "$f" | tail -c 3) == PNG ]] || fail "$f is not a PNG"
+  done
+  grep -q "| dp2 zero2 | 2 |" "$work/now/results.md" || fail "no dp2 zero2 row"
+  # A baseline twice as fast and half as heavy: every layout regressed.
+  "$python" - "$work/now/results.csv" "$work/baseline.csv" <<'EOF'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+for r in rows:
+    r["tokens_per_s"] = float(r["tokens_per_s"]) * 2
+    r["peak_bytes"] = float(r["peak_bytes"]) / 2
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=rows[0].keys())
+    w.writeheader()
+    w.writerows(rows)
+EOF
+  code=0
+  "${run[@]}" --out "$work/later" --compare "$work/baseline.csv" >"$work/compare.txt" || code=$?
+  cat "$work/compare.txt"
+  [[ $code == 1 ]] || fail "--compare against a faster baseline exited $code, expected 1"
+  grep -Eq "^\| dp2 \| 0\.[3-7][0-9]x \| 2\.00x \| SLOWER HEAVIER \|" "$work/compare.txt" ||
+    fail "dp2 not flagged slower and heavier"
+  ;;
+*)
+  fail "unknown case (trace, strategies)"
+  ;;
+esac
+echo "check_benchmarks $case_name: ok"
