@@ -78,7 +78,19 @@ def free_port():
         return s.getsockname()[1]
 
 
+def add_gpt_arguments(p):
+    """The GPT and batch flags shared with bench_strategies.py (train_gpt's defaults)."""
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=256)
+
+
 def model_flags(a):
+    """train_gpt's flags of the model in `a` (add_gpt_arguments)."""
     return ["--vocab-size", str(a.vocab_size), "--block-size", str(a.block_size), "--n-layer",
             str(a.n_layer), "--n-head", str(a.n_head), "--n-embd", str(a.n_embd)]
 
@@ -117,13 +129,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2, help="ranks of the DDP / dp comparison")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=256)
+    add_gpt_arguments(p)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1337)

@@ -38,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_theory  # noqa: E402
+from bench_peer import add_gpt_arguments, model_flags  # noqa: E402
 
 # (name, ranks, train_gpt flags). dp = ranks / tp.
 LAYOUTS = [
@@ -90,14 +91,12 @@ def theory(a, ranks, flags):
 def run_layout(a, name, ranks, flags, work):
     """Rank 0's metrics of the measured steps (after --warmup)."""
     metrics = os.path.join(work, name.replace(" ", "_") + ".jsonl")
-    cmd = a.mpirun + ["-np", str(ranks), "-x", f"MESHTRAIN_THREADS={a.threads}",
-                      os.path.join(a.build, "examples/gpt/train_gpt"), "--data", a.data,
-                      "--val-data", "", "--shuffle=false", "--steps", str(a.warmup + a.steps),
-                      "--warmup", "1", "--batch-size", str(a.batch_size), "--block-size",
-                      str(a.block_size), "--n-layer", str(a.n_layer), "--n-head", str(a.n_head),
-                      "--n-embd", str(a.n_embd), "--vocab-size", str(a.vocab_size),
-                      "--progress", "off", "--max-time", "0", "--count-comm",
-                      "--metrics", metrics] + flags
+    cmd = (a.mpirun + ["-np", str(ranks), "-x", f"MESHTRAIN_THREADS={a.threads}",
+                       os.path.join(a.build, "examples/gpt/train_gpt"), "--data", a.data,
+                       "--val-data", "", "--shuffle=false", "--steps", str(a.warmup + a.steps),
+                      "--warmup", "1", "--batch-size", str(a.batch_size), "--progress", "off",
+                      "--max-time", "0", "--count-comm", "--metrics", metrics]
+           + model_flags(a) + flags)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"layout {name}: train_gpt failed (exit {done.returncode}):\n"
@@ -250,13 +249,7 @@ def main():
     p.add_argument("--warmup", type=int, help="steps before measuring (default 3; quick 2)")
     p.add_argument("--repeats", type=int,
                    help="passes over the layouts; each keeps its fastest (default 2; quick 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch in sequences")
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=256)
+    add_gpt_arguments(p)
     p.add_argument("--compare", metavar="BASELINE.csv", help="a results.csv of an earlier run")
     p.add_argument("--tolerance", type=float, default=10, help="percent, for --compare")
     p.add_argument("--comm-tolerance", type=float, default=5,
