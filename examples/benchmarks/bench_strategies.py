@@ -94,9 +94,9 @@ def run_layout(a, name, ranks, flags, work):
     cmd = (a.mpirun + ["-np", str(ranks), "-x", f"MESHTRAIN_THREADS={a.threads}",
                        os.path.join(a.build, "examples/gpt/train_gpt"), "--data", a.data,
                        "--val-data", "", "--shuffle=false", "--steps", str(a.warmup + a.steps),
-                      "--warmup", "1", "--batch-size", str(a.batch_size), "--progress", "off",
-                      "--max-time", "0", "--count-comm", "--metrics", metrics]
-           + model_flags(a) + flags)
+                       "--warmup", "1", "--batch-size", str(a.batch_size), "--progress", "off",
+                       "--max-time", "0", "--count-comm", "--metrics", metrics]
+           + model_flags(a) + flags)  # --warmup here is the learning-rate warmup
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"layout {name}: train_gpt failed (exit {done.returncode}):\n"
