@@ -15,7 +15,8 @@ Per layout (figures of rank 0, whose metrics train_gpt writes; the layouts here 
 symmetric, so every rank's figures are alike): tokens/s over the measured steps; the mean
 step split into forward, backward, optimizer (compute only) and exposed communication (the
 training thread blocked in a collective), from the Trainer's metrics; the tracker's peak
-live tensor bytes; the bytes of collectives per step (train_gpt --count-comm) beside the
+live tensor bytes beside meshtrain-plan's estimate (docs/memory.md: Korthikanti et al.'s
+activation terms plus the state); the bytes of collectives per step (train_gpt --count-comm) beside the
 theoretical volume of comm_theory.py, key by key ("dp all_reduce", "tp all_gather", ...).
 
   bench_strategies.py --build build --data data/fortunes_train.bin            all layouts
@@ -68,7 +69,7 @@ QUICK = ["dp2", "tp2 sp", "dp2 zero2", "dp2 full", "dp2 bf16", "dp2 micro-batch 
 
 CSV_FIELDS = ["layout", "ranks", "dp", "tp", "tokens_per_s", "step_ms", "forward_ms",
               "backward_ms", "optimizer_ms", "comm_ms", "other_ms", "peak_bytes",
-              "comm_bytes", "theory_bytes", "comm_error_pct", "flags"]
+              "planned_bytes", "comm_bytes", "theory_bytes", "comm_error_pct", "flags"]
 
 
 def flag_value(flags, name, default):
@@ -86,6 +87,18 @@ def theory(a, ranks, flags):
         sequence_parallel="--sequence-parallel" in flags,
         recompute=flag_value(flags, "--recompute", "none"),
         bf16=flag_value(flags, "--precision", "fp32") == "bf16")
+
+
+def plan(a, ranks, flags):
+    """meshtrain-plan's estimate of the layout's peak tensor bytes per rank (docs/memory.md:
+    Korthikanti et al.'s activation terms plus parameters, gradients and optimizer state)."""
+    tp = int(flag_value(flags, "--tp", "1"))
+    cmd = ([os.path.join(a.build, "launch/meshtrain-plan"), "--json", "--batch-size",
+            str(a.batch_size), "--dp", str(ranks // tp)] + model_flags(a) + flags)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit("meshtrain-plan failed:\n" + " ".join(cmd) + "\n" + done.stderr)
+    return json.loads(done.stdout)["peak"]
 
 
 def run_layout(a, name, ranks, flags, work):
@@ -117,6 +130,7 @@ def summarize(a, name, ranks, flags, steps):
     row["other_ms"] = row["step_ms"] - sum(row[k] for k in ("forward_ms", "backward_ms",
                                                              "optimizer_ms", "comm_ms"))
     row["peak_bytes"] = max(s["mem_tensor_peak_bytes"] for s in steps)
+    row["planned_bytes"] = plan(a, ranks, flags)
     # Every step moves the same bytes; a step that did not is a finding of its own.
     measured = steps[-1].get("comm_bytes", {})
     if any(s.get("comm_bytes", {}) != measured for s in steps):
@@ -138,20 +152,27 @@ def mib(b):
     return b / (1024 * 1024)
 
 
+def planned_error(row):
+    return (row["planned_bytes"] - row["peak_bytes"]) / row["peak_bytes"] * 100
+
+
 def markdown(a, rows, seconds):
     lines = [f"GPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
              f"V={a.vocab_size}, global batch {a.batch_size}, {a.threads} thread(s) per rank, "
              f"mean of {a.steps} steps after {a.warmup}, best of {a.repeats} pass(es); "
              f"{seconds:.0f} s in all", "",
              "| layout | ranks | tokens/s | step ms | forward | backward | optimizer | "
-             "exposed comm | other | peak MiB/rank | comm MiB/step | theory MiB | max key error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "exposed comm | other | peak MiB/rank | planned MiB | comm MiB/step | theory MiB | "
+             "max key error |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['layout']} | {r['ranks']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | "
             f"{r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['optimizer_ms']:.1f} | "
             f"{r['comm_ms']:.1f} ({r['comm_ms'] / r['step_ms'] * 100:.0f}%) | "
-            f"{r['other_ms']:.1f} | {mib(r['peak_bytes']):.1f} | {mib(r['comm_bytes']):.3f} | "
+            f"{r['other_ms']:.1f} | {mib(r['peak_bytes']):.1f} | "
+            f"{mib(r['planned_bytes']):.1f} ({planned_error(r):+.0f}%) | "
+            f"{mib(r['comm_bytes']):.3f} | "
             f"{mib(r['theory_bytes']):.3f} | {r['comm_error_pct']:.2f}% |")
     lines += ["", "Communication per step by key (measured / theory, bytes):", ""]
     for r in rows:
@@ -206,8 +227,9 @@ def charts(rows, out):
                     for k in ("forward_ms", "backward_ms", "optimizer_ms", "comm_ms",
                               "other_ms")],
                    labels=[f"{r['step_ms']:.0f}" for r in rows])
-    bar_chart("memory.png", "Peak live tensor bytes per rank (tracker)", "MiB",
-              [("peak", [mib(r["peak_bytes"]) for r in rows], "side")])
+    bar_chart("memory.png", "Peak live tensor bytes per rank", "MiB",
+              [("measured (tracker)", [mib(r["peak_bytes"]) for r in rows], "side"),
+               ("planned (meshtrain-plan)", [mib(r["planned_bytes"]) for r in rows], "side")])
     bar_chart("comm.png", "Communication per step per rank", "MiB",
               [("measured", [mib(r["comm_bytes"]) for r in rows], "side"),
                ("theory", [mib(r["theory_bytes"]) for r in rows], "side")])
@@ -262,7 +284,8 @@ def main():
     a.warmup = a.warmup or (2 if a.quick else 3)
     a.repeats = a.repeats or (1 if a.quick else 2)
     names = {n for n, _, _ in LAYOUTS}
-    chosen = a.layouts.split(",") if a.layouts else (QUICK if a.quick else [n for n, _, _ in LAYOUTS])
+    chosen = (a.layouts.split(",") if a.layouts
+              else QUICK if a.quick else [n for n, _, _ in LAYOUTS])
     unknown = [n for n in chosen if n not in names]
     if unknown:
         sys.exit(f"--layouts: unknown {', '.join(unknown)}; known: {', '.join(sorted(names))}")
