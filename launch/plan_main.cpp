@@ -80,6 +80,7 @@ nlohmann::json to_json(const MemoryEstimate& m) {
           {"saved_head", m.saved_head},
           {"transient", m.transient},
           {"activation_peak", m.activation_peak},
+          {"optimizer_transient", m.optimizer_transient},
           {"peak", m.peak},
           {"parameters_per_rank", m.parameters_per_rank}};
 }
@@ -100,7 +101,8 @@ void print_estimate(const PlanModel& model, const PlanLayout& layout) {
             << "  activations, peak    " << mib(m.activation_peak) << "   (blocks "
             << mib(m.saved_layers) << ", head " << mib(m.saved_head) << ", transient "
             << mib(m.transient) << ")\n"
-            << "  = peak               " << mib(m.peak) << "\n\n"
+            << "  optimizer step       " << mib(m.optimizer_transient) << "   (AdamW temporaries)\n"
+            << "  = peak               " << mib(m.peak) << "   (state + the larger of the two)\n\n"
             << "estimated step: " << cost.step_s * 1e3 << " ms (compute " << cost.compute_s * 1e3
             << " ms, communication " << cost.comm_s * 1e3 << " ms, " << mib(cost.comm_bytes)
             << " MiB per rank)\n";

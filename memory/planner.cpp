@@ -162,7 +162,14 @@ MemoryEstimate estimate_memory(const PlanModel& m, const PlanLayout& l) {
   }
   r.transient = std::max({loss_end, backward_start, replay, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient;
-  r.peak = r.state + r.activation_peak;
+  // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
+  // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
+  // optim/adamw.cpp). With small micro-batches this, not the activations, is the peak.
+  const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
+  const int64_t owned_per_bucket =
+      l.zero >= 1 ? std::min(psi, bucket_elements) / l.dp : std::min(psi, bucket_elements);
+  r.optimizer_transient = 2 * owned_per_bucket * kFp32;
+  r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
   return r;
 }
 

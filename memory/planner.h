@@ -56,7 +56,9 @@ void validate_plan(const PlanModel& model, const PlanLayout& layout);
 
 // Per-rank bytes. `state` = parameters + gradients + optimizer + data: what lives between
 // steps. `activation_peak`: how far a step's forward + backward rises above that (what the
-// Trainer reports as mem_activation_peak_bytes). `peak` = state + activation_peak.
+// Trainer reports as mem_activation_peak_bytes). `optimizer_transient`: how far the AdamW
+// update rises above it, after backward. `peak` = state + the larger of the two (the
+// Trainer's mem_tensor_peak_bytes).
 struct MemoryEstimate {
   int64_t parameters = 0;
   int64_t gradients = 0; // the reducer's persistent buffer (fp32)
@@ -69,6 +71,7 @@ struct MemoryEstimate {
   int64_t saved_head = 0;
   int64_t transient = 0;
   int64_t activation_peak = 0;
+  int64_t optimizer_transient = 0;
   int64_t peak = 0;
   int64_t parameters_per_rank = 0; // element count
 };

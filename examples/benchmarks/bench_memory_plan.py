@@ -36,13 +36,17 @@ LAYOUTS = [
     ("dp2 full", 2, SMALL, ["--dp", "2", "--recompute", "full"]),
     ("dp2 bf16", 2, SMALL, ["--dp", "2", "--precision", "bf16"]),
     ("dp1 micro-batch 4", 1, SMALL, ["--micro-batch-size", "4"]),
+    # Two micro-steps of 2 sequences: the optimizer step's temporaries are the peak here.
+    ("dp4 bf16 micro-batch 2", 4, SMALL, ["--dp", "4", "--precision", "bf16",
+                                          "--micro-batch-size", "2"]),
     ("tp2 dropout 0.1", 2, SMALL + ["--dropout", "0.1"], ["--tp", "2"]),
     ("L8 T128 dp1", 1, DEEP, []),
     ("L8 T128 dp1 selective", 1, DEEP, ["--recompute", "selective"]),
     ("L8 T128 dp1 full", 1, DEEP, ["--recompute", "full"]),
     ("L8 T128 tp2 sp full", 2, DEEP, ["--tp", "2", "--sequence-parallel", "--recompute", "full"]),
 ]
-QUICK = {"dp2 zero1", "dp2 zero2", "tp2 sp", "dp2 full", "dp2 bf16", "tp2 dropout 0.1"}
+QUICK = {"dp2 zero1", "dp2 zero2", "tp2 sp", "dp2 full", "dp2 bf16", "tp2 dropout 0.1",
+         "dp4 bf16 micro-batch 2"}
 
 
 def measure(args, ranks, model, layout, work):
