@@ -68,11 +68,22 @@ int64_t nbytes(const at::Tensor& t) {
   return t.numel() * static_cast<int64_t>(t.element_size());
 }
 
-int64_t elapsed_ns(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() -
-                                                              since)
-      .count();
-}
+// Adds the scope's duration to the blocked-communication clock (core/trace.h), however the
+// scope is left.
+class BlockedTimer {
+public:
+  BlockedTimer() : begin_(std::chrono::steady_clock::now()) {}
+  ~BlockedTimer() {
+    add_comm_blocked_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                            std::chrono::steady_clock::now() - begin_)
+                            .count());
+  }
+  BlockedTimer(const BlockedTimer&) = delete;
+  BlockedTimer& operator=(const BlockedTimer&) = delete;
+
+private:
+  const std::chrono::steady_clock::time_point begin_;
+};
 
 // "all_reduce dp 1.50 MiB": a collective's name in the trace.
 std::string collective_label(CollectiveKind kind, const std::string& group, int64_t bytes) {
@@ -95,15 +106,11 @@ public:
   bool wait(std::chrono::milliseconds timeout) override {
     auto* tracer = Tracer::get();
     const int64_t begin_us = tracer != nullptr ? tracer->now_us() : 0;
-    const auto begin = std::chrono::steady_clock::now();
     bool done = false;
-    try {
+    {
+      const BlockedTimer blocked;
       done = inner_->wait(timeout);
-    } catch (...) {
-      add_comm_blocked_ns(elapsed_ns(begin));
-      throw;
     }
-    add_comm_blocked_ns(elapsed_ns(begin));
     if (tracer != nullptr) {
       const int64_t end_us = tracer->now_us();
       if (end_us > begin_us) {
@@ -166,24 +173,22 @@ WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
     label.emplace(collective_label(kind, name_, bytes));
   }
   // Issuing a blocking call the backend runs inline is blocked time too.
-  const auto begin = std::chrono::steady_clock::now();
-  WorkPtr work;
+  const BlockedTimer blocked;
   auto* watchdog = CommWatchdog::get();
   if (watchdog == nullptr) {
-    work = run();
-  } else {
-    // Registered before the backend runs it: a blocking backend call may be what hangs.
-    const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
-    try {
-      work = run();
-    } catch (...) {
-      watchdog->attach(token, completed_work());
-      add_comm_blocked_ns(elapsed_ns(begin));
-      throw;
-    }
-    watchdog->attach(token, work);
+    return std::make_shared<TimedWork>(run(),
+                                       label ? CollectiveLabelScope::current() : std::string());
   }
-  add_comm_blocked_ns(elapsed_ns(begin));
+  // Registered before the backend runs it: a blocking backend call may be what hangs.
+  const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
+  WorkPtr work;
+  try {
+    work = run();
+  } catch (...) {
+    watchdog->attach(token, completed_work());
+    throw;
+  }
+  watchdog->attach(token, work);
   return std::make_shared<TimedWork>(std::move(work),
                                      label ? CollectiveLabelScope::current() : std::string());
 }
