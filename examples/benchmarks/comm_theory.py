@@ -93,7 +93,7 @@ stop-agreement (world all_reduce) and validation (dp all_reduce) run between ste
 counted.
 
 Command line (train_gpt's flag names; --dp since train_gpt infers dp = world / tp):
-  comm_theory.py --dp 2 --tp 2 --zero 1 --sequence-parallel [--terms] [--compare m.jsonl]
+  comm_theory.py --dp 2 --tp 2 --zero 1 --sequence-parallel [--terms]
 """
 import argparse
 import json
@@ -257,8 +257,6 @@ def main(argv=None):
     p.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--terms", action="store_true", help="also list every term")
-    p.add_argument("--compare", metavar="METRICS",
-                   help="a train_gpt --count-comm metrics file: measured vs predicted per step")
     a = p.parse_args(argv)
     kw = dict(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer,
               n_head=a.n_head, n_embd=a.n_embd, batch_size=a.batch_size,
@@ -270,24 +268,7 @@ def main(argv=None):
         for key, what, nbytes in theory_terms(**kw):
             print(f"  {key:<20} {nbytes:>12}  {what}")
     print(json.dumps(predicted, indent=1))
-    if not a.compare:
-        return 0
-    worst = 0.0
-    with open(a.compare) as f:
-        for line in f:
-            m = json.loads(line)
-            if "comm_bytes" not in m:
-                continue
-            measured = m["comm_bytes"]
-            for key in sorted(set(measured) | set(predicted)):
-                got, want = measured.get(key, 0), predicted.get(key, 0)
-                err = abs(got - want) / max(want, 1)
-                worst = max(worst, err)
-                print(f"step {m['step']}  {key:<20} measured {got:>12}  predicted {want:>12}"
-                      f"  {100 * err:.3f}%")
-    print(f"worst relative error {100 * worst:.3f}%")
-    return 0 if worst <= 0.01 else 1
-
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
