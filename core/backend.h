@@ -2,7 +2,7 @@
 // (comm_mpi.cpp or comm_single.cpp, chosen by CMake). Used by Runtime only.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 namespace meshtrain::backend {
 

@@ -1,5 +1,5 @@
 // defines: CommLog (see comm_log.h).
-#include "core/comm_log.h"
+#include "meshtrain/core/comm_log.h"
 
 namespace meshtrain {
 

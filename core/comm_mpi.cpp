@@ -4,9 +4,9 @@
 // execution order (the same contract the NCCL backend keeps with its stream). A blocking call
 // made while nothing is queued or running runs on the caller's thread instead (see enqueue):
 // same order, same result, no thread hand-off.
-#include "core/backend.h"
-#include "core/errors.h"
-#include "core/trace.h"
+#include "meshtrain/core/backend.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/trace.h"
 
 #include <mpi.h>
 

@@ -1,7 +1,7 @@
 // defines: CommWatchdog (see comm_watchdog.h).
-#include "core/comm_watchdog.h"
+#include "meshtrain/core/comm_watchdog.h"
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <algorithm>
 #include <atomic>

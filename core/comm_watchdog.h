@@ -13,7 +13,7 @@
 // every rank for the same call: comparing the reports of two ranks shows who fell behind.
 #pragma once
 
-#include "core/comm_log.h"
+#include "meshtrain/core/comm_log.h"
 
 #include <chrono>
 #include <condition_variable>

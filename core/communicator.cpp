@@ -1,10 +1,10 @@
 // defines: the backend-independent half of Communicator: argument checks, the group-of-one
 // short cut, the across-rank agreement check and the counting log.
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
-#include "core/comm_watchdog.h"
-#include "core/errors.h"
-#include "core/trace.h"
+#include "meshtrain/core/comm_watchdog.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/trace.h"
 
 #include <c10/util/irange.h>
 
@@ -52,6 +52,34 @@ bool is_supported_dtype(at::ScalarType t) {
     return false;
   }
 }
+
+class SelfCommunicator final : public Communicator {
+public:
+  explicit SelfCommunicator(const std::string& name) : Communicator(name, 0, 1) {}
+
+protected:
+  // A group of one never reaches the transport: the public calls return first, and
+  // check_peer rejects every peer of send/recv.
+  WorkPtr do_all_reduce(const at::Tensor&, ReduceOp) override { return unreachable(); }
+  WorkPtr do_reduce_scatter(const at::Tensor&, const at::Tensor&, ReduceOp) override {
+    return unreachable();
+  }
+  WorkPtr do_all_gather(const at::Tensor&, const at::Tensor&) override { return unreachable(); }
+  WorkPtr do_broadcast(const at::Tensor&, int) override { return unreachable(); }
+  WorkPtr do_send(const at::Tensor&, int, int) override { return unreachable(); }
+  WorkPtr do_recv(const at::Tensor&, int, int) override { return unreachable(); }
+  WorkPtr do_barrier() override { return unreachable(); }
+  std::shared_ptr<Communicator> do_split(int, int, const std::string& name) override {
+    return std::make_shared<SelfCommunicator>(name);
+  }
+  void check_device(const char*, const at::Tensor&) const override {}
+
+private:
+  static WorkPtr unreachable() {
+    MT_ASSERT(false, "a one-rank communicator reached a transport call");
+    return nullptr;
+  }
+};
 
 // How many blocking calls the current thread is inside (see Communicator::caller_waits).
 thread_local int t_blocking_depth = 0;
@@ -126,6 +154,10 @@ private:
 };
 
 } // namespace
+
+CommunicatorPtr make_self_communicator(const std::string& name) {
+  return std::make_shared<SelfCommunicator>(name);
+}
 
 bool Communicator::caller_waits() {
   return t_blocking_depth > 0;

@@ -25,7 +25,7 @@
 //   so sums are exact up to the final rounding; the wire carries fp32 for those calls.
 #pragma once
 
-#include "core/comm_log.h"
+#include "meshtrain/core/comm_log.h"
 
 #include <ATen/ATen.h>
 
@@ -135,5 +135,10 @@ private:
 };
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;
+
+// A communicator of this process alone (no communication to make one; every call on it is
+// the local no-op of a group of one). Layers built without a group use one: the serial
+// layout, until parallelize() applies another.
+CommunicatorPtr make_self_communicator(const std::string& name = "self");
 
 } // namespace meshtrain

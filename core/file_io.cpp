@@ -1,7 +1,7 @@
 // defines: read_file, write_file_atomic, fsync_directory (see file_io.h).
-#include "core/file_io.h"
+#include "meshtrain/core/file_io.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <fcntl.h>
 #include <unistd.h>

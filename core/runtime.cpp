@@ -1,9 +1,9 @@
 // defines: Runtime (see runtime.h).
-#include "core/runtime.h"
+#include "meshtrain/core/runtime.h"
 
-#include "core/backend.h"
-#include "core/comm_watchdog.h"
-#include "core/errors.h"
+#include "meshtrain/core/backend.h"
+#include "meshtrain/core/comm_watchdog.h"
+#include "meshtrain/core/errors.h"
 
 #include <atomic>
 #include <climits>

@@ -9,7 +9,7 @@
 // backend finalizes.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 

@@ -1,8 +1,8 @@
 // defines: the safetensors reader and writer (see safetensors.h).
-#include "core/safetensors.h"
+#include "meshtrain/core/safetensors.h"
 
-#include "core/errors.h"
-#include "core/file_io.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/file_io.h"
 
 #include <nlohmann/json.hpp>
 

@@ -1,8 +1,8 @@
 // defines: TokenFile and write_token_file (see token_file.h).
-#include "core/token_file.h"
+#include "meshtrain/core/token_file.h"
 
-#include "core/errors.h"
-#include "core/file_io.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/file_io.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

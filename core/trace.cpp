@@ -1,7 +1,7 @@
 // defines: Tracer, TraceSpan, CollectiveLabelScope, comm_blocked_ns (see trace.h).
-#include "core/trace.h"
+#include "meshtrain/core/trace.h"
 
-#include "core/file_io.h"
+#include "meshtrain/core/file_io.h"
 
 #include <atomic>
 #include <cstdio>

@@ -30,7 +30,7 @@ case "$case_name" in
 rejects-tp-not-dividing-n)
   run -n 3 --tp 2 -- true
   expect_rc 2
-  expect_in "$err" '--tp 2 does not divide -n 3'
+  expect_in "$err" '-n 3 --tp 2: cannot infer dp: the world size 3 is not divisible by cp x tp x pp = 2'
   ;;
 bad-layout-starts-nothing)
   # The job would create the marker; a rejected layout must not start it.

@@ -1,11 +1,10 @@
 // defines: the checkpoint format and CheckpointManager (see checkpoint.h,
 // docs/checkpoints.md).
-#include "launch/checkpoint.h"
+#include "meshtrain/launch/checkpoint.h"
 
-#include "core/errors.h"
-#include "core/file_io.h"
-#include "launch/fault_injection.h"
-#include "parallel/shard_tensor.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/file_io.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
 #include <nlohmann/json.hpp>
 
@@ -91,15 +90,6 @@ template <typename Fn> std::string error_of(Fn&& fn) {
     return e.what();
   }
   return "";
-}
-
-// MESHTRAIN_FAULT=kill-in-save:<step>[:<rank>] (launch/fault_injection.h): the rank kills
-// itself (SIGKILL) in the save of that step, after every shard is written and before the
-// checkpoint is completed — the crash the atomic rename exists for.
-void maybe_kill_in_save(int64_t step, int rank) {
-  if (fault_due(FaultKind::kKillInSave, step, rank)) {
-    std::raise(SIGKILL);
-  }
 }
 
 json spec_json(const ShardSpec& spec, const std::vector<int64_t>& global_shape) {
@@ -317,10 +307,11 @@ void check_compatible(const CheckpointInfo& info, const json& meta, Trainer& tra
              " is ", have_model.contains(key) ? have_model.at(key).dump() : "absent",
              ", this run has ", value.dump());
   }
-  const auto& o = trainer.options();
-  MT_CHECK(info.global_batch == o.global_batch() && info.seq_len == o.seq_len(), where,
+  const int64_t global_batch = trainer.plan().global_batch;
+  const int64_t seq_len = trainer.options().seq_len();
+  MT_CHECK(info.global_batch == global_batch && info.seq_len == seq_len, where,
            ": trained with global batch ", info.global_batch, " x sequence length ", info.seq_len,
-           "; this run has ", o.global_batch(), " x ", o.seq_len(),
+           "; this run has ", global_batch, " x ", seq_len,
            " (the data position is counted in such batches; use the same --batch-size and "
            "--block-size)");
   MT_CHECK(specs.size() == info.params.size(), where, ": ", info.params.size(),
@@ -604,7 +595,9 @@ std::string CheckpointManager::save(Trainer& trainer) {
   agree(world, error, "checkpoint: writing the shards");
   auto all_sums = torch::zeros({world->size() * 4}, torch::kLong);
   world->all_gather(sums, all_sums);
-  maybe_kill_in_save(step, world->rank());
+  if (options_.before_publish()) {
+    options_.before_publish()(step, world->rank());
+  }
 
   // 3. Rank 0 describes the whole and publishes it with one rename.
   if (world->rank() == 0) {
@@ -633,25 +626,36 @@ std::string CheckpointManager::save(Trainer& trainer) {
         params.push_back(p);
       }
       const auto& o = trainer.options();
-      const json meta = {
-          {"format", kFormat},
-          {"version", kVersion},
-          {"step", step},
-          {"layout", {{"dp", dp}, {"tp", tp}, {"zero", o.zero_stage()}, {"world", dp * tp}}},
-          {"data",
-           {{"global_batch", o.global_batch()},
-            {"seq_len", o.seq_len()},
-            {"consumed_samples", step * o.global_batch()},
-            {"shuffle", o.shuffle()},
-            {"data_seed", o.data_seed()}}},
-          {"optimizer", {{"step", trainer.optimizer().step_count()}}},
-          {"scaler", trainer.scaler() == nullptr
-                         ? json(nullptr)
-                         : json{{"scale", trainer.scaler()->scale()},
-                                {"clean_steps", trainer.scaler()->clean_steps()}}},
-          {"model", json::parse(options_.model_json())},
-          {"params", params},
-          {"files", files}};
+      const auto& plan = trainer.plan();
+      // The writer's layout (a reader reshards from dp, tp and zero; the rest is a record).
+      const json layout = {{"dp", dp},
+                           {"cp", plan.dims.cp},
+                           {"tp", tp},
+                           {"pp", plan.dims.pp},
+                           {"zero", plan.zero_stage},
+                           {"sequence_parallel", plan.sequence_parallel},
+                           {"recompute", to_string(plan.recompute)},
+                           {"precision", to_string(plan.precision)},
+                           {"micro_batch", plan.micro_batch},
+                           {"world", world->size()}};
+      const json meta = {{"format", kFormat},
+                         {"version", kVersion},
+                         {"step", step},
+                         {"layout", layout},
+                         {"data",
+                          {{"global_batch", plan.global_batch},
+                           {"seq_len", o.seq_len()},
+                           {"consumed_samples", step * plan.global_batch},
+                           {"shuffle", o.shuffle()},
+                           {"data_seed", o.data_seed()}}},
+                         {"optimizer", {{"step", trainer.optimizer().step_count()}}},
+                         {"scaler", trainer.scaler() == nullptr
+                                        ? json(nullptr)
+                                        : json{{"scale", trainer.scaler()->scale()},
+                                               {"clean_steps", trainer.scaler()->clean_steps()}}},
+                         {"model", json::parse(options_.model_json())},
+                         {"params", params},
+                         {"files", files}};
       write_file_atomic((staged / kMeta).string(), meta.dump(1));
       fsync_directory(staged.string());
       publish(staged, dir);
@@ -694,7 +698,7 @@ void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
     auto& optimizer = trainer.optimizer();
     std::optional<SafetensorsFile> own;
     if (info.dp == mesh.group("dp")->size() && info.tp == mesh.group("tp")->size() &&
-        info.zero_stage == trainer.options().zero_stage()) {
+        info.zero_stage == trainer.plan().zero_stage) {
       own = read_checked(info, meta.at("files"), optim_file(dp_rank, tp_rank));
     }
     if (own && owns_what_it_wrote(*own, optimizer)) {

@@ -20,14 +20,15 @@
 // All ranks must see the same directory (one machine, or a shared file system).
 #pragma once
 
-#include "core/safetensors.h"
-#include "launch/trainer.h"
-#include "parallel/rng_tracker.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/safetensors.h"
+#include "meshtrain/launch/trainer.h"
+#include "meshtrain/parallel/rng_tracker.h"
+#include "meshtrain/parallel/sharding.h"
 
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -90,6 +91,9 @@ struct CheckpointOptions {
   TORCH_ARG(std::string, model_json) = "{}";
   // Dropout streams to save and restore (optional).
   TORCH_ARG(RngTrackerPtr, rng_tracker) = nullptr;
+  // Called on every rank with (step, world rank) once its shards of a save are written and
+  // before the checkpoint is completed (launch/fault_injection.h's kill-in-save).
+  TORCH_ARG(std::function<void(int64_t, int)>, before_publish);
 };
 
 class CheckpointManager {

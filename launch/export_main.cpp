@@ -7,8 +7,9 @@
 //
 // No MPI launch needed: it reads every TP shard itself. The output is written to a temporary
 // name and renamed (complete or absent). Exit codes: 0 done, 1 failure, 2 bad command line.
-#include "core/safetensors.h"
-#include "launch/checkpoint.h"
+#include "meshtrain/core/safetensors.h"
+#include "meshtrain/launch/checkpoint.h"
+#include "meshtrain/launch/cli.h"
 
 #include <c10/util/Exception.h>
 
@@ -19,6 +20,8 @@
 #include <string>
 
 namespace {
+
+namespace cli = meshtrain::cli;
 
 constexpr const char* kUsage =
     "usage: meshtrain-export CHECKPOINT OUT.safetensors\n"
@@ -37,7 +40,7 @@ int main(int argc, char** argv) {
   }
   if (argc != 3) {
     std::cerr << "meshtrain-export: expected 2 arguments, got " << argc - 1 << "\n" << kUsage;
-    return 2;
+    return cli::kExitUsage;
   }
   const std::string source = argv[1];
   const std::string out = argv[2];
@@ -46,7 +49,7 @@ int main(int argc, char** argv) {
   if (!fs::is_directory(parent)) {
     std::cerr << "meshtrain-export: " << out << ": directory " << parent.string()
               << " does not exist\n";
-    return 2;
+    return cli::kExitUsage;
   }
   try {
     const auto info = meshtrain::read_checkpoint_info(meshtrain::resolve_checkpoint(source));
@@ -66,10 +69,10 @@ int main(int argc, char** argv) {
                 info.zero_stage, out.c_str(), weights.size(), static_cast<long long>(parameters));
   } catch (const c10::Error& e) {
     std::cerr << "meshtrain-export: error: " << e.what_without_backtrace() << "\n";
-    return 1;
+    return cli::kExitFailure;
   } catch (const std::exception& e) {
     std::cerr << "meshtrain-export: error: " << e.what() << "\n";
-    return 1;
+    return cli::kExitFailure;
   }
   return 0;
 }

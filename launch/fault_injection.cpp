@@ -1,13 +1,14 @@
 // defines: parse_faults, injected_faults, fault_due, inject_step_start_faults (see
 // fault_injection.h).
-#include "launch/fault_injection.h"
+#include "meshtrain/launch/fault_injection.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <thread>
 
@@ -86,15 +87,33 @@ bool fault_due(FaultKind kind, int64_t step, int rank) {
   return false;
 }
 
-void inject_step_start_faults(int64_t step, int rank) {
-  if (fault_due(FaultKind::kCrash, step, rank)) {
-    std::raise(SIGKILL);
+void install_fault_injection(Trainer& trainer, CheckpointOptions& checkpoints, int rank) {
+  if (injected_faults().empty()) {
+    return;
   }
-  if (fault_due(FaultKind::kHang, step, rank)) {
-    for (;;) {
-      std::this_thread::sleep_for(std::chrono::seconds(1));
+  TrainerHooks hooks;
+  hooks.at_step_start = [rank](int64_t step) {
+    if (fault_due(FaultKind::kCrash, step, rank)) {
+      std::raise(SIGKILL);
     }
-  }
+    if (fault_due(FaultKind::kHang, step, rank)) {
+      for (;;) {
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+      }
+    }
+  };
+  hooks.on_loss = [rank](int64_t step, const torch::Tensor& loss) {
+    return fault_due(FaultKind::kNan, step, rank) ? loss * std::numeric_limits<double>::quiet_NaN()
+                                                  : loss;
+  };
+  trainer.set_hooks(std::move(hooks));
+  // After every shard of the save is written, before the checkpoint is completed: the crash
+  // the atomic rename exists for.
+  checkpoints.before_publish([](int64_t step, int rank_in_save) {
+    if (fault_due(FaultKind::kKillInSave, step, rank_in_save)) {
+      std::raise(SIGKILL);
+    }
+  });
 }
 
 } // namespace meshtrain

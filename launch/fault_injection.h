@@ -9,8 +9,13 @@
 //                         --nan-policy decides, identically on every rank)
 //   kill-in-save:<s>:<r>  rank r kills itself inside the checkpoint save of step s, after its
 //                         shards are written and before the checkpoint is complete
-// Unset: no faults and no cost beyond one getenv at start-up.
+// Unset: no faults and no cost beyond one getenv at start-up. Programs opt in with
+// install_fault_injection (train_gpt does); the faults reach the Trainer and the checkpoint
+// manager through their hooks, never through calls in the training loop itself.
 #pragma once
+
+#include "meshtrain/launch/checkpoint.h"
+#include "meshtrain/launch/trainer.h"
 
 #include <cstdint>
 #include <string>
@@ -35,7 +40,8 @@ const std::vector<Fault>& injected_faults();
 // saying so (the fault tests look for it).
 bool fault_due(FaultKind kind, int64_t step, int rank);
 
-// The effect of crash and hang at a step start (no-op when none is due).
-void inject_step_start_faults(int64_t step, int rank);
+// Installs MESHTRAIN_FAULT's faults for this rank: crash, hang and nan as Trainer hooks,
+// kill-in-save as the checkpoint options' before_publish hook. Nothing when it is unset.
+void install_fault_injection(Trainer& trainer, CheckpointOptions& checkpoints, int rank);
 
 } // namespace meshtrain

@@ -1,4 +1,4 @@
-#include "launch/job_exit.h"
+#include "meshtrain/launch/job_exit.h"
 
 #include <torch/torch.h>
 

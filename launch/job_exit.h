@@ -2,7 +2,7 @@
 // with one exit code and one error message (train_mnist, train_gpt, sample_gpt).
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <exception>
 #include <string>

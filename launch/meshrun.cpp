@@ -1,5 +1,7 @@
 // defines: the meshrun launcher's flag parsing, checks and command building (see meshrun.h).
-#include "launch/meshrun.h"
+#include "meshtrain/launch/meshrun.h"
+
+#include "meshtrain/parallel/parallel_plan.h"
 
 #include <cxxopts.hpp>
 
@@ -25,17 +27,9 @@ namespace {
 constexpr const char* kContextVariables[] = {"SLURM_JOB_ID", "SLURM_JOB_NUM_NODES",
                                              "SLURM_CPUS_ON_NODE"};
 
-// A flag value that must be a whole number >= 1. Parsed by hand rather than by cxxopts so
-// the message names the flag and the rule, not a C++ type.
+// A flag value that must be a whole number >= 1 ("-n", "--tp", "--threads").
 int parse_count(const std::string& flag, const std::string& text) {
-  errno = 0;
-  char* end = nullptr;
-  const long value = std::strtol(text.c_str(), &end, 10);
-  if (text.empty() || end == nullptr || *end != '\0' || errno == ERANGE || value < 1 ||
-      value > INT_MAX) {
-    throw UsageError(flag + " must be an integer >= 1, got '" + text + "'");
-  }
-  return static_cast<int>(value);
+  return static_cast<int>(cli::parse_int(flag, text, 1, INT_MAX));
 }
 
 // A positive integer from the context's environment, or `fallback` when absent or not a
@@ -50,23 +44,6 @@ int env_count(const LaunchContext& context, const char* name, int fallback) {
   return end != it->second.c_str() && *end == '\0' && value >= 1 && value <= INT_MAX
              ? static_cast<int>(value)
              : fallback;
-}
-
-std::string divisors_of(int n) {
-  std::vector<std::string> found;
-  for (int d = 1; d <= n; ++d) {
-    if (n % d == 0) {
-      found.push_back(std::to_string(d));
-    }
-  }
-  if (found.size() == 1) {
-    return found.front();
-  }
-  std::string text;
-  for (size_t i = 0; i + 1 < found.size(); ++i) {
-    text += (i == 0 ? "" : ", ") + found[i];
-  }
-  return text + " or " + found.back();
 }
 
 cxxopts::Options make_parser() {
@@ -151,10 +128,10 @@ ParsedArgs parse_launch_args(const std::vector<std::string>& args) {
   if (result.count("n") == 0) {
     throw UsageError("-n is required: the number of ranks to start, e.g. meshrun -n 2 -- ./train");
   }
-  options.ranks = parse_count("-n", result["n"].as<std::string>());
-  options.tp = parse_count("--tp", result["tp"].as<std::string>());
+  options.ranks = parse_count("n", result["n"].as<std::string>());
+  options.tp = parse_count("tp", result["tp"].as<std::string>());
   if (result.count("threads") != 0) {
-    options.threads = parse_count("--threads", result["threads"].as<std::string>());
+    options.threads = parse_count("threads", result["threads"].as<std::string>());
   }
   if (result.count("bind") != 0) {
     const auto bind = result["bind"].as<std::string>();
@@ -184,12 +161,15 @@ void check_launch_options(const LaunchOptions& options) {
   if (options.tp < 1) {
     throw UsageError("--tp must be an integer >= 1, got '" + std::to_string(options.tp) + "'");
   }
-  if (options.ranks % options.tp != 0) {
-    // Ranks form groups of T neighbours (DESIGN §2), so T must divide N.
-    throw UsageError("--tp " + std::to_string(options.tp) + " does not divide -n " +
-                     std::to_string(options.ranks) + ": tensor-parallel groups take " +
-                     std::to_string(options.tp) + " ranks each; with -n " +
-                     std::to_string(options.ranks) + ", --tp may be " + divisors_of(options.ranks));
+  // The layout as far as it is known before launch, checked by the one layout validator
+  // (the program checks the rest against its model and batch).
+  ParallelPlan plan;
+  plan.dims.tp = options.tp;
+  try {
+    plan.validate(options.ranks);
+  } catch (const LayoutError& e) {
+    throw UsageError("-n " + std::to_string(options.ranks) + " --tp " + std::to_string(options.tp) +
+                     ": " + e.what());
   }
   if (options.threads < 0) {
     throw UsageError("--threads must be an integer >= 1, got '" + std::to_string(options.threads) +

@@ -7,6 +7,8 @@
 // injected context. launch/meshrun_main.cpp runs the command. See docs/launcher.md.
 #pragma once
 
+#include "meshtrain/launch/cli.h"
+
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -14,13 +16,10 @@
 
 namespace meshtrain::launch {
 
-// A bad flag or layout: meshrun prints the message and exits with kUsageExitCode.
-class UsageError : public std::invalid_argument {
-public:
-  using std::invalid_argument::invalid_argument;
-};
-
-constexpr int kUsageExitCode = 2;
+// A bad flag or layout: meshrun prints the message and exits with kUsageExitCode (the
+// command-line helper's type and code, launch/cli.h).
+using UsageError = cli::UsageError;
+constexpr int kUsageExitCode = cli::kExitUsage;
 
 enum class Binding { kAuto, kCore, kNone };
 

@@ -1,7 +1,7 @@
 // defines: main of the meshrun program — parses and checks the flags (launch/meshrun.h), then
 // runs mpirun/srun as a child process, forwards SIGINT/SIGTERM to it and exits with the job's
 // status. Usage and exit codes: docs/launcher.md.
-#include "launch/meshrun.h"
+#include "meshtrain/launch/meshrun.h"
 
 #include <signal.h>
 #include <sys/types.h>

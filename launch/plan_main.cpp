@@ -6,12 +6,12 @@
 //   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257 --block-size 1024 \
 //                  --batch-size 32 --world 8 --budget 40GiB --precision bf16
 //
-// Model flags have train_gpt's names and defaults. No MPI, no tensors: it runs anywhere.
-// Exit codes: 0 done, 1 no layout fits the budget, 2 bad command line.
-#include "memory/planner.h"
+// Model and layout flags are train_gpt's (launch/cli.h), --dp included. No MPI, no tensors:
+// it runs anywhere. Exit codes: 0 done, 1 no layout fits the budget, 2 bad command line or
+// layout.
+#include "meshtrain/launch/cli.h"
+#include "meshtrain/memory/planner.h"
 
-#include <c10/util/Exception.h>
-#include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -21,53 +21,15 @@
 
 namespace {
 
+namespace cli = meshtrain::cli;
 using meshtrain::MemoryEstimate;
-using meshtrain::PlanLayout;
+using meshtrain::ParallelPlan;
 using meshtrain::PlanModel;
-
-struct BadFlag : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-
-// "64MiB", "1.5GiB", "500MB", "1048576" -> bytes.
-int64_t parse_bytes(const std::string& text) {
-  size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  const std::string unit = text.substr(used);
-  double scale = 0;
-  if (unit.empty() || unit == "B") {
-    scale = 1;
-  } else if (unit == "KiB" || unit == "MiB" || unit == "GiB" || unit == "TiB") {
-    scale = std::pow(1024.0, 1 + std::string("KMGT").find(unit[0]));
-  } else if (unit == "KB" || unit == "MB" || unit == "GB" || unit == "TB") {
-    scale = std::pow(1000.0, 1 + std::string("KMGT").find(unit[0]));
-  }
-  if (used == 0 || scale == 0 || !std::isfinite(value) || value <= 0) {
-    throw BadFlag("--budget " + text +
-                  ": expected a positive size such as 512MiB, 2GiB, 800MB or a byte count");
-  }
-  return static_cast<int64_t>(value * scale);
-}
 
 std::string mib(int64_t bytes) {
   char text[32];
   std::snprintf(text, sizeof text, "%.2f", static_cast<double>(bytes) / (1024.0 * 1024.0));
   return text;
-}
-
-std::string describe(const PlanLayout& l) {
-  std::string s = "dp " + std::to_string(l.dp) + " x tp " + std::to_string(l.tp) + ", ZeRO " +
-                  std::to_string(l.zero) + (l.sequence_parallel ? ", sequence parallel" : "") +
-                  ", recompute " + meshtrain::to_string(l.recompute) + ", " +
-                  meshtrain::to_string(l.precision) + ", batch " + std::to_string(l.global_batch) +
-                  " (micro-batch " +
-                  std::to_string(l.micro_batch > 0 ? l.micro_batch : l.global_batch / l.dp) + ")";
-  return s;
 }
 
 nlohmann::json to_json(const MemoryEstimate& m) {
@@ -85,12 +47,12 @@ nlohmann::json to_json(const MemoryEstimate& m) {
           {"parameters_per_rank", m.parameters_per_rank}};
 }
 
-void print_estimate(const PlanModel& model, const PlanLayout& layout) {
+void print_estimate(const PlanModel& model, const ParallelPlan& layout) {
   const auto m = meshtrain::estimate_memory(model, layout);
   const auto cost = meshtrain::estimate_cost(model, layout);
   std::cout << "GPT L=" << model.n_layer << " C=" << model.n_embd << " heads=" << model.n_head
-            << " T=" << model.block_size << " V=" << model.vocab_size << "; " << describe(layout)
-            << "\n\n"
+            << " T=" << model.block_size << " V=" << model.vocab_size << "; "
+            << meshtrain::validate_plan(model, layout).describe() << "\n\n"
             << "per rank                      MiB\n"
             << "  parameters           " << mib(m.parameters) << "   (" << m.parameters_per_rank
             << " elements)\n"
@@ -108,7 +70,7 @@ void print_estimate(const PlanModel& model, const PlanLayout& layout) {
             << " MiB per rank)\n";
 }
 
-int print_fitting(const PlanModel& model, int64_t world, const PlanLayout& fixed, int64_t budget,
+int print_fitting(const PlanModel& model, int64_t world, const ParallelPlan& fixed, int64_t budget,
                   int64_t top) {
   const auto ranked = meshtrain::plan_layouts(model, world, fixed, budget);
   if (ranked.empty()) {
@@ -127,11 +89,12 @@ int print_fitting(const PlanModel& model, int64_t world, const PlanLayout& fixed
     const auto& l = r.layout;
     char ms[32];
     std::snprintf(ms, sizeof ms, "%.1f", r.cost.step_s * 1e3);
-    std::cout << "| " << i + 1 << " | " << l.dp << " | " << l.tp << " | " << l.zero << " | "
-              << (l.sequence_parallel ? "yes" : "no") << " | " << meshtrain::to_string(l.recompute)
-              << " | " << l.micro_batch << " | " << mib(r.memory.peak) << " | "
-              << mib(r.memory.state) << " | " << mib(r.memory.activation_peak) << " | " << ms
-              << " | " << mib(r.cost.comm_bytes) << " |\n";
+    std::cout << "| " << i + 1 << " | " << l.dims.dp << " | " << l.dims.tp << " | " << l.zero_stage
+              << " | " << (l.sequence_parallel ? "yes" : "no") << " | "
+              << meshtrain::to_string(l.recompute) << " | " << l.micro_batch << " | "
+              << mib(r.memory.peak) << " | " << mib(r.memory.state) << " | "
+              << mib(r.memory.activation_peak) << " | " << ms << " | " << mib(r.cost.comm_bytes)
+              << " |\n";
   }
   return 0;
 }
@@ -141,84 +104,47 @@ int print_fitting(const PlanModel& model, int64_t world, const PlanLayout& fixed
 int main(int argc, char** argv) {
   cxxopts::Options options("meshtrain-plan", "Per-rank memory of a GPT layout, and the layouts "
                                              "that fit a memory budget (docs/memory.md)");
+  cli::add_model_flags(options);
+  cli::add_layout_flags(options);
   // clang-format off
-  options.add_options("model")
-    ("block-size", "sequence length T", cxxopts::value<int64_t>()->default_value("64"))
-    ("n-layer", "transformer blocks", cxxopts::value<int64_t>()->default_value("4"))
-    ("n-head", "attention heads", cxxopts::value<int64_t>()->default_value("4"))
-    ("n-embd", "embedding width C", cxxopts::value<int64_t>()->default_value("128"))
-    ("vocab-size", "vocabulary V", cxxopts::value<int64_t>()->default_value("256"))
-    ("dropout", "dropout probability", cxxopts::value<double>()->default_value("0"));
-  options.add_options("layout")
-    ("dp", "data-parallel ranks", cxxopts::value<int64_t>()->default_value("1"))
-    ("tp", "tensor-parallel ranks", cxxopts::value<int64_t>()->default_value("1"))
-    ("zero", "ZeRO stage 0, 1, 2", cxxopts::value<int>()->default_value("0"))
-    ("sequence-parallel", "sequence parallelism (tp > 1)")
-    ("recompute", "none, selective or full", cxxopts::value<std::string>()->default_value("none"))
-    ("precision", "fp32, bf16 or fp16", cxxopts::value<std::string>()->default_value("fp32"))
-    ("batch-size", "global batch B in sequences", cxxopts::value<int64_t>()->default_value("16"))
-    ("micro-batch-size", "sequences per forward on one dp rank; 0: B / dp",
-     cxxopts::value<int64_t>()->default_value("0"));
+  options.add_options("parallelism")
+    ("dp", "data-parallel ranks (the one layout's)", cli::text("1"));
   options.add_options("search")
-    ("world", "plan for this many ranks: list the layouts that fit --budget",
-     cxxopts::value<int64_t>()->default_value("0"))
-    ("budget", "memory per rank, e.g. 512MiB, 2GiB, 800MB",
-     cxxopts::value<std::string>()->default_value(""))
-    ("top", "layouts listed", cxxopts::value<int64_t>()->default_value("15"))
-    ("json", "print the one layout's estimate as JSON (bytes)")
+    ("world", "plan for this many ranks: list the layouts that fit --budget", cli::text("0"))
+    ("budget", "memory per rank, e.g. 512MiB, 2GiB, 800MB", cli::text(""))
+    ("top", "layouts listed", cli::text("15"))
+    ("json", "print the one layout's estimate as JSON (bytes)", cli::boolean())
     ("h,help", "print this help");
   // clang-format on
   try {
-    const auto r = options.parse(argc, argv);
-    if (r.count("help") > 0) {
+    const cli::ParsedFlags flags(options, argc, argv);
+    if (flags.help()) {
       std::cout << options.help() << "\n";
       return 0;
     }
-    if (!r.unmatched().empty()) {
-      throw BadFlag("unexpected argument '" + r.unmatched().front() + "' (see --help)");
-    }
-    PlanModel model;
-    model.block_size = r["block-size"].as<int64_t>();
-    model.n_layer = r["n-layer"].as<int64_t>();
-    model.n_head = r["n-head"].as<int64_t>();
-    model.n_embd = r["n-embd"].as<int64_t>();
-    model.vocab_size = r["vocab-size"].as<int64_t>();
-    model.dropout = r["dropout"].as<double>();
-    PlanLayout layout;
-    layout.dp = r["dp"].as<int64_t>();
-    layout.tp = r["tp"].as<int64_t>();
-    layout.zero = r["zero"].as<int>();
-    layout.sequence_parallel = r.count("sequence-parallel") > 0;
-    layout.recompute = meshtrain::parse_recompute_mode(r["recompute"].as<std::string>());
-    layout.precision = meshtrain::parse_precision(r["precision"].as<std::string>());
-    layout.global_batch = r["batch-size"].as<int64_t>();
-    layout.micro_batch = r["micro-batch-size"].as<int64_t>();
-
-    const int64_t world = r["world"].as<int64_t>();
-    const std::string budget = r["budget"].as<std::string>();
+    const PlanModel model = cli::read_model_flags(flags);
+    ParallelPlan layout = cli::read_layout_flags(flags);
+    layout.dims.dp = static_cast<int>(flags.integer("dp", 1, 1 << 20));
+    const int64_t world = flags.integer("world", 0, 1 << 20);
+    const std::string budget = flags.str("budget");
     if (world != 0 || !budget.empty()) {
       if (world < 1 || budget.empty()) {
-        throw BadFlag("--world N and --budget SIZE go together (world " + std::to_string(world) +
-                      ", budget '" + budget + "')");
+        throw cli::UsageError("--world N and --budget SIZE go together (world " +
+                              std::to_string(world) + ", budget '" + budget + "')");
       }
-      const int64_t top = r["top"].as<int64_t>();
-      if (top < 1) {
-        throw BadFlag("--top " + std::to_string(top) + ": must be >= 1");
-      }
-      return print_fitting(model, world, layout, parse_bytes(budget), top);
+      const int64_t top = flags.integer("top", 1, 1 << 20);
+      return print_fitting(model, world, layout, cli::parse_size("budget", budget), top);
     }
-    if (r.count("json") > 0) {
+    if (flags.flag("json")) {
       std::cout << to_json(meshtrain::estimate_memory(model, layout)).dump() << "\n";
     } else {
       print_estimate(model, layout);
     }
     return 0;
-  } catch (const cxxopts::exceptions::exception& e) {
-    std::cerr << "meshtrain-plan: " << e.what() << " (see --help)\n";
-  } catch (const BadFlag& e) {
+  } catch (const cli::UsageError& e) {
     std::cerr << "meshtrain-plan: " << e.what() << "\n";
-  } catch (const c10::Error& e) {
-    std::cerr << "meshtrain-plan: " << e.what_without_backtrace() << "\n";
+  } catch (const meshtrain::LayoutError& e) {
+    std::cerr << "meshtrain-plan: " << e.what() << "\n";
   }
-  return 2;
+  return cli::kExitUsage;
 }

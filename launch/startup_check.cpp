@@ -1,7 +1,7 @@
 // defines: library_version_fields, parameter_fields, check_ranks_agree (see startup_check.h).
-#include "launch/startup_check.h"
+#include "meshtrain/launch/startup_check.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <torch/version.h>
 

@@ -6,7 +6,7 @@
 // rank stops with the same message naming the fields and the ranks that differ.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 

@@ -1,7 +1,7 @@
 // defines: TokenLoader (see token_loader.h).
-#include "launch/token_loader.h"
+#include "meshtrain/launch/token_loader.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <numeric>
 #include <random>

@@ -8,7 +8,7 @@
 // permutation drawn per epoch e = g / S (the same on every rank and every layout).
 #pragma once
 
-#include "core/token_file.h"
+#include "meshtrain/core/token_file.h"
 
 #include <torch/torch.h>
 

@@ -1,16 +1,13 @@
-// defines: Trainer, to_string(StopReason) (see trainer.h).
-#include "launch/trainer.h"
+// defines: Trainer, parse_nan_policy (see trainer.h).
+#include "meshtrain/launch/trainer.h"
 
-#include "core/errors.h"
-#include "core/file_io.h"
-#include "core/trace.h"
-#include "launch/fault_injection.h"
-#include "memory/alloc_tracker.h"
-
-#include <nlohmann/json.hpp>
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/trace.h"
+#include "meshtrain/memory/alloc_tracker.h"
 
 #include <sys/resource.h>
-#include <unistd.h>
+
+#include <stdexcept>
 
 #include <algorithm>
 #include <atomic>
@@ -74,24 +71,6 @@ int64_t peak_rss_bytes() {
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;
 }
 
-std::string format_duration(double seconds) {
-  if (!std::isfinite(seconds) || seconds < 0) {
-    return "?";
-  }
-  const auto s = static_cast<int64_t>(seconds + 0.5);
-  char buf[32];
-  if (s >= 3600) {
-    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(s / 3600),
-                  static_cast<long long>(s / 60 % 60));
-  } else if (s >= 60) {
-    std::snprintf(buf, sizeof(buf), "%lldm%02llds", static_cast<long long>(s / 60),
-                  static_cast<long long>(s % 60));
-  } else {
-    std::snprintf(buf, sizeof(buf), "%llds", static_cast<long long>(s));
-  }
-  return buf;
-}
-
 // Set by the SIGTERM/SIGINT handler of fit(); only a lock-free atomic store happens there.
 std::atomic<int> g_stop_signal{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
@@ -132,79 +111,52 @@ private:
   struct sigaction old_int_ {};
 };
 
-ProgressStyle resolve_progress(ProgressStyle style) {
-  if (style != ProgressStyle::kAuto) {
-    return style;
-  }
-  if (const char* env = std::getenv("MESHTRAIN_PROGRESS")) {
-    const std::string value = env;
-    if (value == "redraw") {
-      return ProgressStyle::kRedraw;
-    }
-    if (value == "lines") {
-      return ProgressStyle::kLines;
-    }
-    if (value == "off") {
-      return ProgressStyle::kOff;
-    }
-  }
-  // OpenMPI's ranks write to a pseudo-terminal whatever mpirun's stdout is: isatty says
-  // nothing there.
-  if (std::getenv("OMPI_COMM_WORLD_SIZE") != nullptr) {
-    return ProgressStyle::kLines;
-  }
-  return isatty(STDOUT_FILENO) == 1 ? ProgressStyle::kRedraw : ProgressStyle::kLines;
-}
-
 } // namespace
-
-const char* to_string(StopReason reason) {
-  switch (reason) {
-  case StopReason::kCompleted:
-    return "completed";
-  case StopReason::kTimeBudget:
-    return "time budget";
-  case StopReason::kSignal:
-    return "signal";
-  case StopReason::kNonFinite:
-    return "non-finite gradient norm";
-  }
-  return "?";
-}
 
 NanPolicy parse_nan_policy(const std::string& text) {
   if (text == "skip") {
     return NanPolicy::kSkip;
   }
-  MT_CHECK(text == "stop", "nan policy '", text, "': must be stop or skip");
+  if (text != "stop") {
+    throw std::invalid_argument("nan policy '" + text + "': must be stop or skip");
+  }
   return NanPolicy::kStop;
 }
 
-Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, LossFunction loss_fn, const Mesh& mesh,
-                 std::shared_ptr<const TokenFile> train, std::shared_ptr<const TokenFile> val,
-                 TrainerOptions options)
-    : model_(std::move(model)), loss_fn_(std::move(loss_fn)), mesh_(mesh),
-      options_(std::move(options)),
+namespace {
+
+ReporterOptions reporter_options(const TrainerOptions& o, const ParallelPlan& plan) {
+  ReporterOptions r;
+  r.progress = o.progress();
+  r.log_every = o.log_every();
+  r.metrics_path = o.metrics_path();
+  r.prometheus_path = o.prometheus_path();
+  r.total_steps = o.steps();
+  r.tokens_per_step = plan.global_batch * o.seq_len();
+  r.val_batches = o.val_batches();
+  r.loss_scaling = o.loss_scaling();
+  return r;
+}
+
+} // namespace
+
+Trainer::Trainer(Parallelized parallel, std::shared_ptr<const TokenFile> train,
+                 std::shared_ptr<const TokenFile> val, TrainerOptions options)
+    : parallel_(std::move(parallel)), options_(std::move(options)),
       schedule_(WarmupCosineOptions(options_.lr())
                     .min_lr(options_.min_lr())
                     .warmup_steps(options_.warmup_steps())
-                    .total_steps(std::max<int64_t>(options_.steps(), 1))) {
+                    .total_steps(std::max<int64_t>(options_.steps(), 1))),
+      reporter_(reporter_options(options_, parallel_.plan), parallel_.mesh.rank() == 0) {
   const auto& o = options_;
-  MT_CHECK(model_ != nullptr, "Trainer: the model is null");
-  MT_CHECK(loss_fn_ != nullptr, "Trainer: the loss function is empty");
+  const auto& plan = parallel_.plan;
+  MT_CHECK(parallel_.model != nullptr && parallel_.reducer != nullptr &&
+               parallel_.optimizer != nullptr && parallel_.loss != nullptr,
+           "Trainer: give it what parallelize() returns for training (model, reducer, optimizer "
+           "and loss)");
   MT_CHECK(train != nullptr, "Trainer: the training token file is null");
   MT_CHECK(o.steps() >= 0, "Trainer: steps (", o.steps(), ") must be >= 0");
   MT_CHECK(o.seq_len() >= 1, "Trainer: sequence length (", o.seq_len(), ") must be >= 1");
-  MT_CHECK(o.micro_batch() >= 1, "Trainer: micro-batch size (", o.micro_batch(), ") must be >= 1");
-  const int64_t dp = mesh_.group("dp")->size();
-  MT_CHECK(o.global_batch() >= 1 && o.global_batch() % (o.micro_batch() * dp) == 0,
-           "Trainer: the global batch (", o.global_batch(),
-           " sequences) must be a positive multiple of micro-batch (", o.micro_batch(), ") x dp (",
-           dp, ") = ", o.micro_batch() * dp, " so that every DP rank runs the same number of ",
-           "micro-steps; e.g. ",
-           std::max<int64_t>(1, o.global_batch() / (o.micro_batch() * dp)) * o.micro_batch() * dp);
-  MT_CHECK(o.zero_stage() >= 0 && o.zero_stage() <= 2, "Trainer: ZeRO stage (", o.zero_stage(),
-           ") must be 0, 1 or 2");
   MT_CHECK(o.val_every() >= 0 && o.val_batches() >= 0, "Trainer: val_every (", o.val_every(),
            ") and val_batches (", o.val_batches(), ") must be >= 0");
   MT_CHECK(o.log_every() >= 0, "Trainer: log_every (", o.log_every(), ") must be >= 0");
@@ -212,12 +164,13 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, LossFunction loss_fn,
            ") must be a finite number of seconds >= 0");
   MT_CHECK(std::isfinite(o.grad_clip()), "Trainer: grad_clip (", o.grad_clip(), ") must be finite");
 
+  const Mesh& mesh = parallel_.mesh;
   TokenLoaderOptions lo;
   lo.seq_len = o.seq_len();
-  lo.global_batch = o.global_batch();
-  lo.micro_batch = o.micro_batch();
-  lo.dp_rank = mesh_.group("dp")->rank();
-  lo.dp_size = static_cast<int>(dp);
+  lo.global_batch = plan.global_batch;
+  lo.micro_batch = plan.micro_batch;
+  lo.dp_rank = mesh.group("dp")->rank();
+  lo.dp_size = mesh.group("dp")->size();
   lo.shuffle = o.shuffle();
   lo.seed = o.data_seed();
   loader_ = std::make_unique<TokenLoader>(std::move(train), lo);
@@ -227,34 +180,13 @@ Trainer::Trainer(std::shared_ptr<torch::nn::Module> model, LossFunction loss_fn,
     vo.prefetch = false; // read with step_batches(), pure
     val_loader_ = std::make_unique<TokenLoader>(std::move(val), vo);
   }
-
-  // DESIGN §1 order: the TP-laid-out model, then the DP reducer, then optimizer sharding.
-  reducer_ = std::make_unique<DataParallelReducer>(
-      *model_, mesh_,
-      DataParallelOptions().bucket_bytes(o.bucket_bytes()).shard_gradients(o.zero_stage() == 2));
-  optimizer_ = std::make_unique<ZeroOptimizer>(
-      *model_, mesh_,
-      ZeroOptions(o.zero_stage())
-          .adamw(AdamWOptions(o.lr()).beta1(o.beta1()).beta2(o.beta2()).weight_decay(
-              o.weight_decay())),
-      reducer_->bucket_names());
   if (o.loss_scaling()) {
-    scaler_ = std::make_unique<GradScaler>(o.scaler(), mesh_.group("world"));
+    scaler_ = std::make_unique<GradScaler>(o.scaler(), mesh.group("world"));
   }
-
-  rank0_ = mesh_.rank() == 0;
-  const ProgressStyle style = resolve_progress(o.progress());
-  progress_ = rank0_ && style != ProgressStyle::kOff;
-  redraw_ = progress_ && style == ProgressStyle::kRedraw;
   // Only rank 0 opens the metrics file, but every rank must learn whether that worked:
   // throwing on rank 0 alone would leave the others waiting in their first collective.
-  int open_failed = 0;
-  if (rank0_ && !o.metrics_path().empty()) {
-    metrics_.open(o.metrics_path(), std::ios::out | std::ios::trunc);
-    open_failed = metrics_.is_open() ? 0 : 1;
-  }
-  auto flag = torch::tensor({open_failed}, torch::kInt);
-  mesh_.group("world")->all_reduce(flag, ReduceOp::kMax);
+  auto flag = torch::tensor({reporter_.metrics_open_failed() ? 1 : 0}, torch::kInt);
+  mesh.group("world")->all_reduce(flag, ReduceOp::kMax);
   MT_CHECK(flag.item<int>() == 0, "Trainer: cannot open the metrics file '", o.metrics_path(),
            "' for writing");
 }
@@ -272,21 +204,26 @@ StepStats Trainer::train_step() {
   const auto start = Clock::now();
   const auto& o = options_;
   const int64_t s = step_;
-  inject_step_start_faults(s + 1, mesh_.rank()); // test-only (launch/fault_injection.h)
-  const bool inject_nan = fault_due(FaultKind::kNan, s + 1, mesh_.rank());
-  model_->train();
+  if (hooks_.at_step_start) {
+    hooks_.at_step_start(s + 1);
+  }
+  auto& model = *parallel_.model;
+  auto& reducer = *parallel_.reducer;
+  auto& optimizer = *parallel_.optimizer;
+  const Mesh& mesh = parallel_.mesh;
+  model.train();
   if (loader_->next_step() != s) {
     loader_->seek(s);
   }
-  const auto batches = loader_->next();               // M micro-batches of b sequences
-  const auto& comm_log = mesh_.group("world")->log(); // shared by every group of the mesh
+  const auto batches = loader_->next();              // M micro-batches of b sequences
+  const auto& comm_log = mesh.group("world")->log(); // shared by every group of the mesh
   const bool count_comm = comm_log && comm_log->enabled();
   if (count_comm) {
     comm_log->clear(); // what ran between steps (validation, the stop agreement) is not counted
   }
   const int64_t global_tokens = tokens_per_step();
 
-  reducer_->zero_grad();
+  reducer.zero_grad();
   // With the counting allocator installed: peak tensor bytes of forward + backward above
   // what lived before them (activations, their gradients, temporaries).
   auto* tracker = AllocationTracker::get();
@@ -305,15 +242,15 @@ StepStats Trainer::train_step() {
   for (int64_t m = 0; m < m_count; ++m) {
     std::optional<NoSyncGuard> guard;
     if (m + 1 < m_count) {
-      guard.emplace(reducer_->no_sync()); // accumulate locally; the last micro-step reduces
+      guard.emplace(reducer.no_sync()); // accumulate locally; the last micro-step reduces
     }
     torch::Tensor share;
     {
       const auto timed = forward_clock.time("forward");
-      share = global_mean_loss(loss_fn_(batches[m]), global_tokens);
+      share = global_mean_loss(parallel_.loss(batches[m]), global_tokens);
     }
-    if (inject_nan) {
-      share = share * std::numeric_limits<double>::quiet_NaN();
+    if (hooks_.on_loss) {
+      share = hooks_.on_loss(s + 1, share);
     }
     {
       const auto timed = backward_clock.time("backward");
@@ -328,7 +265,7 @@ StepStats Trainer::train_step() {
   std::vector<torch::Tensor> grads;
   {
     const TraceSpan span("reduce gradients", "step");
-    grads = reducer_->finish();
+    grads = reducer.finish();
   }
   const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
   const double scale = scaler_ ? scaler_->scale() : 0;
@@ -341,17 +278,17 @@ StepStats Trainer::train_step() {
     // The skip verdict is the same on every rank (all-reduced), so all skip the update together.
     skipped = scaler_ && scaler_->unscale_and_check(grads);
     if (!skipped) {
-      norm = optimizer_->clip_grad_norm(grads, o.grad_clip());
+      norm = optimizer.clip_grad_norm(grads, o.grad_clip());
       // The norm spans every rank's gradients, so this verdict is the same everywhere.
       non_finite = !std::isfinite(norm);
       if (!non_finite) {
-        optimizer_->set_lr(lr);
-        optimizer_->step(grads);
+        optimizer.set_lr(lr);
+        optimizer.step(grads);
       }
     }
   }
   // The shares of all micro-steps and DP ranks add up to the global-batch mean.
-  mesh_.group("dp")->all_reduce(loss, ReduceOp::kSum);
+  mesh.group("dp")->all_reduce(loss, ReduceOp::kSum);
   ++step_;
 
   StepStats stats;
@@ -388,16 +325,17 @@ double Trainer::validate() {
     return std::numeric_limits<double>::quiet_NaN();
   }
   torch::NoGradGuard no_grad;
-  model_->eval();
+  auto& model = *parallel_.model;
+  model.eval();
   auto totals = torch::zeros({2}, torch::kDouble); // {loss sum, tokens}
   for (int64_t k = 0; k < options_.val_batches(); ++k) {
     for (const auto& mb : val_loader_->step_batches(k)) {
-      totals[0] += loss_fn_(mb).to(torch::kDouble);
+      totals[0] += parallel_.loss(mb).to(torch::kDouble);
       totals[1] += static_cast<double>(mb.targets.numel());
     }
   }
-  mesh_.group("dp")->all_reduce(totals, ReduceOp::kSum);
-  model_->train();
+  parallel_.mesh.group("dp")->all_reduce(totals, ReduceOp::kSum);
+  model.train();
   return totals[0].item<double>() / totals[1].item<double>();
 }
 
@@ -408,7 +346,7 @@ std::pair<bool, bool> Trainer::agree_on_stop(double elapsed_s, double next_step_
   const bool signalled = o.handle_signals() && g_stop_signal.load() != 0;
   // Ranks may see different clocks and signals: one that wants to stop stops everybody.
   auto flags = torch::tensor({over_time ? 1 : 0, signalled ? 1 : 0}, torch::kInt);
-  mesh_.group("world")->all_reduce(flags, ReduceOp::kMax);
+  parallel_.mesh.group("world")->all_reduce(flags, ReduceOp::kMax);
   return {flags[0].item<int>() != 0, flags[1].item<int>() != 0};
 }
 
@@ -427,7 +365,7 @@ FitResult Trainer::fit() {
     last_val_seconds_ = seconds_since(t0);
     if (!std::isnan(val)) {
       result.val_losses.emplace_back(step_, val);
-      report_validation(step_, val, last_val_seconds_);
+      reporter_.validation(step_, val, last_val_seconds_);
     }
   };
 
@@ -454,7 +392,7 @@ FitResult Trainer::fit() {
       // from the last good one.
       --step_;
       result.reason = StopReason::kNonFinite;
-      report_step(stats, 0, true);
+      reporter_.step(stats, 0, true);
       break;
     }
     const int64_t done = step_ - first;
@@ -464,7 +402,7 @@ FitResult Trainer::fit() {
     if (o.max_time() > 0) {
       eta = std::min(eta, std::max(0.0, o.max_time() - seconds_since(start)));
     }
-    report_step(stats, eta, step_ == o.steps() || done == 1);
+    reporter_.step(stats, eta, step_ == o.steps() || done == 1);
     validated_last = false;
     if (hook_) {
       hook_(*this, CheckpointEvent::kStep);
@@ -480,180 +418,20 @@ FitResult Trainer::fit() {
       !failed) {
     run_validation();
   }
-  end_progress_line();
+  reporter_.end_line();
   if (hook_ && !failed) {
     hook_(*this,
           result.reason == StopReason::kSignal ? CheckpointEvent::kSignal : CheckpointEvent::kEnd);
   }
   result.steps = step_;
   result.seconds = seconds_since(start);
-  if (progress_) {
-    std::printf("done: %lld steps (%s) in %s", static_cast<long long>(step_),
-                to_string(result.reason), format_duration(result.seconds).c_str());
-    if (!result.val_losses.empty()) {
-      std::printf(", val_loss %.4f", result.val_losses.back().second);
-    }
-    std::printf("\n");
-    std::fflush(stdout);
-  }
+  reporter_.done(step_, result.reason, result.seconds,
+                 result.val_losses.empty() ? std::nan("") : result.val_losses.back().second);
   return result;
 }
 
-void Trainer::report_step(const StepStats& stats, double eta_s, bool force_line) {
-  if (!rank0_) {
-    return;
-  }
-  const auto& o = options_;
-  if (metrics_.is_open()) {
-    nlohmann::json line = {
-        {"step", stats.step},
-        {"loss", stats.loss},
-        {"lr", stats.lr},
-        {"grad_norm", stats.grad_norm},
-        {"tokens_per_s", stats.tokens_per_s},
-        {"step_ms", stats.step_ms},
-        {"forward_ms", stats.forward_ms},
-        {"backward_ms", stats.backward_ms},
-        {"optimizer_ms", stats.optimizer_ms},
-        {"comm_ms", stats.comm_ms},
-        {"mem_peak_bytes", stats.mem_peak_bytes},
-        {"tokens", stats.step * tokens_per_step()},
-    };
-    if (!stats.comm_bytes.empty()) {
-      line["comm_bytes"] = stats.comm_bytes;
-    }
-    if (scaler_) {
-      line["loss_scale"] = stats.loss_scale;
-    }
-    if (scaler_ || stats.skipped) {
-      line["skipped"] = stats.skipped;
-    }
-    if (stats.non_finite) {
-      line["non_finite"] = true;
-    }
-    if (stats.tensor_peak_bytes > 0) {
-      line["mem_tensor_peak_bytes"] = stats.tensor_peak_bytes;
-      line["mem_state_bytes"] = stats.state_bytes;
-      line["mem_activation_peak_bytes"] = stats.activation_peak_bytes;
-    }
-    write_metrics(line.dump());
-  }
-  last_stats_ = stats;
-  if (!o.prometheus_path().empty() &&
-      (force_line || (o.log_every() > 0 && stats.step % o.log_every() == 0))) {
-    write_prometheus();
-  }
-  if (!progress_) {
-    return;
-  }
-  window_steps_ += 1;
-  window_seconds_ += stats.step_ms / 1e3;
-  const bool due = redraw_ || force_line || (o.log_every() > 0 && stats.step % o.log_every() == 0);
-  if (!due) {
-    return;
-  }
-  // Tokens/s over the steps since the last printed line (less noisy than one step).
-  const double rate =
-      static_cast<double>(window_steps_ * tokens_per_step()) / std::max(window_seconds_, 1e-9);
-  // Redrawn lines average over windows of 10 steps, printed lines over their interval.
-  if (!redraw_ || window_steps_ >= 10) {
-    window_steps_ = 0;
-    window_seconds_ = 0;
-  }
-  char line[256];
-  std::snprintf(line, sizeof(line),
-                "step %lld/%lld  loss %.4f  lr %.3e  norm %.3f  %.0f tok/s  ETA %s  mem %.0f MiB",
-                static_cast<long long>(stats.step), static_cast<long long>(o.steps()), stats.loss,
-                stats.lr, stats.grad_norm, rate, format_duration(eta_s).c_str(),
-                static_cast<double>(stats.mem_peak_bytes) / (1024.0 * 1024.0));
-  std::string text = line;
-  if (stats.tensor_peak_bytes > 0) {
-    // Live-tensor peak of this step, and of it what forward + backward added.
-    std::snprintf(line, sizeof(line), " (tensors %.0f, act %.0f)",
-                  static_cast<double>(stats.tensor_peak_bytes) / (1024.0 * 1024.0),
-                  static_cast<double>(stats.activation_peak_bytes) / (1024.0 * 1024.0));
-    text += line;
-  }
-  if (redraw_) {
-    // \r and clear to the end of the line: the line is redrawn in place.
-    std::printf("\r%s\033[K", text.c_str());
-    line_open_ = true;
-  } else {
-    std::printf("%s\n", text.c_str());
-  }
-  std::fflush(stdout);
-}
-
-void Trainer::report_validation(int64_t step, double val_loss, double seconds) {
-  if (!rank0_) {
-    return;
-  }
-  if (metrics_.is_open()) {
-    write_metrics(nlohmann::json{{"step", step}, {"val_loss", val_loss}}.dump());
-  }
-  last_val_loss_ = val_loss;
-  if (!options_.prometheus_path().empty()) {
-    write_prometheus();
-  }
-  if (progress_) {
-    end_progress_line();
-    std::printf("step %lld/%lld  val_loss %.4f  (%lld batches, %.1fs)\n",
-                static_cast<long long>(step), static_cast<long long>(options_.steps()), val_loss,
-                static_cast<long long>(options_.val_batches()), seconds);
-    std::fflush(stdout);
-  }
-}
-
-void Trainer::write_metrics(const std::string& line) {
-  // One write of a whole line, then flush: a reader never sees half an object.
-  metrics_ << line + "\n" << std::flush;
-  MT_CHECK(metrics_.good(), "Trainer: writing the metrics file '", options_.metrics_path(),
-           "' failed");
-}
-
-void Trainer::write_prometheus() const {
-  std::ostringstream out;
-  out.precision(17);
-  const auto metric = [&](const char* name, const char* type, const char* help, double value) {
-    out << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n"
-        << name << " " << value << "\n";
-  };
-  const auto& s = last_stats_;
-  metric("meshtrain_step", "gauge", "Optimizer steps done.", static_cast<double>(s.step));
-  metric("meshtrain_steps_total", "gauge", "Optimizer steps of the run.",
-         static_cast<double>(options_.steps()));
-  metric("meshtrain_tokens_total", "counter", "Training tokens consumed.",
-         static_cast<double>(s.step * tokens_per_step()));
-  metric("meshtrain_loss", "gauge", "Mean token loss of the last step's global batch (nats).",
-         s.loss);
-  if (!std::isnan(last_val_loss_)) {
-    metric("meshtrain_val_loss", "gauge", "Mean token loss of the last validation (nats).",
-           last_val_loss_);
-  }
-  metric("meshtrain_learning_rate", "gauge", "Learning rate of the last step.", s.lr);
-  metric("meshtrain_grad_norm", "gauge", "Global gradient norm before clipping.", s.grad_norm);
-  metric("meshtrain_tokens_per_second", "gauge", "Global-batch tokens per second of the last step.",
-         s.tokens_per_s);
-  metric("meshtrain_step_seconds", "gauge", "Wall time of the last step.", s.step_ms / 1e3);
-  metric("meshtrain_peak_memory_bytes", "gauge", "Peak resident memory of rank 0.",
-         static_cast<double>(s.mem_peak_bytes));
-  write_file_atomic(options_.prometheus_path(), out.str());
-}
-
 void Trainer::log(const std::string& line) {
-  if (progress_) {
-    end_progress_line();
-    std::printf("%s\n", line.c_str());
-    std::fflush(stdout);
-  }
-}
-
-void Trainer::end_progress_line() {
-  if (line_open_) {
-    std::printf("\n");
-    std::fflush(stdout);
-    line_open_ = false;
-  }
+  reporter_.log(line);
 }
 
 } // namespace meshtrain

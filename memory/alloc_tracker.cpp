@@ -1,5 +1,5 @@
 // defines: the counting CPU allocator and AllocationTracker (see alloc_tracker.h).
-#include "memory/alloc_tracker.h"
+#include "meshtrain/memory/alloc_tracker.h"
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>

@@ -1,8 +1,6 @@
 // defines: the memory planner (see planner.h). The formulas, term by term, are in
 // docs/memory.md#memory-planner; the comments here say which tensor each term is.
-#include "memory/planner.h"
-
-#include "core/errors.h"
+#include "meshtrain/memory/planner.h"
 
 #include <algorithm>
 #include <numeric>
@@ -10,40 +8,23 @@
 
 namespace meshtrain {
 
-Precision parse_precision(const std::string& text) {
-  if (text == "fp32") {
-    return Precision::kFp32;
-  }
-  if (text == "bf16") {
-    return Precision::kBf16;
-  }
-  MT_CHECK(text == "fp16", "precision '", text, "': must be fp32, bf16 or fp16");
-  return Precision::kFp16;
-}
-
-const char* to_string(Precision precision) {
-  switch (precision) {
-  case Precision::kFp32:
-    return "fp32";
-  case Precision::kBf16:
-    return "bf16";
-  case Precision::kFp16:
-    return "fp16";
-  }
-  return "?";
-}
-
-int64_t element_bytes(Precision precision) {
-  return precision == Precision::kFp32 ? 4 : 2;
-}
-
 namespace {
 
 constexpr int64_t kFp32 = 4;
 
-int64_t micro_batch_of(const PlanLayout& l) {
-  return l.micro_batch > 0 ? l.micro_batch : l.global_batch / l.dp;
-}
+// A validated plan under the short names the formulas use.
+struct Layout {
+  explicit Layout(const ParallelPlan& p)
+      : dp(p.dims.dp), tp(p.dims.tp), zero(p.zero_stage), sequence_parallel(p.sequence_parallel),
+        recompute(p.recompute), precision(p.precision), global_batch(p.global_batch),
+        micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes) {}
+  int64_t dp, tp;
+  int zero;
+  bool sequence_parallel;
+  RecomputeMode recompute;
+  Precision precision;
+  int64_t global_batch, micro_batch, bucket_bytes;
+};
 
 // Vp: the vocab padded to a multiple of lcm(pad, tp) (VocabParallelEmbedding).
 int64_t padded_vocab(const PlanModel& m, int64_t tp) {
@@ -62,38 +43,43 @@ int64_t parameters_per_rank(const PlanModel& m, int64_t tp) {
 
 } // namespace
 
-void validate_plan(const PlanModel& m, const PlanLayout& l) {
-  MT_CHECK(m.vocab_size >= 1 && m.block_size >= 1 && m.n_layer >= 1 && m.n_head >= 1 &&
-               m.n_embd >= 1,
-           "planner: model sizes must be >= 1 (vocab ", m.vocab_size, ", block ", m.block_size,
-           ", layers ", m.n_layer, ", heads ", m.n_head, ", embd ", m.n_embd, ")");
-  MT_CHECK(m.n_embd % m.n_head == 0, "planner: n_embd (", m.n_embd,
-           ") must be divisible by n_head (", m.n_head, ")");
-  MT_CHECK(m.dropout >= 0.0 && m.dropout < 1.0, "planner: dropout (", m.dropout,
-           ") must be in [0, 1)");
-  MT_CHECK(l.dp >= 1 && l.tp >= 1, "planner: dp (", l.dp, ") and tp (", l.tp, ") must be >= 1");
-  MT_CHECK(m.n_head % l.tp == 0, "planner: tp (", l.tp, ") must divide n_head (", m.n_head, ")");
-  MT_CHECK(l.zero >= 0 && l.zero <= 2, "planner: ZeRO stage ", l.zero, " is not 0, 1 or 2");
-  MT_CHECK(!l.sequence_parallel || l.tp > 1,
-           "planner: sequence parallelism needs tp > 1 (tp = ", l.tp, ")");
-  MT_CHECK(!l.sequence_parallel || m.block_size % l.tp == 0,
-           "planner: with sequence "
-           "parallelism tp (",
-           l.tp, ") must divide block_size (", m.block_size, ")");
-  MT_CHECK(l.global_batch >= 1 && l.global_batch % l.dp == 0, "planner: batch size (",
-           l.global_batch, ") must be a positive multiple of dp (", l.dp, ")");
-  const int64_t b = micro_batch_of(l);
-  MT_CHECK(b >= 1 && (l.global_batch / l.dp) % b == 0, "planner: micro-batch size (", b,
-           ") must divide batch size / dp (", l.global_batch / l.dp, ")");
-  MT_CHECK(l.bucket_bytes >= 1, "planner: bucket bytes (", l.bucket_bytes, ") must be >= 1");
+ModelShape shape_of(const PlanModel& m) {
+  ModelShape shape;
+  shape.n_layer = m.n_layer;
+  shape.n_head = m.n_head;
+  shape.seq_len = m.block_size;
+  return shape;
 }
 
-MemoryEstimate estimate_memory(const PlanModel& m, const PlanLayout& l) {
-  validate_plan(m, l);
+ParallelPlan validate_plan(const PlanModel& m, const ParallelPlan& plan) {
+  const auto fail = [](const std::string& message) { throw LayoutError("planner: " + message); };
+  if (m.vocab_size < 1 || m.block_size < 1 || m.n_layer < 1 || m.n_head < 1 || m.n_embd < 1) {
+    fail("model sizes must be >= 1 (vocab " + std::to_string(m.vocab_size) + ", block " +
+         std::to_string(m.block_size) + ", layers " + std::to_string(m.n_layer) + ", heads " +
+         std::to_string(m.n_head) + ", embd " + std::to_string(m.n_embd) + ")");
+  }
+  if (m.n_embd % m.n_head != 0) {
+    fail("n_embd (" + std::to_string(m.n_embd) + ") must be divisible by n_head (" +
+         std::to_string(m.n_head) + ")");
+  }
+  if (!(m.dropout >= 0.0 && m.dropout < 1.0)) {
+    fail("dropout (" + std::to_string(m.dropout) + ") must be in [0, 1)");
+  }
+  const auto& d = plan.dims;
+  if (d.dp < 1 || d.cp < 1 || d.tp < 1 || d.pp < 1) {
+    fail("give every dim of the layout (dp " + std::to_string(d.dp) + ", cp " +
+         std::to_string(d.cp) + ", tp " + std::to_string(d.tp) + ", pp " + std::to_string(d.pp) +
+         "): the planner has no world size to infer one from");
+  }
+  return plan.validate(d.dp * d.cp * d.tp * d.pp, shape_of(m));
+}
+
+MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
+  const Layout l(validate_plan(m, plan));
   const int64_t e = element_bytes(l.precision);
   const int64_t t = l.tp;
   const int64_t sigma = l.sequence_parallel ? t : 1; // the residual stream is [b, T/sigma, C]
-  const int64_t b = micro_batch_of(l);
+  const int64_t b = l.micro_batch;
   const int64_t T = m.block_size, C = m.n_embd, a = m.n_head, L = m.n_layer;
   const int64_t n = b * T;               // tokens of one micro-batch
   const int64_t vp = padded_vocab(m, t); // the logits of this rank: [n, vp / t]
@@ -173,12 +159,12 @@ MemoryEstimate estimate_memory(const PlanModel& m, const PlanLayout& l) {
   return r;
 }
 
-PlanCost estimate_cost(const PlanModel& m, const PlanLayout& l, const PlanHardware& hw) {
-  validate_plan(m, l);
+PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw) {
+  const Layout l(validate_plan(m, plan));
   const int64_t e = element_bytes(l.precision);
   const double t = static_cast<double>(l.tp);
   const double dp = static_cast<double>(l.dp);
-  const int64_t b = micro_batch_of(l);
+  const int64_t b = l.micro_batch;
   const double T = static_cast<double>(m.block_size), C = static_cast<double>(m.n_embd);
   const double L = static_cast<double>(m.n_layer);
   const double tokens = static_cast<double>(l.global_batch) * T / dp; // per dp rank
@@ -225,39 +211,35 @@ PlanCost estimate_cost(const PlanModel& m, const PlanLayout& l, const PlanHardwa
   return cost;
 }
 
-std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const PlanLayout& fixed,
+std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const ParallelPlan& fixed,
                                        int64_t budget_bytes, const PlanHardware& hw) {
-  MT_CHECK(world >= 1, "planner: world size (", world, ") must be >= 1");
+  if (world < 1) {
+    throw LayoutError("planner: world size (" + std::to_string(world) + ") must be >= 1");
+  }
   std::vector<RankedLayout> out;
-  for (int64_t tp = 1; tp <= world; ++tp) {
-    if (world % tp != 0 || m.n_head % tp != 0 || m.n_embd % tp != 0) {
-      continue;
-    }
-    const int64_t dp = world / tp;
-    if (fixed.global_batch % dp != 0) {
-      continue;
-    }
-    const int64_t local = fixed.global_batch / dp;
-    for (int zero = 0; zero <= (dp > 1 ? 2 : 0); ++zero) {
+  for (int tp = 1; tp <= world; ++tp) {
+    for (int zero = 0; zero <= 2; ++zero) {
       for (bool sp : {false, true}) {
-        if (sp && (tp == 1 || m.block_size % tp != 0)) {
-          continue;
-        }
         for (auto mode : {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
-          for (int64_t b = 1; b <= local; ++b) {
-            if (local % b != 0) {
-              continue;
+          for (int64_t b = 1; b <= fixed.global_batch; ++b) {
+            ParallelPlan candidate = fixed;
+            candidate.dims = ParallelDims{-1, 1, tp, 1};
+            candidate.zero_stage = zero;
+            candidate.sequence_parallel = sp;
+            candidate.recompute = mode;
+            candidate.micro_batch = b;
+            ParallelPlan plan;
+            try {
+              plan = candidate.validate(static_cast<int>(world), shape_of(m));
+            } catch (const LayoutError&) {
+              continue; // not a layout of this world and model
             }
-            PlanLayout l = fixed;
-            l.dp = dp;
-            l.tp = tp;
-            l.zero = zero;
-            l.sequence_parallel = sp;
-            l.recompute = mode;
-            l.micro_batch = b;
-            const auto memory = estimate_memory(m, l);
+            if (zero > 0 && plan.dims.dp == 1) {
+              continue; // the same layout as stage 0
+            }
+            const auto memory = estimate_memory(m, plan);
             if (memory.peak <= budget_bytes) {
-              out.push_back({l, memory, estimate_cost(m, l, hw)});
+              out.push_back({plan, memory, estimate_cost(m, plan, hw)});
             }
           }
         }

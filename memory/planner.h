@@ -1,7 +1,7 @@
-// defines: PlanModel, PlanLayout, MemoryEstimate, estimate_memory, PlanCost, estimate_cost,
-// RankedLayout, plan_layouts, parse_precision, element_bytes — the memory planner: per-rank
-// bytes of a GPT (examples/gpt) in a layout, from formulas that count what this
-// implementation keeps (docs/memory.md#memory-planner), and the layouts that fit a budget.
+// defines: PlanModel, validate_plan, MemoryEstimate, estimate_memory, PlanCost, estimate_cost,
+// RankedLayout, plan_layouts — the memory planner: per-rank bytes of a GPT (examples/gpt) in a
+// layout (a ParallelPlan), from formulas that count what this implementation keeps
+// (docs/memory.md#memory-planner), and the layouts that fit a budget.
 //
 // Pure arithmetic (no tensors, no communication). The activation terms follow Korthikanti
 // et al. 2022 ("Reducing activation recomputation in large transformer models"), adjusted
@@ -12,20 +12,13 @@
 // tests/test_planner.cpp and examples/benchmarks/bench_memory_plan.py.
 #pragma once
 
-#include "memory/recompute.h"
+#include "meshtrain/parallel/parallel_plan.h"
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace meshtrain {
-
-enum class Precision { kFp32, kBf16, kFp16 };
-// "fp32", "bf16" or "fp16"; throws naming the value otherwise.
-Precision parse_precision(const std::string& text);
-const char* to_string(Precision precision);
-// Bytes of a parameter / activation element: 4 (fp32) or 2 (bf16, fp16).
-int64_t element_bytes(Precision precision);
 
 // The GPT's shape (examples/gpt/gpt_model.h's GPTConfig, the fields memory depends on).
 struct PlanModel {
@@ -38,21 +31,14 @@ struct PlanModel {
   int64_t pad_vocab_to_multiple_of = 64;
 };
 
-struct PlanLayout {
-  int64_t dp = 1;
-  int64_t tp = 1;
-  int zero = 0; // ZeRO stage 0, 1, 2
-  bool sequence_parallel = false;
-  RecomputeMode recompute = RecomputeMode::kNone;
-  Precision precision = Precision::kFp32;
-  int64_t global_batch = 16; // B, sequences per step over all dp ranks
-  int64_t micro_batch = 0;   // b, sequences per forward on one dp rank; 0: B / dp
-  int64_t bucket_bytes = int64_t{25} * 1024 * 1024; // the reducer's (DataParallelOptions)
-};
+// The plan's model shape of `model` (what ParallelPlan::validate checks).
+ModelShape shape_of(const PlanModel& model);
 
-// Throws naming the value when the layout does not fit the model (tp | n_head, dp | B,
-// b * dp | B, sequence parallel needs tp > 1 and tp | T, ZeRO stage in 0..2, ...).
-void validate_plan(const PlanModel& model, const PlanLayout& layout);
+// Checks the model's own sizes (n_head | n_embd, dropout in [0, 1), ...) and the layout
+// against it with ParallelPlan::validate, on the world the plan's dims make (every dim must be
+// given: dp -1 cannot be inferred here). Returns the resolved plan (micro_batch set). Throws
+// LayoutError naming the value.
+ParallelPlan validate_plan(const PlanModel& model, const ParallelPlan& plan);
 
 // Per-rank bytes. `state` = parameters + gradients + optimizer + data: what lives between
 // steps. `activation_peak`: how far a step's forward + backward rises above that (what the
@@ -76,7 +62,7 @@ struct MemoryEstimate {
   int64_t parameters_per_rank = 0; // element count
 };
 
-MemoryEstimate estimate_memory(const PlanModel& model, const PlanLayout& layout);
+MemoryEstimate estimate_memory(const PlanModel& model, const ParallelPlan& plan);
 
 // A simple cost model to order layouts: matmul FLOPs at a sustained rate plus the bytes each
 // rank moves, at a bus bandwidth (ring algorithms; overlap ignored). Seconds per step.
@@ -90,11 +76,11 @@ struct PlanCost {
   double step_s = 0;
   int64_t comm_bytes = 0; // per rank and step
 };
-PlanCost estimate_cost(const PlanModel& model, const PlanLayout& layout,
+PlanCost estimate_cost(const PlanModel& model, const ParallelPlan& plan,
                        const PlanHardware& hardware = {});
 
 struct RankedLayout {
-  PlanLayout layout;
+  ParallelPlan layout; // validated
   MemoryEstimate memory;
   PlanCost cost;
 };
@@ -102,7 +88,7 @@ struct RankedLayout {
 // micro-batch sizes dividing B / dp) with the precision and global batch of `fixed` whose estimated
 // peak fits `budget_bytes`, fastest first (ties: smaller peak).
 std::vector<RankedLayout> plan_layouts(const PlanModel& model, int64_t world,
-                                       const PlanLayout& fixed, int64_t budget_bytes,
+                                       const ParallelPlan& fixed, int64_t budget_bytes,
                                        const PlanHardware& hardware = {});
 
 } // namespace meshtrain

@@ -1,7 +1,7 @@
 // defines: activation recomputation (see recompute.h).
-#include "memory/recompute.h"
+#include "meshtrain/memory/recompute.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -95,29 +95,6 @@ public:
 };
 
 } // namespace
-
-RecomputeMode parse_recompute_mode(const std::string& text) {
-  if (text == "none") {
-    return RecomputeMode::kNone;
-  }
-  if (text == "selective") {
-    return RecomputeMode::kSelective;
-  }
-  MT_CHECK(text == "full", "recompute mode '", text, "': must be none, selective or full");
-  return RecomputeMode::kFull;
-}
-
-const char* to_string(RecomputeMode mode) {
-  switch (mode) {
-  case RecomputeMode::kNone:
-    return "none";
-  case RecomputeMode::kSelective:
-    return "selective";
-  case RecomputeMode::kFull:
-    return "full";
-  }
-  return "?";
-}
 
 std::vector<torch::Tensor> recompute(const RecomputeFn& fn,
                                      const std::vector<torch::Tensor>& inputs, RngTracker* rng) {

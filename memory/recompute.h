@@ -1,5 +1,6 @@
-// defines: RecomputeMode, parse_recompute_mode, to_string, RecomputeFunction, recompute —
-// activation recomputation (Chen et al. 2016; Korthikanti et al. 2022; DESIGN §3).
+// defines: RecomputeFn, recompute — activation recomputation (Chen et al. 2016; Korthikanti
+// et al. 2022; DESIGN §3). The modes (RecomputeMode) are part of the layout
+// (parallel/parallel_plan.h); launch/parallelize.h applies them.
 //
 // recompute(fn, inputs) runs fn(inputs) without recording its graph: only `inputs` are kept
 // for backward, none of fn's intermediate activations. In backward it restores the random
@@ -11,7 +12,7 @@
 // tensor-parallel fn all-reduces or all-gathers) run again in backward, in the same order on
 // every rank because backward visits the blocks in the same order everywhere.
 //
-// The modes of a GPT (`train_gpt --recompute`):
+// The modes (ParallelPlan::recompute, `train_gpt --recompute`):
 //   none       everything kept for backward
 //   selective  only the attention core — softmax(q k^T / sqrt(D)) v with its dropout — is
 //              recomputed: the [B, h, T, T] scores and probabilities, the largest activations
@@ -19,7 +20,7 @@
 //   full       each transformer block keeps only its input [B, T, C] (or [B, T/tp, C])
 #pragma once
 
-#include "parallel/rng_tracker.h"
+#include "meshtrain/parallel/rng_tracker.h"
 
 #include <torch/torch.h>
 
@@ -28,12 +29,6 @@
 #include <vector>
 
 namespace meshtrain {
-
-enum class RecomputeMode { kNone, kSelective, kFull };
-
-// "none", "selective" or "full"; throws naming the value otherwise.
-RecomputeMode parse_recompute_mode(const std::string& text);
-const char* to_string(RecomputeMode mode);
 
 using RecomputeFn = std::function<std::vector<torch::Tensor>(const std::vector<torch::Tensor>&)>;
 

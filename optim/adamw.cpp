@@ -1,8 +1,8 @@
 // defines: AdamW and its update kernel (see adamw.h). The kernel follows torch's operation
 // order so results agree bit for bit with torch::optim::AdamW on equal gradients.
-#include "optim/adamw.h"
+#include "meshtrain/optim/adamw.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <cmath>
 

@@ -12,7 +12,7 @@
 
 #include <torch/torch.h>
 
-#include "optim/param_groups.h"
+#include "meshtrain/optim/param_groups.h"
 
 #include <cstdint>
 #include <vector>

@@ -1,8 +1,8 @@
 // defines: the global gradient norm and clipping of clip.h.
-#include "optim/clip.h"
+#include "meshtrain/optim/clip.h"
 
-#include "core/errors.h"
-#include "optim/param_groups.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/optim/param_groups.h"
 
 #include <cmath>
 #include <map>

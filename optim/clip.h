@@ -13,8 +13,8 @@
 // Sums are accumulated in double.
 #pragma once
 
-#include "core/mesh.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/parallel/sharding.h"
 
 #include <torch/torch.h>
 

@@ -1,7 +1,7 @@
 // defines: GradScaler (see grad_scaler.h).
-#include "optim/grad_scaler.h"
+#include "meshtrain/optim/grad_scaler.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <utility>
 

@@ -10,7 +10,7 @@
 //   else { clip; optimizer.step(grads) }
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 

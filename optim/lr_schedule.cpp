@@ -1,7 +1,7 @@
 // defines: WarmupCosineSchedule (see lr_schedule.h).
-#include "optim/lr_schedule.h"
+#include "meshtrain/optim/lr_schedule.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <cmath>
 

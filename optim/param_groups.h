@@ -1,4 +1,4 @@
-// defines: ParamGroup, decays_by_default, unique_trainable_parameters, decay_param_groups —
+// defines: ParamGroup, decays_by_default, decay_param_groups —
 // which parameters an optimizer updates and which of them get weight decay.
 //
 // DESIGN §3: weight decay applies only to parameters with dim >= 2 (matmul weights and
@@ -6,6 +6,8 @@
 // registered under two names, e.g. lm_head.weight = transformer.wte.weight) are updated once,
 // under the first name named_parameters() lists.
 #pragma once
+
+#include "meshtrain/parallel/bucket_layout.h" // unique_trainable_parameters
 
 #include <torch/torch.h>
 
@@ -24,11 +26,6 @@ struct ParamGroup {
 
 // DESIGN §3's rule: decay when dim >= 2.
 bool decays_by_default(const torch::Tensor& param);
-
-// The parameters of `model` that require grad, in named_parameters() order, each tensor once
-// (a tied weight keeps its first name).
-std::vector<std::pair<std::string, torch::Tensor>>
-unique_trainable_parameters(const torch::nn::Module& model);
 
 // Two groups, as nanoGPT and Megatron build them: {params with dim >= 2, weight_decay} and
 // {the rest, 0}. An empty group is left out.

@@ -1,7 +1,7 @@
 // defines: SGD and its update kernel (see sgd.h), in torch's operation order.
-#include "optim/sgd.h"
+#include "meshtrain/optim/sgd.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 namespace meshtrain {
 

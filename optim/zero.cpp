@@ -1,18 +1,12 @@
 // defines: ZeroOptimizer (see zero.h for the layout and the byte formulas).
-#include "optim/zero.h"
+#include "meshtrain/optim/zero.h"
 
-#include "core/errors.h"
-#include "optim/clip.h"
-#include "optim/param_groups.h"
-
-#include <set>
+#include "meshtrain/core/errors.h"
+#include "meshtrain/optim/clip.h"
+#include "meshtrain/optim/param_groups.h"
 
 namespace meshtrain {
 namespace {
-
-int64_t round_up(int64_t n, int64_t multiple) {
-  return (n + multiple - 1) / multiple * multiple;
-}
 
 int64_t nbytes(const torch::Tensor& t) {
   return t.defined() ? t.numel() * static_cast<int64_t>(t.element_size()) : 0;
@@ -20,13 +14,14 @@ int64_t nbytes(const torch::Tensor& t) {
 
 } // namespace
 
-ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, ZeroOptions options,
-                             std::vector<std::vector<std::string>> buckets)
-    : options_(std::move(options)), dp_(mesh.group("dp")), tp_(mesh.group("tp")) {
-  const int stage = options_.stage();
-  MT_CHECK(stage != 3, "ZeroOptimizer: ZeRO stage 3 (parameter sharding) is not implemented; "
-                       "use stage 0, 1 or 2");
-  MT_CHECK(stage >= 0 && stage <= 2, "ZeroOptimizer: stage must be 0, 1 or 2, got ", stage);
+ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh,
+                             BucketLayoutPtr layout, ZeroOptions options)
+    : layout_(std::move(layout)), options_(std::move(options)), dp_(mesh.group("dp")),
+      tp_(mesh.group("tp")) {
+  MT_CHECK(layout_ != nullptr, "ZeroOptimizer: the bucket layout is null");
+  MT_CHECK(layout_->dp() == dp_->size(), "ZeroOptimizer: the bucket layout is for dp ",
+           layout_->dp(), ", the mesh's dp group has ", dp_->size(), " ranks");
+  layout_->check_model(model, "ZeroOptimizer");
   std::visit([](const auto& rule) { rule.validate(); }, options_.rule());
   lr_ = std::visit([](const auto& rule) { return rule.lr(); }, options_.rule());
   const auto decay_filter =
@@ -35,58 +30,36 @@ ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, Z
           : [](const std::string&, const torch::Tensor& p) { return decays_by_default(p); };
 
   const auto params = unique_trainable_parameters(model);
-  MT_CHECK(!params.empty(), "ZeroOptimizer: the model has no trainable parameters");
-  std::map<std::string, torch::Tensor> by_name(params.begin(), params.end());
   std::map<std::string, ShardSpec> specs;
   for (auto& [name, spec] : named_shard_specs(model)) {
     specs.emplace(name, spec);
   }
-  if (buckets.empty()) {
-    buckets.emplace_back();
-    for (auto it = params.rbegin(); it != params.rend(); ++it) {
-      buckets.back().push_back(it->first);
-    }
-  }
-
-  const int64_t dp = dp_->size();
-  const int64_t rank = dp_->rank();
-  std::set<std::string> placed;
-  for (size_t b = 0; b < buckets.size(); ++b) {
+  const int rank = dp_->rank();
+  for (int64_t b = 0; b < layout_->num_buckets(); ++b) {
+    const auto& layout_bucket = layout_->buckets()[b];
     Bucket bucket;
-    int64_t offset = 0;
-    for (const auto& name : buckets[b]) {
-      auto it = by_name.find(name);
-      MT_CHECK(it != by_name.end(), "ZeroOptimizer: bucket ", b, " names '", name,
-               "', which is not a trainable parameter of the model");
-      MT_CHECK(placed.insert(name).second, "ZeroOptimizer: parameter '", name,
-               "' appears in more than one bucket slot");
-      const auto& p = it->second;
+    for (const auto& s : layout_bucket.slots) {
+      const auto& p = params[s.param].second;
       if (!bucket.slots.empty()) {
         const auto& first = bucket.slots.front().param;
         MT_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(),
                  "ZeroOptimizer: bucket ", b, " mixes '", bucket.slots.front().name, "' (",
-                 first.scalar_type(), ", ", first.device(), ") and '", name, "' (", p.scalar_type(),
-                 ", ", p.device(), "); use one dtype and device per bucket");
+                 first.scalar_type(), ", ", first.device(), ") and '", s.name, "' (",
+                 p.scalar_type(), ", ", p.device(), "); use one dtype and device per bucket");
       }
-      const auto& spec = specs.at(name);
-      MT_CHECK(!spec.is_partitioned() || spec.group == "tp", "ZeroOptimizer: parameter '", name,
+      const auto& spec = specs.at(s.name);
+      MT_CHECK(!spec.is_partitioned() || spec.group == "tp", "ZeroOptimizer: parameter '", s.name,
                "' is partitioned over '", spec.group, "'; only 'tp' partitions are supported");
       bucket.slots.push_back(
-          Slot{name, p, spec.is_partitioned(), decay_filter(name, p), offset, p.numel()});
-      offset += p.numel();
+          Slot{s.name, p, spec.is_partitioned(), decay_filter(s.name, p), s.offset, s.numel});
     }
-    MT_CHECK(!bucket.slots.empty(), "ZeroOptimizer: bucket ", b, " is empty");
-    num_parameters_ += offset;
-    bucket.padded = round_up(offset, dp);
-    padded_numel_ += bucket.padded;
-    bucket.own_size = stage == 0 ? bucket.padded : bucket.padded / dp;
-    bucket.own_begin = stage == 0 ? 0 : rank * bucket.own_size;
+    bucket.padded = layout_bucket.padded;
+    bucket.own_size = layout_->owned_size(b);
+    bucket.own_begin = layout_->owned_begin(b, rank);
     buckets_.push_back(std::move(bucket));
   }
-  for (const auto& [name, p] : params) {
-    MT_CHECK(placed.count(name) == 1, "ZeroOptimizer: trainable parameter '", name,
-             "' is in no bucket; pass every parameter (DataParallelReducer::bucket_names())");
-  }
+  num_parameters_ = layout_->numel();
+  padded_numel_ = layout_->padded_numel();
 
   // Flat parameter buffers; the parameters become views of them. Padding stays zero.
   torch::NoGradGuard no_grad;
@@ -169,18 +142,18 @@ std::vector<torch::Tensor>
 ZeroOptimizer::owned_grads(const std::vector<torch::Tensor>& grads) const {
   MT_CHECK(grads.size() == buckets_.size(), "ZeroOptimizer: got gradients for ", grads.size(),
            " buckets, the optimizer has ", buckets_.size(),
-           " (build it with the reducer's bucket_names())");
-  const bool sharded = options_.stage() == 2;
+           " (give the reducer and the optimizer the same BucketLayout)");
+  const bool sharded = layout_->shards_gradients();
   std::vector<torch::Tensor> out;
   for (size_t b = 0; b < grads.size(); ++b) {
     const auto& bucket = buckets_[b];
     const auto& g = grads[b];
     const int64_t expected = sharded ? bucket.own_size : bucket.padded;
-    MT_CHECK(g.defined() && g.dim() == 1 && g.numel() == expected, "ZeroOptimizer (stage ",
-             options_.stage(), "): rank ", dp_->rank(), ": gradient of bucket ", b, " has ",
+    MT_CHECK(g.defined() && g.dim() == 1 && g.numel() == expected, "ZeroOptimizer (stage ", stage(),
+             "): rank ", dp_->rank(), ": gradient of bucket ", b, " has ",
              (g.defined() ? g.numel() : 0), " elements, expected ", expected,
-             sharded ? " (this rank's shard: construct the reducer with shard_gradients(true))"
-                     : " (the full bucket: construct the reducer with shard_gradients(false))");
+             sharded ? " (this rank's shard)" : " (the full bucket)",
+             "; give the reducer and the optimizer the same BucketLayout");
     MT_CHECK(c10::isFloatingType(g.scalar_type()), "ZeroOptimizer: gradient of bucket ", b,
              " has dtype ", g.scalar_type(), "; expected a floating dtype");
     auto own = sharded ? g : g.narrow(0, bucket.own_begin, bucket.own_size);
@@ -192,7 +165,7 @@ ZeroOptimizer::owned_grads(const std::vector<torch::Tensor>& grads) const {
 double ZeroOptimizer::clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
   MT_CHECK(grads.size() == buckets_.size(), "ZeroOptimizer::clip_grad_norm: got ", grads.size(),
            " bucket gradients, expected ", buckets_.size());
-  const bool sharded = options_.stage() == 2;
+  const bool sharded = layout_->shards_gradients();
   GradNormParts parts;
   for (size_t b = 0; b < grads.size(); ++b) {
     const auto& bucket = buckets_[b];
@@ -277,7 +250,7 @@ void ZeroOptimizer::write_params_and_gather() {
   for (auto& bucket : buckets_) {
     auto own = bucket.params.narrow(0, bucket.own_begin, bucket.own_size);
     own.copy_(bucket.master);
-    if (options_.stage() >= 1) {
+    if (stage() >= 1) {
       // In place: the input is this rank's chunk of the output.
       works.push_back(dp_->all_gather_async(own, bucket.params));
     }
@@ -310,7 +283,7 @@ ZeroStateDict ZeroOptimizer::gathered_state_dict() const {
     sources["master"] = bucket.master;
     for (const auto& [state, own] : sources) {
       auto full = own;
-      if (options_.stage() >= 1) {
+      if (stage() >= 1) {
         full = torch::empty({bucket.padded}, own.options());
         dp_->all_gather(own, full);
       }

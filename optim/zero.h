@@ -4,13 +4,10 @@
 // rank's (TP-local) parameters and shards within the mesh's "dp" group; the gradient norm
 // also spans the "tp" group.
 //
-// Layout (shared with parallel/data_parallel.h's buckets). The trainable parameters are
-// packed into buckets; bucket b is a flat tensor [padded_b] holding its parameters end to
-// end, padded_b = round_up(numel_b, dp), padding zero. Rank r of dp owns
-//   stage 0:  all of every bucket (nothing sharded)
-//   stage >=1: elements [r * padded_b / dp, (r + 1) * padded_b / dp) of every bucket.
-// The parameters themselves become views into one flat buffer per bucket (param dtype), so
-// the final all-gather writes them in place. The optimizer keeps, for its owned ranges only:
+// Layout: the BucketLayout (parallel/bucket_layout.h) the reducer uses, which also says the
+// ZeRO stage and which range of every bucket this rank owns. The parameters become views into
+// one flat buffer per bucket (param dtype), so the final all-gather writes them in place. The
+// optimizer keeps, for its owned ranges only:
 //   master  fp32 copy of the parameters (exact even when the model runs in bf16)
 //   exp_avg, exp_avg_sq (AdamW) or momentum_buffer (SGD with momentum), fp32.
 //
@@ -30,10 +27,11 @@
 // (default: dim >= 2); the others are never decayed.
 #pragma once
 
-#include "core/mesh.h"
-#include "optim/adamw.h"
-#include "optim/sgd.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/optim/adamw.h"
+#include "meshtrain/optim/sgd.h"
+#include "meshtrain/parallel/bucket_layout.h"
+#include "meshtrain/parallel/sharding.h"
 
 #include <torch/torch.h>
 
@@ -47,9 +45,6 @@
 namespace meshtrain {
 
 struct ZeroOptions {
-  /* implicit */ ZeroOptions(int stage = 1) : stage_(stage) {}
-  // 0: nothing sharded; 1: master + moments sharded over dp; 2: also gradients.
-  TORCH_ARG(int, stage) = 1;
   // Which parameters get weight decay (default: decays_by_default, dim >= 2).
   TORCH_ARG(std::function<bool(const std::string&, const torch::Tensor&)>, decay_filter);
 
@@ -88,13 +83,12 @@ struct OwnedRange {
 
 class ZeroOptimizer {
 public:
-  // `buckets`: the parameter names of each bucket in packing order, as
-  // DataParallelReducer::bucket_names() returns them; empty: one bucket of every trainable
-  // parameter in reverse order. Every trainable parameter of `model` must appear once.
+  // Packs the parameters of `model` into `layout`'s buckets (the reducer's) and keeps the
+  // state of the ranges this rank of mesh.group("dp") owns at the layout's ZeRO stage.
   // Turns the parameters into views of the flat parameter buffers (set_data): construct it
   // after loading weights, or call sync_master_from_params() after changing them.
-  ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, ZeroOptions options = {},
-                std::vector<std::vector<std::string>> buckets = {});
+  ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,
+                ZeroOptions options = {});
 
   // Global L2 norm of the gradients (whole model, all tp partitions, replicated parameters
   // once) before clipping; scales `grads` in place by clip_coefficient(norm, max_norm).
@@ -109,6 +103,8 @@ public:
   double lr() const { return lr_; }
   int64_t step_count() const { return step_; }
   const ZeroOptions& options() const { return options_; }
+  const BucketLayout& layout() const { return *layout_; }
+  int stage() const { return layout_->zero_stage(); }
 
   // Bytes of optimizer state on this rank: fp32 master + exp_avg + exp_avg_sq (AdamW) or
   // master + momentum_buffer (SGD).
@@ -161,6 +157,7 @@ private:
   void check_params_in_place() const;
   void write_params_and_gather();
 
+  BucketLayoutPtr layout_;
   ZeroOptions options_;
   CommunicatorPtr dp_;
   CommunicatorPtr tp_;

@@ -1,9 +1,9 @@
 // defines: ColumnParallelLinearImpl (see column_parallel_linear.h).
-#include "parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
 
-#include "core/errors.h"
-#include "parallel/mappings.h"
-#include "parallel/shard_tensor.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
 namespace meshtrain {
 
@@ -63,6 +63,25 @@ torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
                          : copy_to_tp_region(x, tp_group_);
   auto y = torch::nn::functional::linear(input, weight, bias); // [B, T, out/tp]
   return options_.gather_output() ? gather_from_tp_region(y, tp_group_) : y;
+}
+
+void ColumnParallelLinearImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "ColumnParallelLinear: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "ColumnParallelLinear: the tp communicator is null");
+  const int size = tp.group->size();
+  const int rank = tp.group->rank();
+  const auto& o = options_;
+  MT_CHECK(o.out_features() % (o.blocks() * size) == 0, "ColumnParallelLinear: out_features (",
+           o.out_features(), ") must be divisible by blocks (", o.blocks(), ") x tp (", size, ")");
+  keep_shard(weight, 0, rank, size, o.blocks());
+  set_shard_spec("weight", partitioned_spec(0, o.out_features(), rank, size, -1, o.blocks()));
+  if (bias.defined()) {
+    keep_shard(bias, 0, rank, size, o.blocks());
+    set_shard_spec("bias", partitioned_spec(0, o.out_features(), rank, size, -1, o.blocks()));
+  }
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 } // namespace meshtrain

@@ -16,8 +16,9 @@
 // then keeps its rows. The bias starts at 0 and draws nothing.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/sharding.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -40,13 +41,18 @@ struct ColumnParallelLinearOptions {
 };
 
 class ColumnParallelLinearImpl : public torch::nn::Cloneable<ColumnParallelLinearImpl>,
-                                 public ShardedModule {
+                                 public ShardedModule,
+                                 public TensorParallelLayer {
 public:
-  ColumnParallelLinearImpl(ColumnParallelLinearOptions options, CommunicatorPtr tp_group);
+  // Without a group: the serial layer (full weight), until apply_tensor_parallel.
+  explicit ColumnParallelLinearImpl(ColumnParallelLinearOptions options,
+                                    CommunicatorPtr tp_group = make_self_communicator());
 
   // Draws the master weight (see above) and registers weight and bias.
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Keeps this rank's shard of the full weights (see tensor_parallel_layer.h).
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [B, T, in] (or [B, T/tp, in] under sequence parallelism) -> [B, T, out/tp]
   // (or [B, T, out] with gather_output).

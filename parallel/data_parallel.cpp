@@ -1,55 +1,12 @@
 // defines: DataParallelReducer, NoSyncGuard, assign_buckets, global_mean_loss,
 // global_token_count (see data_parallel.h for the design).
-#include "parallel/data_parallel.h"
+#include "meshtrain/parallel/data_parallel.h"
 
-#include "core/errors.h"
-
-#include <c10/core/ScalarType.h>
+#include "meshtrain/core/errors.h"
 
 #include <sstream>
-#include <unordered_set>
 
 namespace meshtrain {
-namespace {
-
-int64_t round_up(int64_t n, int64_t multiple) {
-  return (n + multiple - 1) / multiple * multiple;
-}
-
-// Trainable parameters, each tensor once (the same rule as optim/param_groups.h, which this
-// layer may not include: a tied weight keeps its first name).
-std::vector<std::pair<std::string, torch::Tensor>>
-trainable_parameters(const torch::nn::Module& model) {
-  std::vector<std::pair<std::string, torch::Tensor>> out;
-  std::unordered_set<const void*> seen;
-  for (const auto& item : model.named_parameters()) {
-    if (item.value().requires_grad() && seen.insert(item.value().unsafeGetTensorImpl()).second) {
-      out.emplace_back(item.key(), item.value());
-    }
-  }
-  return out;
-}
-
-} // namespace
-
-std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& numels,
-                                                 int64_t element_size, int64_t bucket_bytes) {
-  MT_CHECK(bucket_bytes > 0, "assign_buckets: bucket_bytes must be > 0, got ", bucket_bytes);
-  MT_CHECK(element_size > 0, "assign_buckets: element_size must be > 0, got ", element_size);
-  std::vector<std::vector<int64_t>> buckets;
-  int64_t bytes = 0;
-  for (auto i = static_cast<int64_t>(numels.size()) - 1; i >= 0; --i) {
-    const int64_t size = numels[i] * element_size;
-    if (buckets.empty() || (bytes > 0 && bytes + size > bucket_bytes)) {
-      buckets.emplace_back();
-      bytes = 0;
-    }
-    buckets.back().push_back(i);
-    bytes += size;
-  }
-  return buckets;
-}
-
 NoSyncGuard::NoSyncGuard(NoSyncGuard&& other) noexcept : reducer_(other.reducer_) {
   other.reducer_ = nullptr;
 }
@@ -61,61 +18,49 @@ NoSyncGuard::~NoSyncGuard() {
 }
 
 DataParallelReducer::DataParallelReducer(const torch::nn::Module& model, const Mesh& mesh,
-                                         DataParallelOptions options)
-    : options_(options), dp_(mesh.group("dp")) {
-  const auto dtype = options_.reduce_dtype();
-  MT_CHECK(c10::isFloatingType(dtype), "DataParallelReducer: reduce_dtype must be a floating ",
-           "dtype (Float, BFloat16, Half, Double), got ", dtype);
+                                         BucketLayoutPtr layout, DataParallelOptions options)
+    : layout_(std::move(layout)), options_(options), dp_(mesh.group("dp")) {
+  MT_CHECK(layout_ != nullptr, "DataParallelReducer: the bucket layout is null");
   MT_CHECK(options_.op() == ReduceOp::kSum || options_.op() == ReduceOp::kAvg,
            "DataParallelReducer: op must be sum or avg, got ", to_string(options_.op()));
-  MT_CHECK(options_.bucket_bytes() > 0, "DataParallelReducer: bucket_bytes must be > 0, got ",
-           options_.bucket_bytes());
+  const int64_t dp = dp_->size();
+  MT_CHECK(layout_->dp() == dp, "DataParallelReducer: the bucket layout is for dp ", layout_->dp(),
+           ", the mesh's dp group has ", dp, " ranks");
+  layout_->check_model(model, "DataParallelReducer");
 
-  const auto params = trainable_parameters(model);
-  MT_CHECK(!params.empty(), "DataParallelReducer: the model has no trainable parameters");
+  const auto params = unique_trainable_parameters(model);
   const auto device = params.front().second.device();
-  std::vector<int64_t> numels;
   for (const auto& [name, p] : params) {
-    MT_CHECK(c10::isFloatingType(p.scalar_type()), "DataParallelReducer: parameter '", name,
-             "' has dtype ", p.scalar_type(), "; only floating parameters can be trained");
     MT_CHECK(p.device() == device, "DataParallelReducer: parameter '", name, "' is on ", p.device(),
              " but '", params.front().first, "' is on ", device);
-    numels.push_back(p.numel());
   }
-  grad_options_ = torch::TensorOptions().dtype(dtype).device(device);
+  grad_options_ = torch::TensorOptions().dtype(layout_->options().reduce_dtype()).device(device);
 
-  const int64_t dp = dp_->size();
-  const auto packing = assign_buckets(numels, static_cast<int64_t>(c10::elementSize(dtype)),
-                                      options_.bucket_bytes());
+  const bool sharded = layout_->shards_gradients();
   slots_.resize(params.size());
   int64_t flat_numel = 0;
-  for (size_t b = 0; b < packing.size(); ++b) {
+  for (const auto& layout_bucket : layout_->buckets()) {
     Bucket bucket;
-    std::vector<std::string> names;
-    int64_t offset = 0;
-    for (const int64_t i : packing[b]) {
-      auto& slot = slots_[i];
-      slot.name = params[i].first;
-      slot.param = params[i].second;
-      slot.bucket = static_cast<int64_t>(b);
-      slot.offset = offset;
-      slot.numel = numels[i];
-      offset += numels[i];
-      bucket.slots.push_back(i);
-      names.push_back(slot.name);
+    for (const auto& s : layout_bucket.slots) {
+      auto& slot = slots_[s.param];
+      slot.name = s.name;
+      slot.param = params[s.param].second;
+      slot.bucket = static_cast<int64_t>(buckets_.size());
+      slot.offset = s.offset;
+      slot.numel = s.numel;
+      bucket.slots.push_back(static_cast<int64_t>(s.param));
     }
-    bucket.padded = round_up(std::max<int64_t>(offset, 1), dp);
+    bucket.padded = layout_bucket.padded;
     bucket.pending = static_cast<int64_t>(bucket.slots.size());
-    flat_numel += options_.shard_gradients() ? bucket.padded / dp : bucket.padded;
+    flat_numel += sharded ? bucket.padded / dp : bucket.padded;
     buckets_.push_back(std::move(bucket));
-    bucket_names_.push_back(std::move(names));
   }
   // Zeros: the padding of every bucket must stay zero (it is summed with the others').
   flat_ = torch::zeros({flat_numel}, grad_options_);
   int64_t at = 0;
   for (auto& bucket : buckets_) {
-    const int64_t n = options_.shard_gradients() ? bucket.padded / dp : bucket.padded;
-    (options_.shard_gradients() ? bucket.shard : bucket.grads) = flat_.narrow(0, at, n);
+    const int64_t n = sharded ? bucket.padded / dp : bucket.padded;
+    (sharded ? bucket.shard : bucket.grads) = flat_.narrow(0, at, n);
     at += n;
   }
 
@@ -199,7 +144,7 @@ void DataParallelReducer::on_grad(int64_t index, const torch::Tensor& grad) {
   // by finish()).
   slot.param.mutable_grad().reset();
   if (phase_ == Phase::kReduced) {
-    MT_CHECK(options_.shard_gradients(), "DataParallelReducer: gradient of '", slot.name,
+    MT_CHECK(layout_->shards_gradients(), "DataParallelReducer: gradient of '", slot.name,
              "' arrived after finish() without zero_grad(): this step's gradients were already "
              "all-reduced; call zero_grad() before the next step, and wrap the accumulation "
              "micro-steps in no_sync()");
@@ -247,7 +192,7 @@ void DataParallelReducer::launch_ready() {
 
 void DataParallelReducer::launch(Bucket& bucket) {
   MT_ASSERT(!bucket.launched, "bucket issued twice");
-  if (options_.shard_gradients()) {
+  if (layout_->shards_gradients()) {
     // The first reduction of a step lands in the shard; later ones (synchronised
     // accumulation) go through a temporary that complete() adds in.
     bucket.out = bucket.shard_fresh ? bucket.shard : torch::empty_like(bucket.shard);
@@ -265,7 +210,7 @@ void DataParallelReducer::complete(Bucket& bucket) {
   }
   bucket.work->wait();
   bucket.work.reset();
-  if (options_.shard_gradients()) {
+  if (layout_->shards_gradients()) {
     if (!bucket.out.is_same(bucket.shard)) {
       bucket.shard.add_(bucket.out);
     }
@@ -276,7 +221,7 @@ void DataParallelReducer::complete(Bucket& bucket) {
 }
 
 void DataParallelReducer::poll_completed() {
-  if (!options_.shard_gradients()) {
+  if (!layout_->shards_gradients()) {
     return; // nothing to free early; finish() waits
   }
   for (size_t b = 0; b < next_launch_; ++b) {
@@ -336,7 +281,7 @@ std::vector<torch::Tensor> DataParallelReducer::finish() {
 
   for (auto& slot : slots_) {
     auto& param_grad = slot.param.mutable_grad();
-    if (options_.shard_gradients()) {
+    if (layout_->shards_gradients()) {
       param_grad.reset();
       slot.in_buffer = false; // the staging is gone; the next pass starts from zero
     } else {
@@ -369,7 +314,7 @@ void DataParallelReducer::zero_grad() {
     bucket.pending = static_cast<int64_t>(bucket.slots.size());
     bucket.launched = false;
     bucket.shard_fresh = true;
-    if (options_.shard_gradients() && bucket.grads.defined()) {
+    if (layout_->shards_gradients() && bucket.grads.defined()) {
       staging_bytes_ -= bucket.grads.numel() * static_cast<int64_t>(bucket.grads.element_size());
       bucket.grads = torch::Tensor();
     }
@@ -381,7 +326,7 @@ void DataParallelReducer::zero_grad() {
 std::vector<torch::Tensor> DataParallelReducer::results() const {
   std::vector<torch::Tensor> out;
   for (const auto& bucket : buckets_) {
-    out.push_back(options_.shard_gradients() ? bucket.shard : bucket.grads);
+    out.push_back(layout_->shards_gradients() ? bucket.shard : bucket.grads);
   }
   return out;
 }

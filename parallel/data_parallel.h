@@ -1,14 +1,7 @@
-// defines: DataParallelOptions, DataParallelReducer, NoSyncGuard, assign_buckets,
-// global_mean_loss, global_token_count — data parallelism: gradients reduced over the mesh's
-// "dp" group in flat buckets, launched from autograd hooks while backward still runs.
-//
-// Buckets. The trainable parameters are packed in REVERSE registration order (backward
-// produces the last layers' gradients first) into buckets of at most bucket_bytes (25 MiB by
-// default, in the reduce dtype; a larger parameter gets a bucket of its own). Bucket b is one
-// contiguous tensor [padded_b], padded_b = round_up(sum of its numels, dp), holding its
-// parameters' flattened gradients end to end in packing order, then zeros. Rank r of the dp
-// group owns elements [r * padded_b / dp, (r + 1) * padded_b / dp) of every bucket (ZeRO's
-// shard of it, see optim/zero.h).
+// defines: DataParallelOptions, DataParallelReducer, NoSyncGuard, global_mean_loss,
+// global_token_count — data parallelism: gradients reduced over the mesh's "dp" group in the
+// flat buckets of a BucketLayout (parallel/bucket_layout.h), launched from autograd hooks
+// while backward still runs.
 //
 // Overlap. A hook on every parameter copies (or, when accumulating, adds) the incoming
 // gradient into its bucket slot. When every parameter of a bucket has delivered in the
@@ -23,13 +16,13 @@
 // global-batch mean whatever dp and the accumulation are. op kAvg divides by dp instead, for
 // losses that are already means over the local micro-batch (PyTorch DDP's convention).
 //
-// Gradient storage and param.grad:
-//   - unsharded (shard_gradients false; plain DP, ZeRO-1): one persistent flat buffer holds
-//     all buckets; the reduction is an all-reduce; after finish() each param.grad is a view
-//     into its bucket (a cast copy when reduce_dtype differs from the parameter's dtype).
-//   - sharded (shard_gradients true; ZeRO-2): the persistent buffer holds only this rank's
-//     1/dp of every bucket; a bucket's full-size staging tensor is allocated when its first
-//     gradient arrives and freed once its reduce-scatter has completed. param.grad is
+// Gradient storage and param.grad (the layout decides which):
+//   - unsharded (layout stage 0, 1): one persistent flat buffer holds all buckets; the
+//     reduction is an all-reduce; after finish() each param.grad is a view into its bucket
+//     (a cast copy when the reduce dtype differs from the parameter's dtype).
+//   - sharded (layout stage 2, shards_gradients()): the persistent buffer holds only this
+//     rank's 1/dp of every bucket; a bucket's full-size staging tensor is allocated when its
+//     first gradient arrives and freed once its reduce-scatter has completed. param.grad is
 //     undefined after finish(); the optimizer reads the shards from finish()'s result.
 //   During backward, autograd's own gradient tensor of each parameter stays in param.grad
 //   until the no_sync scope ends or finish() runs (like DDP without gradient_as_bucket_view).
@@ -42,7 +35,7 @@
 //     global_mean_loss(loss_sum(m), global_tokens).backward();
 //   }
 //   std::vector<torch::Tensor> grads = reducer.finish();  // per bucket, full or shard
-// With shard_gradients, accumulation may also run every micro-step synchronised (backward +
+// With sharded gradients, accumulation may also run every micro-step synchronised (backward +
 // finish() per micro-step, no no_sync): each reduce-scatter is added to the shard, so the
 // full-size staging never outlives a micro-step, at M times the communication.
 //
@@ -54,7 +47,8 @@
 // at it) and removes its hooks when destroyed.
 #pragma once
 
-#include "core/mesh.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/parallel/bucket_layout.h"
 
 #include <torch/torch.h>
 
@@ -66,29 +60,15 @@
 namespace meshtrain {
 
 struct DataParallelOptions {
-  // Upper bound of a bucket's gradient bytes (in reduce_dtype). Smaller buckets start
-  // communicating earlier; larger ones make fewer, more efficient calls.
-  TORCH_ARG(int64_t, bucket_bytes) = int64_t{25} * 1024 * 1024;
   // false: every bucket is reduced in finish() (for measuring what overlap buys).
   TORCH_ARG(bool, overlap) = true;
-  // Dtype of the buckets: gradients are accumulated, summed and sent in it. kBFloat16 halves
-  // the traffic; the MPI backend still sums in fp32 and rounds once.
-  TORCH_ARG(torch::Dtype, reduce_dtype) = torch::kFloat;
   // kSum (default, with global_mean_loss) or kAvg (local-mean losses).
   TORCH_ARG(ReduceOp, op) = ReduceOp::kSum;
-  // ZeRO-2: reduce-scatter buckets, keep only this rank's shard of them.
-  TORCH_ARG(bool, shard_gradients) = false;
   // Treat parameters without a gradient as zero instead of failing in finish().
   TORCH_ARG(bool, allow_unused) = false;
   // Broadcast the parameters from dp rank 0 at construction, so replicas start identical.
   TORCH_ARG(bool, broadcast_parameters) = true;
 };
-
-// Greedy reverse-order packing (pure; unit-tested): walks numels from the last entry to the
-// first and starts a new bucket when adding the next would pass bucket_bytes. Returns the
-// indices into `numels` of each bucket, in packing order.
-std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& numels,
-                                                 int64_t element_size, int64_t bucket_bytes);
 
 class DataParallelReducer;
 
@@ -110,9 +90,10 @@ private:
 
 class DataParallelReducer {
 public:
-  // Hooks every trainable parameter of `model` (a tied weight once, under its first name);
-  // reduces over mesh.group("dp"). Collective over dp when broadcast_parameters.
-  DataParallelReducer(const torch::nn::Module& model, const Mesh& mesh,
+  // Hooks every trainable parameter of `model` (a tied weight once, under its first name)
+  // and reduces its gradients over mesh.group("dp") in `layout`'s buckets (built for this
+  // model and that group's size). Collective over dp when broadcast_parameters.
+  DataParallelReducer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,
                       DataParallelOptions options = {});
   ~DataParallelReducer();
   DataParallelReducer(const DataParallelReducer&) = delete;
@@ -128,9 +109,7 @@ public:
   // A second call without backward in between returns the same tensors.
   std::vector<torch::Tensor> finish();
 
-  // Parameter names of each bucket, in packing order (what optim/zero.h needs to lay out
-  // its flat buffers the same way).
-  const std::vector<std::vector<std::string>>& bucket_names() const { return bucket_names_; }
+  const BucketLayout& layout() const { return *layout_; }
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
   // padded_b of bucket b.
   int64_t bucket_numel(int64_t b) const;
@@ -179,11 +158,11 @@ private:
   void wait_in_flight();
   std::vector<torch::Tensor> results() const;
 
+  BucketLayoutPtr layout_;
   DataParallelOptions options_;
   CommunicatorPtr dp_;
   std::vector<Slot> slots_;
   std::vector<Bucket> buckets_;
-  std::vector<std::vector<std::string>> bucket_names_;
   torch::Tensor flat_; // unsharded: all buckets; sharded: all shards
   torch::TensorOptions grad_options_;
   Phase phase_ = Phase::kAccumulating;

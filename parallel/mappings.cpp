@@ -1,8 +1,8 @@
 // defines: the autograd functions behind parallel/mappings.h and the dim-aware collectives
 // they are made of (all-reduce, all-gather, reduce-scatter and split along any dim).
-#include "parallel/mappings.h"
+#include "meshtrain/parallel/mappings.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <torch/custom_class.h>
 

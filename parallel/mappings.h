@@ -18,7 +18,7 @@
 // target dim to the front and back as needed.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 

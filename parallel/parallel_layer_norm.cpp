@@ -1,8 +1,8 @@
 // defines: ParallelLayerNormImpl (see parallel_layer_norm.h).
-#include "parallel/parallel_layer_norm.h"
+#include "meshtrain/parallel/parallel_layer_norm.h"
 
-#include "core/errors.h"
-#include "parallel/mappings.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
 
 namespace meshtrain {
 
@@ -46,6 +46,18 @@ torch::Tensor ParallelLayerNormImpl::forward(const torch::Tensor& x) {
              .weight(w)
              .bias(b)
              .eps(options_.eps()));
+}
+
+void ParallelLayerNormImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "ParallelLayerNorm: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "ParallelLayerNorm: the tp communicator is null");
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
+  ShardSpec spec = ShardSpec::replicated();
+  spec.sequence_parallel = tp.sequence_parallel;
+  set_shard_spec("weight", spec);
+  set_shard_spec("bias", spec);
 }
 
 } // namespace meshtrain

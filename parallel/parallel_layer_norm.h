@@ -10,8 +10,9 @@
 // returns. ShardSpec: replicated, sequence_parallel = the option.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/sharding.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -25,12 +26,16 @@ struct ParallelLayerNormOptions {
 };
 
 class ParallelLayerNormImpl : public torch::nn::Cloneable<ParallelLayerNormImpl>,
-                              public ShardedModule {
+                              public ShardedModule,
+                              public TensorParallelLayer {
 public:
-  ParallelLayerNormImpl(ParallelLayerNormOptions options, CommunicatorPtr tp_group);
+  explicit ParallelLayerNormImpl(ParallelLayerNormOptions options,
+                                 CommunicatorPtr tp_group = make_self_communicator());
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Replicated weights: records the group and whether the input is a sequence shard.
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [.., C] -> [.., C]
   torch::Tensor forward(const torch::Tensor& x);

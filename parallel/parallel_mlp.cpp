@@ -1,7 +1,7 @@
 // defines: ParallelMLPImpl (see parallel_mlp.h).
-#include "parallel/parallel_mlp.h"
+#include "meshtrain/parallel/parallel_mlp.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <cmath>
 
@@ -39,6 +39,16 @@ void ParallelMLPImpl::reset() {
                             .sequence_parallel(o.sequence_parallel())
                             .init_std(0.02 / std::sqrt(2.0 * static_cast<double>(o.n_layer()))),
                         tp_group_));
+}
+
+void ParallelMLPImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "ParallelMLP: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "ParallelMLP: the tp communicator is null");
+  MT_CHECK(options_.n_embd() % tp.group->size() == 0, "ParallelMLP: n_embd (", options_.n_embd(),
+           ") must be divisible by tp (", tp.group->size(), ")");
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 void ParallelMLPImpl::pretty_print(std::ostream& stream) const {

@@ -10,10 +10,11 @@
 // N(0, 0.02/sqrt(2*n_layer)); biases are 0.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/column_parallel_linear.h"
-#include "parallel/rng_tracker.h"
-#include "parallel/row_parallel_linear.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/rng_tracker.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -28,14 +29,17 @@ struct ParallelMLPOptions {
   TORCH_ARG(bool, sequence_parallel) = false;
 };
 
-class ParallelMLPImpl : public torch::nn::Cloneable<ParallelMLPImpl> {
+class ParallelMLPImpl : public torch::nn::Cloneable<ParallelMLPImpl>, public TensorParallelLayer {
 public:
-  // `rng` may be null when dropout is 0.
-  ParallelMLPImpl(ParallelMLPOptions options, CommunicatorPtr tp_group,
-                  RngTrackerPtr rng = nullptr);
+  // Serial until apply_tensor_parallel. `rng` may be null when dropout is 0.
+  explicit ParallelMLPImpl(ParallelMLPOptions options,
+                           CommunicatorPtr tp_group = make_self_communicator(),
+                           RngTrackerPtr rng = nullptr);
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Splits the hidden dim (c_fc and c_proj cut their own weights).
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [B, T, C] -> [B, T, C]; under sequence parallelism [B, T/tp, C] -> [B, T/tp, C].
   torch::Tensor forward(const torch::Tensor& x);

@@ -1,7 +1,7 @@
 // defines: ParallelSelfAttentionImpl, check_attention_split (see parallel_self_attention.h).
-#include "parallel/parallel_self_attention.h"
+#include "meshtrain/parallel/parallel_self_attention.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <cmath>
 #include <limits>
@@ -49,6 +49,15 @@ void ParallelSelfAttentionImpl::reset() {
                             .sequence_parallel(o.sequence_parallel())
                             .init_std(0.02 / std::sqrt(2.0 * static_cast<double>(o.n_layer()))),
                         tp_group_));
+}
+
+void ParallelSelfAttentionImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "ParallelSelfAttention: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "ParallelSelfAttention: the tp communicator is null");
+  check_attention_split(options_, tp.group->size());
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 void ParallelSelfAttentionImpl::pretty_print(std::ostream& stream) const {

@@ -17,10 +17,12 @@
 // N(0, 0.02/sqrt(2*n_layer)); biases are 0.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/column_parallel_linear.h"
-#include "parallel/rng_tracker.h"
-#include "parallel/row_parallel_linear.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/parallel_model.h"
+#include "meshtrain/parallel/rng_tracker.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -40,14 +42,19 @@ struct ParallelSelfAttentionOptions {
   TORCH_ARG(bool, sequence_parallel) = false;
 };
 
-class ParallelSelfAttentionImpl : public torch::nn::Cloneable<ParallelSelfAttentionImpl> {
+class ParallelSelfAttentionImpl : public torch::nn::Cloneable<ParallelSelfAttentionImpl>,
+                                  public TensorParallelLayer,
+                                  public AttentionCore {
 public:
-  // `rng` may be null when dropout is 0.
-  ParallelSelfAttentionImpl(ParallelSelfAttentionOptions options, CommunicatorPtr tp_group,
-                            RngTrackerPtr rng = nullptr);
+  // Serial (all heads) until apply_tensor_parallel. `rng` may be null when dropout is 0.
+  explicit ParallelSelfAttentionImpl(ParallelSelfAttentionOptions options,
+                                     CommunicatorPtr tp_group = make_self_communicator(),
+                                     RngTrackerPtr rng = nullptr);
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Keeps this rank's heads (c_attn and c_proj cut their own weights).
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [B, T, C] -> [B, T, C]; under sequence parallelism [B, T/tp, C] -> [B, T/tp, C].
   torch::Tensor forward(const torch::Tensor& x);
@@ -55,15 +62,12 @@ public:
   const ParallelSelfAttentionOptions& options() const { return options_; }
   int64_t local_heads() const { return options_.n_head() / tp_group_->size(); }
 
-  // The attention core: q, k, v [B, h, T, D] -> softmax(q k^T / sqrt(D), causal), its
-  // dropout, times v -> [B, h, T, D]. No parameters, no communication.
-  using CoreFn = std::function<torch::Tensor(const torch::Tensor& q, const torch::Tensor& k,
-                                             const torch::Tensor& v)>;
-  // Runs the core in forward; memory/'s selective recomputation installs one (the model
-  // composes it, so parallel/ does not depend on memory/). Empty: the core runs as is.
-  using CoreWrapper = std::function<torch::Tensor(const CoreFn& core, const torch::Tensor& q,
-                                                  const torch::Tensor& k, const torch::Tensor& v)>;
-  void set_core_wrapper(CoreWrapper wrapper) { core_wrapper_ = std::move(wrapper); }
+  // The attention core (parallel_model.h): q, k, v [B, h, T, D] -> [B, h, T, D].
+  using CoreFn = AttentionCoreFn;
+  using CoreWrapper = AttentionCoreWrapper;
+  // Runs the core through `wrapper` in forward (selective recomputation, installed by
+  // parallelize). Empty: the core runs as is.
+  void set_core_wrapper(CoreWrapper wrapper) override { core_wrapper_ = std::move(wrapper); }
 
   ColumnParallelLinear c_attn{nullptr};
   RowParallelLinear c_proj{nullptr};

@@ -1,7 +1,7 @@
 // defines: ParallelTransformerBlockImpl (see parallel_transformer_block.h).
-#include "parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 namespace meshtrain {
 
@@ -38,6 +38,12 @@ void ParallelTransformerBlockImpl::reset() {
                                                .dropout(o.dropout())
                                                .sequence_parallel(sp),
                                            tp_group_, rng_));
+}
+
+void ParallelTransformerBlockImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp.group != nullptr, "ParallelTransformerBlock: the tp communicator is null");
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 void ParallelTransformerBlockImpl::pretty_print(std::ostream& stream) const {

@@ -23,11 +23,13 @@
 // after the same seed, for any tp.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/parallel_layer_norm.h"
-#include "parallel/parallel_mlp.h"
-#include "parallel/parallel_self_attention.h"
-#include "parallel/rng_tracker.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/parallel_layer_norm.h"
+#include "meshtrain/parallel/parallel_mlp.h"
+#include "meshtrain/parallel/parallel_model.h"
+#include "meshtrain/parallel/parallel_self_attention.h"
+#include "meshtrain/parallel/rng_tracker.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -45,17 +47,22 @@ struct ParallelTransformerBlockOptions {
   TORCH_ARG(bool, sequence_parallel) = false;
 };
 
-class ParallelTransformerBlockImpl : public torch::nn::Cloneable<ParallelTransformerBlockImpl> {
+class ParallelTransformerBlockImpl : public torch::nn::Cloneable<ParallelTransformerBlockImpl>,
+                                     public ParallelBlock,
+                                     public TensorParallelLayer {
 public:
-  // `rng` may be null when dropout is 0.
-  ParallelTransformerBlockImpl(ParallelTransformerBlockOptions options, CommunicatorPtr tp_group,
-                               RngTrackerPtr rng = nullptr);
+  // Serial until apply_tensor_parallel. `rng` may be null when dropout is 0.
+  explicit ParallelTransformerBlockImpl(ParallelTransformerBlockOptions options,
+                                        CommunicatorPtr tp_group = make_self_communicator(),
+                                        RngTrackerPtr rng = nullptr);
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Records the layout; its layers lay themselves out.
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [B, T, C] -> [B, T, C]; under sequence parallelism [B, T/tp, C] -> [B, T/tp, C].
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x) override;
 
   const ParallelTransformerBlockOptions& options() const { return options_; }
 

@@ -1,7 +1,7 @@
 // defines: RngTracker and the default CPU generator helpers (see rng_tracker.h).
-#include "parallel/rng_tracker.h"
+#include "meshtrain/parallel/rng_tracker.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -33,10 +33,15 @@ void set_default_cpu_generator_state(const torch::Tensor& state) {
 
 RngTracker::RngTracker(RngTrackerOptions options, const CommunicatorPtr& tp_group)
     : options_(std::move(options)) {
+  reseed(options_.seed(), tp_group);
+}
+
+void RngTracker::reseed(uint64_t seed, const CommunicatorPtr& tp_group) {
   MT_CHECK(tp_group != nullptr, "RngTracker: the tp communicator is null");
+  options_.seed(seed);
   tp_rank_ = tp_group->rank();
-  shared_ = make_generator(options_.device(), seed(RngStream::kShared));
-  tensor_parallel_ = make_generator(options_.device(), seed(RngStream::kTensorParallel));
+  shared_ = make_generator(options_.device(), this->seed(RngStream::kShared));
+  tensor_parallel_ = make_generator(options_.device(), this->seed(RngStream::kTensorParallel));
 }
 
 uint64_t RngTracker::seed(RngStream stream) const {

@@ -27,7 +27,7 @@
 // default generator (torch::dropout, bernoulli_ without a generator) on a stream instead.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 
@@ -68,6 +68,11 @@ public:
   // Reads the TP rank from `tp_group`; no communication.
   RngTracker(RngTrackerOptions options, const CommunicatorPtr& tp_group);
 
+  // Restarts both streams from `seed` for this rank of `tp_group`: what parallelize() does
+  // when it lays a model out (each data-parallel replica its own seed, each tp rank its own
+  // per-rank stream). No communication.
+  void reseed(uint64_t seed, const CommunicatorPtr& tp_group);
+
   const RngTrackerOptions& options() const { return options_; }
   int tp_rank() const { return tp_rank_; }
   // The seed a stream was started from.
@@ -103,7 +108,7 @@ private:
   };
 
   RngTrackerOptions options_;
-  int tp_rank_;
+  int tp_rank_ = 0;
   at::Generator shared_;
   at::Generator tensor_parallel_;
 };

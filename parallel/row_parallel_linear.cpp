@@ -1,9 +1,9 @@
 // defines: RowParallelLinearImpl (see row_parallel_linear.h).
-#include "parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
 
-#include "core/errors.h"
-#include "parallel/mappings.h"
-#include "parallel/shard_tensor.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
 namespace meshtrain {
 
@@ -68,6 +68,29 @@ torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
     return y + copy_params_to_sequence_parallel_region({bias}, tp_group_)[0];
   }
   return y + bias;
+}
+
+void RowParallelLinearImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "RowParallelLinear: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "RowParallelLinear: the tp communicator is null");
+  const int size = tp.group->size();
+  const int rank = tp.group->rank();
+  const auto& o = options_;
+  MT_CHECK(o.in_features() % size == 0, "RowParallelLinear: in_features (", o.in_features(),
+           ") must be divisible by tp (", size, ")");
+  MT_CHECK(!tp.sequence_parallel || o.input_is_parallel(),
+           "RowParallelLinear: sequence parallelism needs input_is_parallel (the input must be "
+           "the output of a column-parallel layer)");
+  keep_shard(weight, 1, rank, size);
+  set_shard_spec("weight", partitioned_spec(1, o.in_features(), rank, size));
+  if (bias.defined()) {
+    ShardSpec spec = ShardSpec::replicated();
+    spec.sequence_parallel = tp.sequence_parallel;
+    set_shard_spec("bias", spec);
+  }
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 } // namespace meshtrain

@@ -15,8 +15,9 @@
 // call), this rank keeps its columns. Bias 0, no draw.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/sharding.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -37,12 +38,17 @@ struct RowParallelLinearOptions {
 };
 
 class RowParallelLinearImpl : public torch::nn::Cloneable<RowParallelLinearImpl>,
-                              public ShardedModule {
+                              public ShardedModule,
+                              public TensorParallelLayer {
 public:
-  RowParallelLinearImpl(RowParallelLinearOptions options, CommunicatorPtr tp_group);
+  // Without a group: the serial layer (full weight), until apply_tensor_parallel.
+  explicit RowParallelLinearImpl(RowParallelLinearOptions options,
+                                 CommunicatorPtr tp_group = make_self_communicator());
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Keeps this rank's shard of the full weights (see tensor_parallel_layer.h).
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // [B, T, in/tp] (or [B, T, in]) -> [B, T, out] (or [B, T/tp, out] under sequence
   // parallelism).

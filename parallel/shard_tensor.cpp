@@ -1,8 +1,8 @@
 // defines: cut_shard, pad_dim, partitioned_spec, assemble_unsharded, gather_unsharded (see
 // shard_tensor.h).
-#include "parallel/shard_tensor.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 namespace meshtrain {
 

@@ -9,8 +9,8 @@
 // rank holds q, k and v rows of its own heads.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/sharding.h"
 
 #include <torch/torch.h>
 

@@ -1,8 +1,8 @@
 // defines: vocab_parallel_cross_entropy (see vocab_parallel_cross_entropy.h).
-#include "parallel/vocab_parallel_cross_entropy.h"
+#include "meshtrain/parallel/vocab_parallel_cross_entropy.h"
 
-#include "core/errors.h"
-#include "parallel/mappings.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
 
 #include <limits>
 

@@ -14,7 +14,7 @@
 // The result is identical on every TP rank.
 #pragma once
 
-#include "core/communicator.h"
+#include "meshtrain/core/communicator.h"
 
 #include <torch/torch.h>
 

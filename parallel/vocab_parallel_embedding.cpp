@@ -1,9 +1,9 @@
 // defines: VocabParallelEmbeddingImpl, padded_vocab_size (see vocab_parallel_embedding.h).
-#include "parallel/vocab_parallel_embedding.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
 
-#include "core/errors.h"
-#include "parallel/mappings.h"
-#include "parallel/shard_tensor.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
 #include <numeric>
 
@@ -69,6 +69,27 @@ torch::Tensor VocabParallelEmbeddingImpl::logits(const torch::Tensor& x) {
                          ? gather_from_sequence_parallel_region(x, tp_group_) // [B, T, C]
                          : copy_to_tp_region(x, tp_group_);
   return torch::nn::functional::linear(input, weight); // [B, T, Vp/tp]
+}
+
+void VocabParallelEmbeddingImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp_group_->size() == 1, "VocabParallelEmbedding: already laid out over a group of ",
+           tp_group_->size(), " ranks; apply_tensor_parallel takes a serial layer");
+  MT_CHECK(tp.group != nullptr, "VocabParallelEmbedding: the tp communicator is null");
+  const int size = tp.group->size();
+  const int rank = tp.group->rank();
+  const int64_t vocab = options_.num_embeddings();
+  // The serial table is padded for one rank; pad it for `size` ranks, then keep this rank's
+  // rows (the shard a layer built on the group would have drawn).
+  padded_ = padded_vocab_size(vocab, options_.pad_to_multiple_of(), size);
+  {
+    torch::NoGradGuard no_grad;
+    weight.set_data(
+        cut_shard(pad_dim(weight.detach().narrow(0, 0, vocab), 0, padded_), 0, rank, size));
+  }
+  set_shard_spec("weight", partitioned_spec(0, padded_, rank, size, vocab));
+  start_ = rank * (padded_ / size);
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
 }
 
 } // namespace meshtrain

@@ -18,8 +18,9 @@
 // nn::Embedding-shaped tensor), padded with zero rows to Vp, then cut.
 #pragma once
 
-#include "core/communicator.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/parallel/sharding.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <torch/torch.h>
 
@@ -40,12 +41,18 @@ struct VocabParallelEmbeddingOptions {
 int64_t padded_vocab_size(int64_t vocab_size, int64_t multiple, int tp);
 
 class VocabParallelEmbeddingImpl : public torch::nn::Cloneable<VocabParallelEmbeddingImpl>,
-                                   public ShardedModule {
+                                   public ShardedModule,
+                                   public TensorParallelLayer {
 public:
-  VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions options, CommunicatorPtr tp_group);
+  // Without a group: the serial layer (the whole padded table), until apply_tensor_parallel
+  // (which re-pads the vocab for tp and keeps this rank's rows).
+  explicit VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions options,
+                                      CommunicatorPtr tp_group = make_self_communicator());
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Keeps this rank's shard of the full weights (see tensor_parallel_layer.h).
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
 
   // ids [B, T] -> [B, T, C] (sequence_parallel: [B, T/tp, C]).
   torch::Tensor forward(const torch::Tensor& ids);

@@ -1,11 +1,13 @@
 // defines: the fixtures shared by the GPT, Trainer and checkpoint tests — a tiny GPT config,
-// a communicator of this rank alone, per-process token files with a learnable pattern, the
-// loss function and quiet Trainer options of kSteps steps.
+// a communicator of this rank alone, per-process token files with a learnable pattern, a
+// tiny GPT laid out by parallelize() in a test layout, and quiet Trainer options of kSteps
+// steps.
 #pragma once
 
-#include "core/mesh.h"
-#include "core/token_file.h"
-#include "launch/trainer.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/core/token_file.h"
+#include "meshtrain/launch/parallelize.h"
+#include "meshtrain/launch/trainer.h"
 #include "tests/harness.h"
 
 #include "examples/gpt/gpt_model.h"
@@ -68,26 +70,42 @@ struct TokenFiles {
   }
 };
 
-inline LossFunction loss_of(gpt::GPT model) {
-  return [model](const MicroBatch& mb) mutable {
-    return model->forward(mb.inputs, mb.targets).loss_sum;
-  };
+// The plan of a test layout on `mesh`: the fixtures' global batch, small buckets (several
+// per model), micro-batch `micro_batch` (0: B / dp).
+inline ParallelPlan test_plan(const Mesh& mesh, int zero = 0, bool sequence_parallel = false,
+                              int64_t micro_batch = 0) {
+  ParallelPlan plan;
+  plan.dims = mesh.grid().dims();
+  plan.zero_stage = zero;
+  plan.sequence_parallel = sequence_parallel;
+  plan.global_batch = kGlobalBatch;
+  plan.micro_batch = micro_batch;
+  plan.bucket_bytes = 16 * 1024;
+  return plan;
+}
+
+// AdamW as the tests train with it (lr from the schedule; weight decay 0.1).
+inline ParallelizeOptions test_optimizer() {
+  return ParallelizeOptions().optimizer(ZeroOptions().adamw(AdamWOptions(1e-2).weight_decay(0.1)));
+}
+
+// A GPT of `config` drawn from kSeed and laid out by parallelize() with `plan` on `mesh`.
+inline Parallelized tiny_gpt(const Mesh& mesh, const ParallelPlan& plan,
+                             const gpt::GPTConfig& config = tiny_config()) {
+  torch::manual_seed(kSeed);
+  return parallelize(std::make_shared<gpt::GPTImpl>(config), mesh, plan, test_optimizer());
 }
 
 inline TrainerOptions quiet_options() {
   return TrainerOptions()
       .steps(kSteps)
-      .global_batch(kGlobalBatch)
-      .micro_batch(kGlobalBatch)
       .seq_len(kBlock)
       .lr(1e-2)
       .min_lr(1e-3)
       .warmup_steps(2)
-      .weight_decay(0.1)
       .grad_clip(0.5)
       .val_every(0)
       .val_batches(2)
-      .bucket_bytes(16 * 1024) // several buckets
       .progress(ProgressStyle::kOff);
 }
 

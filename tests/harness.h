@@ -5,7 +5,7 @@
 // for any world size); every other test case runs on one process.
 #pragma once
 
-#include "core/runtime.h"
+#include "meshtrain/core/runtime.h"
 
 #include <torch/torch.h>
 

@@ -2,7 +2,7 @@
 // recomputation really drops the activations a forward keeps for backward.
 #include <catch2/catch.hpp>
 
-#include "memory/alloc_tracker.h"
+#include "meshtrain/memory/alloc_tracker.h"
 #include "tests/gpt_fixtures.h"
 
 using namespace meshtrain;
@@ -41,11 +41,15 @@ TEST_CASE("AllocationTracker: full recomputation keeps a fraction of the activat
   const auto idx = torch::randint(0, 256, {8, kBlock}, torch::kLong);
   std::map<RecomputeMode, int64_t> kept;
   for (auto mode : {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
+    const Mesh mesh(ParallelDims{1, 1, 1, 1}, self_group());
     torch::manual_seed(kSeed);
-    gpt::GPT model(tiny_config().n_layer(4).recompute(mode), self_group());
+    auto plan = test_plan(mesh);
+    plan.recompute = mode;
+    const auto parallel = parallelize(std::make_shared<gpt::GPTImpl>(tiny_config().n_layer(4)),
+                                      mesh, plan, ParallelizeOptions().training(false));
     const int64_t before = tracker.current_bytes();
     // Everything the graph holds between forward and backward (logits included).
-    const auto loss = model->forward(idx, idx).loss;
+    const auto loss = parallel.loss(MicroBatch{idx, idx});
     kept[mode] = tracker.current_bytes() - before;
     loss.backward();
   }

@@ -5,7 +5,7 @@
 // checkpoints are refused or skipped with messages naming the file and the value.
 #include <catch2/catch.hpp>
 
-#include "launch/checkpoint.h"
+#include "meshtrain/launch/checkpoint.h"
 #include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
@@ -58,7 +58,7 @@ struct Layout {
 
 struct Job {
   std::unique_ptr<Mesh> mesh;
-  gpt::GPT model{nullptr};
+  std::shared_ptr<gpt::GPTImpl> model;
   std::unique_ptr<Trainer> trainer;
   int color = 0; // which group of the world this rank is in
 };
@@ -75,13 +75,12 @@ Job make_job(const Layout& l, const TokenFiles& files, uint64_t seed = kSeed,
   Job job;
   job.color = world->rank() / ranks;
   const auto group = world->split(job.color, world->rank(), "job");
-  job.mesh = std::make_unique<Mesh>(ParallelDims{-1, l.tp, 1}, group);
+  job.mesh = std::make_unique<Mesh>(ParallelDims{-1, 1, l.tp, 1}, group);
   torch::manual_seed(seed);
-  job.model = gpt::GPT(tiny_config().sequence_parallel(l.sp), job.mesh->group("tp"));
-  const int64_t dp = job.mesh->group("dp")->size();
+  job.model = std::make_shared<gpt::GPTImpl>(tiny_config());
   job.trainer = std::make_unique<Trainer>(
-      job.model.ptr(), loss_of(job.model), *job.mesh, files.train, files.val,
-      quiet_options().zero_stage(l.zero).micro_batch(kGlobalBatch / dp).loss_scaling(loss_scaling));
+      parallelize(job.model, *job.mesh, test_plan(*job.mesh, l.zero, l.sp), test_optimizer()),
+      files.train, files.val, quiet_options().loss_scaling(loss_scaling));
   return job;
 }
 
@@ -252,11 +251,11 @@ TEST_CASE("Checkpoint: corrupted, truncated, mismatched and partial checkpoints"
       CheckpointManager(CheckpointOptions().dir(root.string()).model_json(R"({"n_layer": 3})"));
   REQUIRE_THROWS_WITH(other_model.load(step3, *fresh.trainer),
                       Catch::Contains("model n_layer is 2, this run has 3"));
-  Mesh mesh(ParallelDims{1, 1, 1}, self_group());
-  torch::manual_seed(kSeed);
-  gpt::GPT model(tiny_config(), mesh.group("tp"));
-  Trainer other_batch(model.ptr(), loss_of(model), mesh, files.train, nullptr,
-                      quiet_options().global_batch(8).micro_batch(8));
+  Mesh mesh(ParallelDims{1, 1, 1, 1}, self_group());
+  auto eight = test_plan(mesh);
+  eight.global_batch = 8;
+  Trainer other_batch(tiny_gpt(mesh, eight), files.train, nullptr, quiet_options());
+  auto& model = other_batch.model();
   REQUIRE_THROWS_WITH(loader.load(step3, other_batch),
                       Catch::Contains("trained with global batch 16 x sequence length 16; this "
                                       "run has 8 x 16"));
@@ -270,23 +269,23 @@ TEST_CASE("Checkpoint: corrupted, truncated, mismatched and partial checkpoints"
   const auto wte = weights.front().second;
   auto with_head = weights;
   with_head.emplace_back("lm_head.weight", wte.clone());
-  load_full_weights(*model, with_head, 0, 1, "tied.safetensors");
-  CHECK(torch::equal(model->named_parameters()["transformer.wte.weight"], wte));
+  load_full_weights(model, with_head, 0, 1, "tied.safetensors");
+  CHECK(torch::equal(model.named_parameters()["transformer.wte.weight"], wte));
   with_head.back().second = wte + 1;
-  REQUIRE_THROWS_WITH(load_full_weights(*model, with_head, 0, 1, "untied.safetensors"),
+  REQUIRE_THROWS_WITH(load_full_weights(model, with_head, 0, 1, "untied.safetensors"),
                       Catch::Contains("untied.safetensors: lm_head.weight differs"));
   auto missing = weights;
   missing.erase(missing.begin() + 1);
-  REQUIRE_THROWS_WITH(load_full_weights(*model, missing, 0, 1, "missing.safetensors"),
+  REQUIRE_THROWS_WITH(load_full_weights(model, missing, 0, 1, "missing.safetensors"),
                       Catch::Contains("missing.safetensors: has no tensor "
                                       "'transformer.wpe.weight'"));
   auto misshapen = weights;
   misshapen.front().second = wte.narrow(1, 0, 16);
-  REQUIRE_THROWS_WITH(load_full_weights(*model, misshapen, 0, 1, "small.safetensors"),
+  REQUIRE_THROWS_WITH(load_full_weights(model, misshapen, 0, 1, "small.safetensors"),
                       Catch::Contains("small.safetensors: 'transformer.wte.weight' has shape "
                                       "[256, 16]; the model needs [256, 32]"));
   auto extra = weights;
   extra.emplace_back("transformer.h.9.ln_1.weight", wte);
-  REQUIRE_THROWS_WITH(load_full_weights(*model, extra, 0, 1, "extra.safetensors"),
+  REQUIRE_THROWS_WITH(load_full_weights(model, extra, 0, 1, "extra.safetensors"),
                       Catch::Contains("'transformer.h.9.ln_1.weight' is not a parameter"));
 }

@@ -14,10 +14,10 @@
 // reduce_scatter input [n*m] -> output [m]; all_gather input [m] -> output [n*m].
 #include <catch2/catch.hpp>
 
-#include "core/comm_log.h"
-#include "core/communicator.h"
-#include "core/errors.h"
-#include "core/mesh.h"
+#include "meshtrain/core/comm_log.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/mesh.h"
 #include "tests/harness.h"
 
 #include <ATen/Parallel.h>
@@ -866,7 +866,7 @@ TEST_CASE("Mesh counting: a tp group of one records nothing, dp and world record
   const auto base = fresh_world("world");
   const int n = base->size();
   const int me = base->rank();
-  meshtrain::Mesh mesh(meshtrain::ParallelDims{-1, 1, 1}, base);
+  meshtrain::Mesh mesh(meshtrain::ParallelDims{-1, 1, 1, 1}, base);
   auto& log = mesh.comm_log();
   log.enable();
   const auto& tp = mesh.group("tp");

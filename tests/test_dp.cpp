@@ -4,8 +4,8 @@
 // reductions, and misuse errors.
 #include <catch2/catch.hpp>
 
-#include "core/mesh.h"
-#include "parallel/data_parallel.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/parallel/data_parallel.h"
 #include "tests/harness.h"
 
 #include <optional>
@@ -52,8 +52,13 @@ torch::Tensor loss_of(const Plain& model, double weight, bool with_unused = fals
   return loss * weight;
 }
 
+// The bucket layout of `model` for the mesh's dp group.
+BucketLayoutPtr layout_for(const Plain& model, const Mesh& mesh, BucketLayoutOptions options = {}) {
+  return std::make_shared<const BucketLayout>(*model, mesh.group("dp")->size(), options);
+}
+
 Mesh dp_mesh() {
-  return Mesh(ParallelDims{-1, 1, 1}, meshtrain::testing::test_runtime().world());
+  return Mesh(ParallelDims{-1, 1, 1, 1}, meshtrain::testing::test_runtime().world());
 }
 
 // Sum over ranks r of (r + 1) = D (D + 1) / 2.
@@ -82,11 +87,12 @@ TEST_CASE("DataParallelReducer: buckets sum gradients over dp while backward run
   Plain model;
   // 64-byte buckets: a [3,5] (60 B) | b [7] | c [4,4] | d [2] land in several buckets.
   DataParallelReducer reducer(*model, mesh,
-                              DataParallelOptions().bucket_bytes(64).overlap(overlap));
+                              layout_for(model, mesh, BucketLayoutOptions().bucket_bytes(64)),
+                              DataParallelOptions().overlap(overlap));
   REQUIRE(reducer.num_buckets() >= 3);
   // Reverse registration order: the last parameter is packed first.
-  CHECK(reducer.bucket_names().front().front() == "unused");
-  CHECK(reducer.bucket_names().back().back() == "a");
+  CHECK(reducer.layout().buckets().front().slots.front().name == "unused");
+  CHECK(reducer.layout().buckets().back().slots.back().name == "a");
   for (int64_t b = 0; b < reducer.num_buckets(); ++b) {
     CHECK(reducer.bucket_numel(b) % dp == 0);
   }
@@ -136,7 +142,8 @@ TEST_CASE("DataParallelReducer: no_sync accumulates locally and communicates onc
   Plain model;
   DataParallelReducer reducer(
       *model, mesh,
-      DataParallelOptions().bucket_bytes(64).shard_gradients(sharded).allow_unused(true));
+      layout_for(model, mesh, BucketLayoutOptions().bucket_bytes(64).zero_stage(sharded ? 2 : 0)),
+      DataParallelOptions().allow_unused(true));
   auto& log = mesh.comm_log();
   log.clear();
   log.enable();
@@ -173,11 +180,10 @@ TEST_CASE("DataParallelReducer: no_sync accumulates locally and communicates onc
     for (int64_t b = 0; b < reducer.num_buckets(); ++b) {
       auto full = torch::empty({reducer.bucket_numel(b)});
       group->all_gather(grads[b], full);
-      int64_t offset = 0;
-      for (const auto& name : reducer.bucket_names()[b]) {
-        const torch::Tensor p = model->named_parameters()[name]; // a copy: the dict is a temporary
-        full_grads[name] = full.narrow(0, offset, p.numel()).view(p.sizes());
-        offset += p.numel();
+      for (const auto& slot : reducer.layout().buckets()[b].slots) {
+        const torch::Tensor p =
+            model->named_parameters()[slot.name]; // a copy: the dict is a temporary
+        full_grads[slot.name] = full.narrow(0, slot.offset, slot.numel).view(p.sizes());
       }
     }
     const char* names[] = {"a", "b", "c", "d"};
@@ -209,7 +215,7 @@ TEST_CASE("DataParallelReducer: average, bf16 reduction and unused parameters", 
   const int64_t dp = group->size();
   Plain model;
   SECTION("op avg divides by dp") {
-    DataParallelReducer reducer(*model, mesh,
+    DataParallelReducer reducer(*model, mesh, layout_for(model, mesh),
                                 DataParallelOptions().op(ReduceOp::kAvg).allow_unused(true));
     reducer.zero_grad();
     loss_of(model, group->rank() + 1).backward();
@@ -220,7 +226,8 @@ TEST_CASE("DataParallelReducer: average, bf16 reduction and unused parameters", 
   }
   SECTION("bf16 buckets: traffic in bf16, fp32 param.grad") {
     DataParallelReducer reducer(
-        *model, mesh, DataParallelOptions().reduce_dtype(torch::kBFloat16).allow_unused(true));
+        *model, mesh, layout_for(model, mesh, BucketLayoutOptions().reduce_dtype(torch::kBFloat16)),
+        DataParallelOptions().allow_unused(true));
     CHECK(reducer.grad_buffer_bytes() == reducer.bucket_numel(0) * 2);
     reducer.zero_grad();
     // Weights k/7: the exact sums are not bf16 numbers.
@@ -238,7 +245,7 @@ TEST_CASE("DataParallelReducer: average, bf16 reduction and unused parameters", 
     CHECK_FALSE(torch::equal(expected, expected.to(torch::kBFloat16).to(torch::kFloat)));
   }
   SECTION("a parameter without gradient is named by finish()") {
-    DataParallelReducer reducer(*model, mesh);
+    DataParallelReducer reducer(*model, mesh, layout_for(model, mesh));
     reducer.zero_grad();
     loss_of(model, 1.0).backward();
     REQUIRE_THROWS_WITH(reducer.finish(), Catch::Contains("1 parameter(s) received no gradient") &&
@@ -246,7 +253,7 @@ TEST_CASE("DataParallelReducer: average, bf16 reduction and unused parameters", 
                                               Catch::Contains("allow_unused(true)"));
   }
   SECTION("a parameter used in some micro-steps only counts where it was used") {
-    DataParallelReducer reducer(*model, mesh);
+    DataParallelReducer reducer(*model, mesh, layout_for(model, mesh));
     reducer.zero_grad();
     {
       auto guard = reducer.no_sync();
@@ -261,7 +268,8 @@ TEST_CASE("DataParallelReducer: average, bf16 reduction and unused parameters", 
 TEST_CASE("DataParallelReducer: misuse is reported", "[mpi][dp]") {
   const auto mesh = dp_mesh();
   Plain model;
-  DataParallelReducer reducer(*model, mesh, DataParallelOptions().allow_unused(true));
+  DataParallelReducer reducer(*model, mesh, layout_for(model, mesh),
+                              DataParallelOptions().allow_unused(true));
   reducer.zero_grad();
   loss_of(model, 1.0).backward();
   reducer.finish();
@@ -281,7 +289,8 @@ TEST_CASE("DataParallelReducer: dp=1 keeps the local gradients", "[dp]") {
   const auto mesh = dp_mesh();
   REQUIRE(mesh.group("dp")->size() == 1);
   Plain model;
-  DataParallelReducer reducer(*model, mesh, DataParallelOptions().allow_unused(true));
+  DataParallelReducer reducer(*model, mesh, layout_for(model, mesh),
+                              DataParallelOptions().allow_unused(true));
   reducer.zero_grad();
   loss_of(model, 3.0).backward();
   reducer.finish();

@@ -4,10 +4,10 @@
 // (docs/reliability.md).
 #include <catch2/catch.hpp>
 
-#include "core/file_io.h"
-#include "core/safetensors.h"
-#include "core/token_file.h"
-#include "launch/checkpoint.h"
+#include "meshtrain/core/file_io.h"
+#include "meshtrain/core/safetensors.h"
+#include "meshtrain/core/token_file.h"
+#include "meshtrain/launch/checkpoint.h"
 
 #include <nlohmann/json.hpp>
 

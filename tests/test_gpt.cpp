@@ -6,11 +6,13 @@
 // cadence, checkpoint hook and time budget.
 #include <catch2/catch.hpp>
 
-#include "core/mesh.h"
-#include "core/token_file.h"
-#include "launch/trainer.h"
-#include "parallel/shard_tensor.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/core/token_file.h"
+#include "meshtrain/launch/parallelize.h"
+#include "meshtrain/launch/trainer.h"
+#include "meshtrain/parallel/shard_tensor.h"
+#include "meshtrain/parallel/sharding.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 #include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
@@ -76,10 +78,8 @@ struct Run {
 
 Run train_run(const Mesh& mesh, const TokenFiles& files, bool sequence_parallel, int zero,
               int64_t micro_batch) {
-  torch::manual_seed(kSeed);
-  gpt::GPT model(tiny_config().sequence_parallel(sequence_parallel), mesh.group("tp"));
-  Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
-                  quiet_options().zero_stage(zero).micro_batch(micro_batch));
+  Trainer trainer(tiny_gpt(mesh, test_plan(mesh, zero, sequence_parallel, micro_batch)),
+                  files.train, files.val, quiet_options());
   Run run;
   for (int s = 0; s < kSteps; ++s) {
     const auto stats = trainer.train_step();
@@ -93,9 +93,8 @@ Run train_run(const Mesh& mesh, const TokenFiles& files, bool sequence_parallel,
 } // namespace
 
 TEST_CASE("GPT: nanoGPT parameter names and shapes, init draws, loss at init", "[gpt]") {
-  const auto self = self_group();
   torch::manual_seed(kSeed);
-  gpt::GPT model(tiny_config().block_size(24), self);
+  gpt::GPT model(tiny_config().block_size(24));
   const int64_t C = 32;
   std::vector<std::pair<std::string, std::vector<int64_t>>> expected = {
       {"transformer.wte.weight", {256, C}}, {"transformer.wpe.weight", {24, C}}};
@@ -150,11 +149,10 @@ TEST_CASE("GPT: nanoGPT parameter names and shapes, init draws, loss at init", "
 }
 
 TEST_CASE("GPT: tp=1 forward equals a plain LibTorch nanoGPT", "[gpt]") {
-  const auto self = self_group();
   torch::manual_seed(kSeed);
   // Larger weights than the init so that every term of the forward matters; a padded vocab
   // (200 -> 256) so that padding is seen to stay out of the loss.
-  gpt::GPT model(tiny_config().vocab_size(200).init_std(0.3), self);
+  gpt::GPT model(tiny_config().vocab_size(200).init_std(0.3));
   {
     torch::NoGradGuard no_grad;
     for (auto& p : model->parameters()) {
@@ -179,18 +177,19 @@ TEST_CASE("GPT: tp=1 forward equals a plain LibTorch nanoGPT", "[gpt]") {
   // Bad inputs are named.
   REQUIRE_THROWS_WITH(model->forward(at::randint(200, {2, 17}, gen, torch::kLong)),
                       Catch::Contains("sequence length 17 must be in [1, block_size = 16]"));
-  REQUIRE_THROWS_WITH(gpt::GPT(tiny_config().n_head(5), self),
+  REQUIRE_THROWS_WITH(gpt::GPT(tiny_config().n_head(5)),
                       Catch::Contains("n_embd (32) must be divisible by n_head (5)"));
 }
 
 TEST_CASE("GPT: every tp holds the shards of the serial model", "[mpi][gpt]") {
   auto& rt = meshtrain::testing::test_runtime();
-  const Mesh mesh(ParallelDims{1, rt.world_size(), 1}, rt.world()); // tp = world (2 or 4)
-  const auto config = tiny_config().vocab_size(250);                // padded to 256 on every tp
+  const Mesh mesh(ParallelDims{1, 1, rt.world_size(), 1}, rt.world()); // tp = world (2 or 4)
+  const auto config = tiny_config().vocab_size(250);                   // padded to 256 on every tp
   torch::manual_seed(kSeed);
-  gpt::GPT serial(config, self_group());
+  gpt::GPT serial(config);
   torch::manual_seed(kSeed);
-  gpt::GPT model(config, mesh.group("tp"));
+  gpt::GPT model(config);
+  apply_tensor_parallel(*model, TensorParallelism{mesh.group("tp"), false});
   const auto serial_params = serial->named_parameters();
   for (const auto& [name, spec] : named_shard_specs(*model)) {
     const auto local = model->named_parameters()[name];
@@ -212,7 +211,7 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
   const TokenFiles files;
 
   // The serial run, on this rank alone.
-  const Mesh serial_mesh(ParallelDims{1, 1, 1}, self_group());
+  const Mesh serial_mesh(ParallelDims{1, 1, 1, 1}, self_group());
   const auto serial = train_run(serial_mesh, files, false, 0, kGlobalBatch);
   CHECK(serial.losses.back() < serial.losses.front()); // it learns
   CHECK(serial.norms.front() > 0.5);                   // clipping is exercised
@@ -234,7 +233,7 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
     layouts.push_back({"dp2 x tp2, sequence parallel, zero2, accumulation 2", 2, true, 2, 2});
   }
   for (const auto& l : layouts) {
-    const Mesh mesh(ParallelDims{-1, l.tp, 1}, rt.world());
+    const Mesh mesh(ParallelDims{-1, 1, l.tp, 1}, rt.world());
     const int64_t dp = mesh.group("dp")->size();
     const auto run = train_run(mesh, files, l.sp, l.zero, kGlobalBatch / (dp * l.accumulation));
     for (int s = 0; s < kSteps; ++s) {
@@ -253,16 +252,12 @@ TEST_CASE("Trainer: fit writes metrics, validates on schedule, calls the hook, k
           "[mpi][gpt]") {
   auto& rt = meshtrain::testing::test_runtime();
   const TokenFiles files;
-  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
+  const Mesh mesh(ParallelDims{-1, 1, 1, 1}, rt.world());
   const auto metrics = files.dir / "metrics.jsonl"; // only rank 0 writes it
 
-  torch::manual_seed(kSeed);
-  gpt::GPT model(tiny_config(), mesh.group("tp"));
-  const int64_t b = kGlobalBatch / mesh.group("dp")->size();
-  Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
+  Trainer trainer(tiny_gpt(mesh, test_plan(mesh)), files.train, files.val,
                   quiet_options()
                       .steps(4)
-                      .micro_batch(b)
                       .val_every(2)
                       .metrics_path(metrics.string())
                       .prometheus_path((files.dir / "metrics.prom").string()));
@@ -325,46 +320,41 @@ TEST_CASE("Trainer: fit writes metrics, validates on schedule, calls the hook, k
   }
 
   // A budget smaller than one step: one step, then every rank stops together.
-  torch::manual_seed(kSeed);
-  gpt::GPT model2(tiny_config(), mesh.group("tp"));
-  Trainer budgeted(model2.ptr(), loss_of(model2), mesh, files.train, nullptr,
-                   quiet_options().steps(50).micro_batch(b).max_time(1e-6));
+  Trainer budgeted(tiny_gpt(mesh, test_plan(mesh)), files.train, nullptr,
+                   quiet_options().steps(50).max_time(1e-6));
   const auto short_run = budgeted.fit();
   CHECK(short_run.steps == 1);
   CHECK(short_run.reason == StopReason::kTimeBudget);
   CHECK(short_run.val_losses.empty());
 
-  // A layout that does not divide the global batch is refused with the numbers.
+  // A layout that does not divide the global batch is refused with the numbers (by the
+  // plan, before any model is laid out).
   const int64_t dp = mesh.group("dp")->size();
-  REQUIRE_THROWS_WITH(
-      Trainer(model2.ptr(), loss_of(model2), mesh, files.train, nullptr,
-              quiet_options().global_batch(10).micro_batch(4)),
-      Catch::Contains("global batch (10 sequences) must be a positive multiple of micro-batch "
-                      "(4) x dp (" +
-                      std::to_string(dp) + ")"));
+  auto bad = test_plan(mesh, 0, false, 4);
+  bad.global_batch = 10;
+  REQUIRE_THROWS_WITH(tiny_gpt(mesh, bad),
+                      Catch::Contains("the global batch (10 sequences) is not divisible by "
+                                      "micro-batch (4) x dp (" +
+                                      std::to_string(dp) + ")"));
 }
 
 TEST_CASE("GPT + Trainer: bf16 parameters with fp32 master weights follow the fp32 run",
           "[mpi][gpt]") {
   auto& rt = meshtrain::testing::test_runtime();
   const TokenFiles files;
-  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
-  const int64_t b = kGlobalBatch / mesh.group("dp")->size();
+  const Mesh mesh(ParallelDims{-1, 1, 1, 1}, rt.world());
   std::vector<double> fp32, bf16;
   for (bool use_bf16 : {false, true}) {
-    torch::manual_seed(kSeed);
-    gpt::GPT model(tiny_config(), mesh.group("tp"));
-    if (use_bf16) {
-      model->to(torch::kBFloat16);
-    }
-    Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
-                    quiet_options().zero_stage(1).micro_batch(b));
+    auto plan = test_plan(mesh, 1);
+    plan.precision = use_bf16 ? Precision::kBf16 : Precision::kFp32;
+    Trainer trainer(tiny_gpt(mesh, plan), files.train, files.val, quiet_options());
+    auto& model = trainer.model();
     auto& losses = use_bf16 ? bf16 : fp32;
     for (int s = 0; s < kSteps; ++s) {
       losses.push_back(trainer.train_step().loss);
     }
     if (use_bf16) {
-      CHECK(model->named_parameters()["transformer.h.0.mlp.c_fc.weight"].scalar_type() ==
+      CHECK(model.named_parameters()["transformer.h.0.mlp.c_fc.weight"].scalar_type() ==
             torch::kBFloat16);
       for (const auto& [key, t] : trainer.optimizer().state_dict().tensors) {
         INFO(key);
@@ -384,19 +374,19 @@ TEST_CASE("Trainer: a step reports its compute split, exposed communication and 
           "[mpi][gpt]") {
   auto& rt = meshtrain::testing::test_runtime();
   const TokenFiles files;
-  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
+  const Mesh mesh(ParallelDims{-1, 1, 1, 1}, rt.world());
   const int64_t dp = mesh.group("dp")->size();
   torch::manual_seed(kSeed);
-  gpt::GPT model(tiny_config(), mesh.group("tp"));
   int64_t params = 0; // this rank's parameter elements (tp = 1: all of them)
-  for (const auto& p : model->parameters()) {
+  int64_t tensors = 0;
+  for (const auto& p : gpt::GPT(tiny_config())->parameters()) {
     params += p.numel();
+    tensors += 1;
   }
 
   const auto& log = mesh.group("world")->log();
   for (const int zero : {0, 2}) {
-    Trainer trainer(model.ptr(), loss_of(model), mesh, files.train, files.val,
-                    quiet_options().zero_stage(zero).micro_batch(kGlobalBatch / dp));
+    Trainer trainer(tiny_gpt(mesh, test_plan(mesh, zero)), files.train, files.val, quiet_options());
     log->enable();
     const auto stats = trainer.train_step();
     log->enable(false);
@@ -412,7 +402,7 @@ TEST_CASE("Trainer: a step reports its compute split, exposed communication and 
 
     // Buckets of 16 KiB are padded to a multiple of dp: less than dp elements each, and there
     // are at most as many buckets as parameter tensors.
-    const auto padding = static_cast<int64_t>(model->parameters().size()) * (dp - 1) * 4;
+    const auto padding = tensors * (dp - 1) * 4;
     const auto bytes = [&](const std::string& key) {
       const auto it = stats.comm_bytes.find(key);
       return it == stats.comm_bytes.end() ? int64_t{0} : it->second;

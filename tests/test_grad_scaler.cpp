@@ -3,7 +3,7 @@
 // configured clean steps; scaling by powers of two leaves a clean run's losses bit-identical.
 #include <catch2/catch.hpp>
 
-#include "optim/grad_scaler.h"
+#include "meshtrain/optim/grad_scaler.h"
 #include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
@@ -49,30 +49,26 @@ TEST_CASE("Trainer with loss scaling: bit-identical clean steps, agreed skip of 
           "[mpi][scaler][gpt]") {
   auto& rt = test_runtime();
   const TokenFiles files;
-  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
-  const int64_t b = kGlobalBatch / mesh.group("dp")->size();
+  const Mesh mesh(ParallelDims{-1, 1, 1, 1}, rt.world());
   constexpr int kPoisonStep = 3; // 0-based step whose loss is inf on the last rank
   struct Run {
     std::vector<StepStats> stats;
     std::vector<torch::Tensor> params_after; // wte after each step
   };
   const auto run = [&](bool scaling, bool poison) {
-    torch::manual_seed(kSeed);
-    gpt::GPT model(tiny_config(), mesh.group("tp"));
-    int64_t step = 0;
-    const LossFunction loss_fn = [&](const MicroBatch& mb) {
-      auto loss = model->forward(mb.inputs, mb.targets).loss_sum;
-      if (poison && step == kPoisonStep && rt.rank() == rt.world_size() - 1) {
-        loss = loss * std::numeric_limits<float>::infinity();
-      }
-      return loss;
+    Trainer trainer(tiny_gpt(mesh, test_plan(mesh, 2)), files.train, nullptr,
+                    quiet_options().loss_scaling(scaling));
+    TrainerHooks hooks;
+    hooks.on_loss = [&](int64_t step, const torch::Tensor& loss) {
+      const bool due = poison && step == kPoisonStep + 1 && rt.rank() == rt.world_size() - 1;
+      return due ? loss * std::numeric_limits<float>::infinity() : loss;
     };
-    Trainer trainer(model.ptr(), loss_fn, mesh, files.train, nullptr,
-                    quiet_options().zero_stage(2).micro_batch(b).loss_scaling(scaling));
+    trainer.set_hooks(hooks);
     Run r;
-    for (step = 0; step < 6; ++step) {
+    for (int step = 0; step < 6; ++step) {
       r.stats.push_back(trainer.train_step());
-      r.params_after.push_back(model->named_parameters()["transformer.wte.weight"].clone());
+      r.params_after.push_back(
+          trainer.model().named_parameters()["transformer.wte.weight"].clone());
     }
     return r;
   };

@@ -3,12 +3,12 @@
 // option checks.
 #include <catch2/catch.hpp>
 
-#include "core/mesh.h"
-#include "optim/adamw.h"
-#include "optim/clip.h"
-#include "optim/lr_schedule.h"
-#include "optim/param_groups.h"
-#include "optim/sgd.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/optim/adamw.h"
+#include "meshtrain/optim/clip.h"
+#include "meshtrain/optim/lr_schedule.h"
+#include "meshtrain/optim/param_groups.h"
+#include "meshtrain/optim/sgd.h"
 #include "tests/harness.h"
 
 #include <cmath>
@@ -137,7 +137,7 @@ TEST_CASE("SGD equals torch::optim::SGD", "[optim]") {
 }
 
 TEST_CASE("clip_grad_norm_ equals torch::nn::utils::clip_grad_norm_", "[optim]") {
-  const Mesh mesh(ParallelDims{1, 1, 1}, meshtrain::testing::test_runtime().world());
+  const Mesh mesh(ParallelDims{1, 1, 1, 1}, meshtrain::testing::test_runtime().world());
   auto ours = make_mlp();
   auto theirs = make_mlp();
   set_grads(ours->parameters(), 0);

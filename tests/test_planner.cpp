@@ -6,7 +6,8 @@
 // examples/benchmarks/bench_memory_plan.py (CTest "planner matches the tracker").
 #include <catch2/catch.hpp>
 
-#include "memory/planner.h"
+#include "meshtrain/memory/planner.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
 #include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
@@ -26,6 +27,14 @@ PlanModel plan_model_of(const gpt::GPTConfig& c) {
   return m;
 }
 
+// train_gpt's default batch on dp x tp ranks.
+ParallelPlan layout_of(int dp = 1, int tp = 1) {
+  ParallelPlan plan;
+  plan.dims = ParallelDims{dp, 1, tp, 1};
+  plan.global_batch = 16;
+  return plan;
+}
+
 int64_t numel_of(const torch::nn::Module& module) {
   int64_t n = 0;
   for (const auto& p : module.parameters()) {
@@ -39,8 +48,8 @@ int64_t numel_of(const torch::nn::Module& module) {
 TEST_CASE("planner: parameters per rank are the GPT's", "[planner]") {
   for (const int64_t vocab : {256, 100}) { // 100 pads to 128 rows
     const auto config = tiny_config().vocab_size(vocab);
-    gpt::GPT model(config, self_group());
-    PlanLayout layout;
+    gpt::GPT model(config);
+    auto layout = layout_of();
     const auto estimate = estimate_memory(plan_model_of(config), layout);
     CHECK(estimate.parameters_per_rank == numel_of(*model));
     CHECK(estimate.parameters == 4 * numel_of(*model));
@@ -52,28 +61,27 @@ TEST_CASE("planner: parameters per rank are the GPT's", "[planner]") {
 TEST_CASE("planner: parameters per rank are the GPT's on every TP rank", "[planner][mpi]") {
   const auto& world = test_runtime().world();
   const auto config = tiny_config().vocab_size(100);
-  gpt::GPT model(config, world);
-  PlanLayout layout;
-  layout.tp = world->size();
+  gpt::GPT model(config);
+  apply_tensor_parallel(*model, TensorParallelism{world, false});
+  const auto layout = layout_of(1, world->size());
   // Vocab rows split evenly after padding, so every rank holds the same count.
   CHECK(estimate_memory(plan_model_of(config), layout).parameters_per_rank == numel_of(*model));
 }
 
 TEST_CASE("planner: terms follow the layout", "[planner]") {
   PlanModel m; // train_gpt's default GPT
-  PlanLayout base;
-  base.dp = 2;
+  const auto base = layout_of(2);
   const auto plain = estimate_memory(m, base);
   CHECK(plain.optimizer == 3 * 4 * plain.parameters_per_rank);
   CHECK(plain.gradients == 4 * plain.parameters_per_rank);
   CHECK(plain.peak == plain.state + std::max(plain.activation_peak, plain.optimizer_transient));
 
   auto zero1 = base;
-  zero1.zero = 1;
+  zero1.zero_stage = 1;
   CHECK(estimate_memory(m, zero1).optimizer == plain.optimizer / 2);
   CHECK(estimate_memory(m, zero1).gradients == plain.gradients);
   auto zero2 = base;
-  zero2.zero = 2;
+  zero2.zero_stage = 2;
   CHECK(estimate_memory(m, zero2).gradients == plain.gradients / 2);
 
   auto selective = base;
@@ -86,8 +94,7 @@ TEST_CASE("planner: terms follow the layout", "[planner]") {
   CHECK(estimate_memory(m, full).saved_layers == m.n_layer * b * m.block_size * m.n_embd * 4);
   CHECK(estimate_memory(m, full).activation_peak < plain.activation_peak / 2);
 
-  PlanLayout tp2;
-  tp2.tp = 2;
+  const auto tp2 = layout_of(1, 2);
   auto sp = tp2;
   sp.sequence_parallel = true;
   CHECK(estimate_memory(m, sp).saved_layers < estimate_memory(m, tp2).saved_layers);
@@ -97,26 +104,33 @@ TEST_CASE("planner: terms follow the layout", "[planner]") {
 }
 
 TEST_CASE("planner: bad layouts are refused naming the value", "[planner]") {
+  // The planner checks layouts with ParallelPlan::validate: the same messages as train_gpt.
   PlanModel m;
-  PlanLayout l;
-  l.tp = 3;
+  auto l = layout_of(1, 3);
   REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("tp (3) must divide n_head (4)"));
-  l = PlanLayout();
-  l.zero = 3;
-  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("ZeRO stage 3 is not 0, 1 or 2"));
-  l = PlanLayout();
+  l = layout_of();
+  l.zero_stage = 4;
+  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("ZeRO stage (4) must be 0, 1 or 2"));
+  l = layout_of();
   l.sequence_parallel = true;
-  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("needs tp > 1 (tp = 1)"));
-  l = PlanLayout();
+  REQUIRE_THROWS_WITH(estimate_memory(m, l),
+                      Catch::Contains("needs tp > 1") && Catch::Contains("got tp 1"));
+  l = layout_of();
   l.micro_batch = 5;
   REQUIRE_THROWS_WITH(estimate_memory(m, l),
-                      Catch::Contains("micro-batch size (5) must divide batch size / dp (16)"));
+                      Catch::Contains("global batch (16 sequences) is not divisible by "
+                                      "micro-batch (5) x dp (1)"));
+  l = layout_of(-1);
+  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("give every dim of the layout"));
+  m.n_embd = 130;
+  REQUIRE_THROWS_WITH(estimate_memory(m, layout_of()),
+                      Catch::Contains("n_embd (130) must be divisible by n_head (4)"));
   REQUIRE_THROWS_WITH(parse_precision("fp8"), Catch::Contains("precision 'fp8': must be"));
 }
 
 TEST_CASE("planner: the budget search lists what fits, fastest first", "[planner]") {
   PlanModel m;
-  PlanLayout fixed;
+  const auto fixed = layout_of();
   const auto all = plan_layouts(m, 4, fixed, int64_t{1} << 40);
   // dp 4 x tp 1: ZeRO 0-2 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-2 x
   // sequence parallel or not x 3 modes x {1, 2, 4, 8}; dp 1 x tp 4: ZeRO 0 x 2 x 3 x

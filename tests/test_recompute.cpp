@@ -5,8 +5,8 @@
 // with sequence parallelism and dropout.
 #include <catch2/catch.hpp>
 
-#include "memory/recompute.h"
-#include "parallel/rng_tracker.h"
+#include "meshtrain/memory/recompute.h"
+#include "meshtrain/parallel/rng_tracker.h"
 #include "tests/gpt_fixtures.h"
 #include "tests/harness.h"
 
@@ -66,7 +66,7 @@ TEST_CASE("recompute: GPT gradients with selective and full recompute equal none
   auto& rt = test_runtime();
   struct Layout {
     std::string name;
-    CommunicatorPtr tp;
+    CommunicatorPtr group; // the mesh's world: tp over all of it
     bool sp;
   };
   std::vector<Layout> layouts = {{"serial", self_group(), false}};
@@ -78,18 +78,21 @@ TEST_CASE("recompute: GPT gradients with selective and full recompute equal none
   const auto idx = torch::randint(0, 256, {4, kBlock}, torch::kLong);
   const auto targets = torch::randint(0, 256, {4, kBlock}, torch::kLong);
   for (const auto& layout : layouts) {
+    const Mesh mesh(ParallelDims{1, 1, layout.group->size(), 1}, layout.group);
     for (double dropout : {0.0, 0.1}) {
       struct Result {
         double loss = 0;
         std::map<std::string, torch::Tensor> grads;
       };
+      // The library's composition of the model (parallelize's loss), recomputed as `mode`.
       const auto run = [&](RecomputeMode mode) {
         torch::manual_seed(kSeed);
-        auto rng = std::make_shared<RngTracker>(RngTrackerOptions(99), layout.tp);
-        gpt::GPT model(tiny_config().dropout(dropout).sequence_parallel(layout.sp).recompute(mode),
-                       layout.tp, rng);
+        auto model = std::make_shared<gpt::GPTImpl>(tiny_config().dropout(dropout));
+        auto plan = test_plan(mesh, 0, layout.sp);
+        plan.recompute = mode;
+        const auto parallel = parallelize(model, mesh, plan, ParallelizeOptions().training(false));
         model->train();
-        const auto loss = model->forward(idx, targets).loss;
+        const auto loss = parallel.loss(MicroBatch{idx, targets}) / idx.numel(); // mean
         loss.backward();
         Result r;
         r.loss = loss.item<double>();

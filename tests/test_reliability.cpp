@@ -6,9 +6,9 @@
 // examples/gpt/check_faults.sh.
 #include <catch2/catch.hpp>
 
-#include "core/comm_watchdog.h"
-#include "launch/fault_injection.h"
-#include "launch/startup_check.h"
+#include "meshtrain/core/comm_watchdog.h"
+#include "meshtrain/launch/fault_injection.h"
+#include "meshtrain/launch/startup_check.h"
 #include "tests/harness.h"
 
 #include <atomic>

@@ -2,7 +2,7 @@
 // micro-step), layout independence of the global batch, shuffling and prefetch.
 #include <catch2/catch.hpp>
 
-#include "launch/token_loader.h"
+#include "meshtrain/launch/token_loader.h"
 
 #include <filesystem>
 #include <set>

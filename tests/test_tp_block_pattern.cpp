@@ -3,8 +3,8 @@
 // to the serial twin's) and the per-rank parameter bytes of a block.
 #include <catch2/catch.hpp>
 
-#include "parallel/mappings.h"
-#include "parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;

@@ -4,8 +4,8 @@
 // ignored).
 #include <catch2/catch.hpp>
 
-#include "parallel/vocab_parallel_cross_entropy.h"
-#include "parallel/vocab_parallel_embedding.h"
+#include "meshtrain/parallel/vocab_parallel_cross_entropy.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;

@@ -2,13 +2,13 @@
 // message, on every rank, before any communication.
 #include <catch2/catch.hpp>
 
-#include "parallel/column_parallel_linear.h"
-#include "parallel/mappings.h"
-#include "parallel/parallel_mlp.h"
-#include "parallel/parallel_self_attention.h"
-#include "parallel/parallel_transformer_block.h"
-#include "parallel/row_parallel_linear.h"
-#include "parallel/vocab_parallel_embedding.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/parallel_mlp.h"
+#include "meshtrain/parallel/parallel_self_attention.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;

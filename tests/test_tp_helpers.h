@@ -4,9 +4,9 @@
 // run_twin(), which drives a TP module and its twin through two forward/backward/AdamW steps.
 #pragma once
 
-#include "core/mesh.h"
-#include "parallel/shard_tensor.h"
-#include "parallel/sharding.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/parallel/shard_tensor.h"
+#include "meshtrain/parallel/sharding.h"
 #include "tests/harness.h"
 
 #include <catch2/catch.hpp>
@@ -23,7 +23,7 @@ inline constexpr double kTol = 1e-5;
 
 // tp = world size, dp = pp = 1 (collective over the world).
 inline Mesh tp_mesh() {
-  return Mesh(ParallelDims{-1, test_runtime().world_size(), 1}, test_runtime().world());
+  return Mesh(ParallelDims{-1, 1, test_runtime().world_size(), 1}, test_runtime().world());
 }
 
 inline int tp_size(const Mesh& mesh) {

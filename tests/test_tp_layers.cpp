@@ -3,13 +3,13 @@
 // the same after an AdamW step and a second forward. tp = world size.
 #include <catch2/catch.hpp>
 
-#include "parallel/column_parallel_linear.h"
-#include "parallel/mappings.h"
-#include "parallel/parallel_mlp.h"
-#include "parallel/parallel_self_attention.h"
-#include "parallel/parallel_transformer_block.h"
-#include "parallel/row_parallel_linear.h"
-#include "parallel/vocab_parallel_embedding.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/mappings.h"
+#include "meshtrain/parallel/parallel_mlp.h"
+#include "meshtrain/parallel/parallel_self_attention.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;
@@ -271,7 +271,7 @@ TEST_CASE("TP block parameter names follow nanoGPT and shard specs describe them
 
 TEST_CASE("TP block init draws the same master weights at tp=1 and tp=world", "[mpi][tp]") {
   const auto mesh = tp_mesh();
-  Mesh single(ParallelDims{-1, 1, 1}, test_runtime().world());
+  Mesh single(ParallelDims{-1, 1, 1, 1}, test_runtime().world());
   torch::manual_seed(kSeed);
   ParallelTransformerBlock wide(ParallelTransformerBlockOptions(kC, kH).n_layer(kLayers),
                                 mesh.group("tp"));

@@ -2,7 +2,7 @@
 // each function's forward and backward, and the group-of-one short cut.
 #include <catch2/catch.hpp>
 
-#include "parallel/mappings.h"
+#include "meshtrain/parallel/mappings.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;
@@ -130,7 +130,7 @@ TEST_CASE("TP mappings: copy_params_to_sequence_parallel_region sums grads in on
 }
 
 TEST_CASE("TP mappings are no-ops on a group of one", "[tp]") {
-  Mesh mesh(ParallelDims{-1, 1, 1}, test_runtime().world());
+  Mesh mesh(ParallelDims{-1, 1, 1, 1}, test_runtime().world());
   const auto& tp = mesh.group("tp");
   REQUIRE(tp->size() == 1);
   auto x = torch::randn({2, 4, 6}, torch::requires_grad());

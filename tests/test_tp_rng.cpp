@@ -2,8 +2,8 @@
 // fork() over the default generator, and dropout inside a TP block.
 #include <catch2/catch.hpp>
 
-#include "parallel/parallel_transformer_block.h"
-#include "parallel/rng_tracker.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/rng_tracker.h"
 #include "tests/test_tp_helpers.h"
 
 using namespace meshtrain;

@@ -1,6 +1,6 @@
 // Tests of core/trace.h: the Chrome trace recorder and the blocked-communication clock, on
 // real ranks for the collectives.
-#include "core/trace.h"
+#include "meshtrain/core/trace.h"
 #include "tests/harness.h"
 
 #include <catch2/catch.hpp>

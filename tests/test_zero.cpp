@@ -7,10 +7,10 @@
 // optimizer state dict round trip.
 #include <catch2/catch.hpp>
 
-#include "core/mesh.h"
-#include "optim/lr_schedule.h"
-#include "optim/zero.h"
-#include "parallel/data_parallel.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/optim/lr_schedule.h"
+#include "meshtrain/optim/zero.h"
+#include "meshtrain/parallel/data_parallel.h"
 #include "tests/harness.h"
 
 #include <cmath>
@@ -164,8 +164,8 @@ struct ParallelRun {
   int64_t bucket_bytes = int64_t{25} * 1024 * 1024;
 };
 
-ZeroOptions zero_options(const Hyper& h, int stage) {
-  ZeroOptions o(stage);
+ZeroOptions zero_options(const Hyper& h) {
+  ZeroOptions o;
   if (h.adamw) {
     o.adamw(AdamWOptions(h.lr).beta1(0.9).beta2(0.95).eps(1e-8).weight_decay(h.weight_decay));
   } else {
@@ -201,12 +201,19 @@ double train_step(TinyLM& model, DataParallelReducer& reducer, ZeroOptimizer& op
   return norm;
 }
 
+// The one bucket layout the reducer and the optimizer share.
+BucketLayoutPtr zero_layout(const torch::nn::Module& model, const Mesh& mesh, int stage,
+                            int64_t bucket_bytes = int64_t{25} * 1024 * 1024) {
+  return std::make_shared<const BucketLayout>(
+      model, mesh.group("dp")->size(),
+      BucketLayoutOptions().bucket_bytes(bucket_bytes).zero_stage(stage));
+}
+
 RunResult run_parallel(const Mesh& mesh, const Hyper& h, const ParallelRun& run) {
   auto model = make_model();
-  DataParallelReducer reducer(
-      *model, mesh,
-      DataParallelOptions().bucket_bytes(run.bucket_bytes).shard_gradients(run.stage == 2));
-  ZeroOptimizer opt(*model, mesh, zero_options(h, run.stage), reducer.bucket_names());
+  const auto layout = zero_layout(*model, mesh, run.stage, run.bucket_bytes);
+  DataParallelReducer reducer(*model, mesh, layout);
+  ZeroOptimizer opt(*model, mesh, layout, zero_options(h));
   WarmupCosineSchedule schedule(
       WarmupCosineOptions(h.lr).min_lr(h.min_lr).warmup_steps(h.warmup).total_steps(kSteps));
   RunResult result;
@@ -241,7 +248,7 @@ void check_parity(const Mesh& mesh, const Hyper& h, const ParallelRun& run) {
 }
 
 Mesh dp_mesh() {
-  return Mesh(ParallelDims{-1, 1, 1}, meshtrain::testing::test_runtime().world());
+  return Mesh(ParallelDims{-1, 1, 1, 1}, meshtrain::testing::test_runtime().world());
 }
 
 void parity_matrix(bool adamw) {
@@ -315,8 +322,9 @@ TEST_CASE("ZeRO memory: per-rank state and gradient bytes follow the ZeRO formul
   const int stage = GENERATE(0, 1, 2);
   auto model = make_model();
   const double psi = static_cast<double>(param_count(*model));
-  DataParallelReducer reducer(*model, mesh, DataParallelOptions().shard_gradients(stage == 2));
-  ZeroOptimizer opt(*model, mesh, ZeroOptions(stage), reducer.bucket_names());
+  const auto layout = zero_layout(*model, mesh, stage);
+  DataParallelReducer reducer(*model, mesh, layout);
+  ZeroOptimizer opt(*model, mesh, layout);
   // AdamW: fp32 master + exp_avg + exp_avg_sq = 12 bytes per parameter, split over dp from
   // stage 1; fp32 gradients = 4 bytes per parameter, split over dp at stage 2.
   const double state_expected = 12 * psi / (stage >= 1 ? dp : 1);
@@ -350,10 +358,9 @@ TEST_CASE("ZeRO communication: bytes per step equal theory", "[mpi][zero]") {
   run.accumulation = accumulation;
   run.bucket_bytes = 512;
   auto model = make_model();
-  DataParallelReducer reducer(
-      *model, mesh,
-      DataParallelOptions().bucket_bytes(run.bucket_bytes).shard_gradients(stage == 2));
-  ZeroOptimizer opt(*model, mesh, zero_options(h, stage), reducer.bucket_names());
+  const auto layout = zero_layout(*model, mesh, stage, run.bucket_bytes);
+  DataParallelReducer reducer(*model, mesh, layout);
+  ZeroOptimizer opt(*model, mesh, layout, zero_options(h));
   WarmupCosineSchedule schedule(
       WarmupCosineOptions(h.lr).min_lr(h.min_lr).warmup_steps(h.warmup).total_steps(kSteps));
   // Padded bucket bytes P*4: what every gradient collective and every all-gather moves.
@@ -414,12 +421,12 @@ TEST_CASE("ZeRO state dict: save, reload into a fresh optimizer and continue", "
   run.accumulation = 2;
   WarmupCosineSchedule schedule(
       WarmupCosineOptions(h.lr).min_lr(h.min_lr).warmup_steps(h.warmup).total_steps(kSteps));
-  auto options = DataParallelOptions().bucket_bytes(256).shard_gradients(stage == 2);
 
   // Uninterrupted: 5 steps.
   auto model_a = make_model();
-  DataParallelReducer reducer_a(*model_a, mesh, options);
-  ZeroOptimizer opt_a(*model_a, mesh, zero_options(h, stage), reducer_a.bucket_names());
+  const auto layout_a = zero_layout(*model_a, mesh, stage, 256);
+  DataParallelReducer reducer_a(*model_a, mesh, layout_a);
+  ZeroOptimizer opt_a(*model_a, mesh, layout_a, zero_options(h));
   ZeroStateDict saved;
   ZeroStateDict gathered;
   for (int s = 0; s < kSteps; ++s) {
@@ -445,9 +452,9 @@ TEST_CASE("ZeRO state dict: save, reload into a fresh optimizer and continue", "
   auto resume = [&](const ZeroStateDict& state, int load_stage) {
     // A fresh model whose weights come only from the state dict's master copy.
     auto model = make_model();
-    auto opts = DataParallelOptions().bucket_bytes(256).shard_gradients(load_stage == 2);
-    DataParallelReducer reducer(*model, mesh, opts);
-    ZeroOptimizer opt(*model, mesh, zero_options(h, load_stage), reducer.bucket_names());
+    const auto layout = zero_layout(*model, mesh, load_stage, 256);
+    DataParallelReducer reducer(*model, mesh, layout);
+    ZeroOptimizer opt(*model, mesh, layout, zero_options(h));
     opt.load_state_dict(state);
     CHECK(opt.step_count() == 2);
     ParallelRun r = run;
@@ -480,23 +487,28 @@ TEST_CASE("ZeRO state dict: save, reload into a fresh optimizer and continue", "
 TEST_CASE("ZeroOptimizer: layout and stage errors name the problem", "[zero]") {
   const auto mesh = dp_mesh();
   auto model = make_model();
-  REQUIRE_THROWS_WITH(ZeroOptimizer(*model, mesh, ZeroOptions(3)),
-                      Catch::Contains("ZeRO stage 3 (parameter sharding) is not implemented"));
-  REQUIRE_THROWS_WITH(ZeroOptimizer(*model, mesh, ZeroOptions(1), {{"fc.weight", "nope"}}),
-                      Catch::Contains("bucket 0 names 'nope'"));
-  REQUIRE_THROWS_WITH(ZeroOptimizer(*model, mesh, ZeroOptions(1), {{"fc.weight"}}),
-                      Catch::Contains("trainable parameter '") &&
-                          Catch::Contains("is in no bucket"));
-  ZeroOptimizer opt(*model, mesh, ZeroOptions(2));
+  const int dp = mesh.group("dp")->size();
+  REQUIRE_THROWS_WITH(BucketLayout(*model, dp, BucketLayoutOptions().zero_stage(3)),
+                      Catch::Contains("ZeRO stage (3) must be 0, 1 or 2"));
+  // A layout built for another model (or another dp) is refused naming the difference.
+  torch::nn::Linear other(3, 3);
+  const auto foreign = std::make_shared<const BucketLayout>(*other, dp);
+  REQUIRE_THROWS_WITH(ZeroOptimizer(*model, mesh, foreign),
+                      Catch::Contains("ZeroOptimizer: ") &&
+                          Catch::Contains("build the layout from this model"));
+  REQUIRE_THROWS_WITH(
+      ZeroOptimizer(*model, mesh, std::make_shared<const BucketLayout>(*model, dp + 1)),
+      Catch::Contains("the bucket layout is for dp " + std::to_string(dp + 1)));
+  ZeroOptimizer opt(*model, mesh, zero_layout(*model, mesh, 2));
   REQUIRE_THROWS_WITH(opt.step({torch::zeros({opt.bucket_numel(0) + 1})}),
                       Catch::Contains("gradient of bucket 0 has") &&
-                          Catch::Contains("shard_gradients(true)"));
+                          Catch::Contains("(this rank's shard)"));
   // A parameter swapped out of the flat buffer would silently stop training.
   {
     torch::NoGradGuard no_grad;
     model->fc->weight.set_data(torch::zeros_like(model->fc->weight));
   }
   REQUIRE_THROWS_WITH(
-      opt.step({torch::zeros({opt.bucket_numel(0)})}),
+      opt.step({torch::zeros({opt.bucket_numel(0) / dp})}),
       Catch::Contains("'fc.weight' no longer lives in the optimizer's flat buffer"));
 }

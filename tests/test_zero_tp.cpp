@@ -5,12 +5,12 @@
 // (summed), replicated parameters (counted once) and, at ZeRO-2, dp shards (summed).
 #include <catch2/catch.hpp>
 
-#include "core/mesh.h"
-#include "optim/lr_schedule.h"
-#include "optim/zero.h"
-#include "parallel/column_parallel_linear.h"
-#include "parallel/data_parallel.h"
-#include "parallel/row_parallel_linear.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/optim/lr_schedule.h"
+#include "meshtrain/optim/zero.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/data_parallel.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
 #include "tests/harness.h"
 
 #include <cmath>
@@ -162,7 +162,7 @@ torch::Tensor cut(const std::string& name, const torch::Tensor& full, int rank, 
 TEST_CASE("ZeRO x TP: dp x tp=2 MLP equals the serial run, cut by cut", "[mpi][zero][tp]") {
   auto& rt = meshtrain::testing::test_runtime();
   const int tp = rt.world_size() % 2 == 0 ? 2 : 1;
-  const Mesh mesh(ParallelDims{-1, tp, 1}, rt.world());
+  const Mesh mesh(ParallelDims{-1, 1, tp, 1}, rt.world());
   const int64_t dp = mesh.group("dp")->size();
   const int64_t dp_rank = mesh.group("dp")->rank();
   const int tp_rank = mesh.group("tp")->rank();
@@ -171,11 +171,11 @@ TEST_CASE("ZeRO x TP: dp x tp=2 MLP equals the serial run, cut by cut", "[mpi][z
   const auto expected = run_reference();
 
   auto model = make_tp_model(mesh);
-  DataParallelReducer reducer(*model, mesh,
-                              DataParallelOptions().bucket_bytes(200).shard_gradients(stage == 2));
-  ZeroOptimizer opt(*model, mesh,
-                    ZeroOptions(stage).adamw(AdamWOptions(2e-2).weight_decay(kWeightDecay)),
-                    reducer.bucket_names());
+  const auto layout = std::make_shared<const BucketLayout>(
+      *model, static_cast<int>(dp), BucketLayoutOptions().bucket_bytes(200).zero_stage(stage));
+  DataParallelReducer reducer(*model, mesh, layout);
+  ZeroOptimizer opt(*model, mesh, layout,
+                    ZeroOptions().adamw(AdamWOptions(2e-2).weight_decay(kWeightDecay)));
   WarmupCosineSchedule schedule(
       WarmupCosineOptions(2e-2).min_lr(2e-3).warmup_steps(2).total_steps(kSteps));
   const int64_t micro = kGlobalBatch / (dp * accumulation);

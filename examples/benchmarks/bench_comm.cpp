@@ -24,8 +24,8 @@
 // the communicator's worker thread, to show what that hand-off costs.
 //
 // Only the MPI build has a raw MPI to compare with; elsewhere the program says so and exits 2.
-#include "core/communicator.h"
-#include "core/runtime.h"
+#include "meshtrain/core/communicator.h"
+#include "meshtrain/core/runtime.h"
 
 #include <cstdio>
 
@@ -33,7 +33,7 @@
 
 #include <mpi.h>
 
-#include <cxxopts.hpp>
+#include "meshtrain/launch/cli.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -47,28 +47,7 @@
 namespace {
 
 using meshtrain::CommunicatorPtr;
-
-// "4096", "4K", "64M", "1G" (binary multiples) -> bytes.
-int64_t parse_bytes(const std::string& text) {
-  std::size_t used = 0;
-  const long long value = std::stoll(text, &used);
-  const std::string suffix = text.substr(used);
-  int64_t scale = 1;
-  if (suffix == "K" || suffix == "KiB" || suffix == "k") {
-    scale = int64_t{1} << 10;
-  } else if (suffix == "M" || suffix == "MiB") {
-    scale = int64_t{1} << 20;
-  } else if (suffix == "G" || suffix == "GiB") {
-    scale = int64_t{1} << 30;
-  } else if (!suffix.empty()) {
-    throw std::invalid_argument("unknown size suffix '" + suffix + "' in '" + text +
-                                "' (use K, M or G)");
-  }
-  if (value <= 0) {
-    throw std::invalid_argument("size '" + text + "' must be positive");
-  }
-  return value * scale;
-}
+namespace cli = meshtrain::cli;
 
 std::string format_bytes(int64_t bytes) {
   if (bytes >= (int64_t{1} << 20) && bytes % (int64_t{1} << 20) == 0) {
@@ -242,21 +221,20 @@ int run(int argc, char** argv) {
 
   cxxopts::Options options("bench_comm",
                            "meshtrain collectives vs raw MPI (nccl-tests bandwidth formulas)");
-  options.add_options()("min-bytes", "smallest payload (K/M/G suffixes)",
-                        cxxopts::value<std::string>()->default_value("1K"))(
-      "max-bytes", "largest payload", cxxopts::value<std::string>()->default_value("64M"))(
-      "step", "size factor between rows (2 or 4 for powers of 2)",
-      cxxopts::value<int>()->default_value("4"))("iters", "timed calls per round",
-                                                 cxxopts::value<int>()->default_value("20"))(
-      "warmup", "untimed calls of each implementation per size",
-      cxxopts::value<int>()->default_value("5"))(
-      "rounds", "timed rounds per implementation (median reported)",
-      cxxopts::value<int>()->default_value("5"))(
-      "ops", "comma-separated collectives",
-      cxxopts::value<std::string>()->default_value(
-          "all_reduce,reduce_scatter,all_gather,broadcast"))(
-      "async", "time meshtrain's *_async(...)->wait() (always via the worker thread) instead "
-               "of the blocking calls")("h,help", "print this help");
+  // clang-format off
+  options.add_options()
+    ("min-bytes", "smallest payload (K/M/G suffixes)", cli::text("1K"))
+    ("max-bytes", "largest payload", cli::text("64M"))
+    ("step", "size factor between rows (2 or 4 for powers of 2)", cli::text("4"))
+    ("iters", "timed calls per round", cli::text("20"))
+    ("warmup", "untimed calls of each implementation per size", cli::text("5"))
+    ("rounds", "timed rounds per implementation (median reported)", cli::text("5"))
+    ("ops", "comma-separated collectives",
+     cli::text("all_reduce,reduce_scatter,all_gather,broadcast"))
+    ("async", "time meshtrain's *_async(...)->wait() (always via the worker thread) instead "
+              "of the blocking calls", cli::boolean())
+    ("h,help", "print this help");
+  // clang-format on
   int64_t min_bytes = 0;
   int64_t max_bytes = 0;
   int step = 0;
@@ -266,34 +244,34 @@ int run(int argc, char** argv) {
   std::vector<std::string> ops;
   bool async = false;
   try {
-    const auto args = options.parse(argc, argv);
-    if (args.count("help") != 0) {
+    const cli::ParsedFlags flags(options, argc, argv);
+    if (flags.help()) {
       if (printer) {
         std::cout << options.help() << "\n";
       }
       return 0;
     }
-    min_bytes = parse_bytes(args["min-bytes"].as<std::string>());
-    max_bytes = parse_bytes(args["max-bytes"].as<std::string>());
-    step = args["step"].as<int>();
-    iters = args["iters"].as<int>();
-    warmup = args["warmup"].as<int>();
-    rounds = args["rounds"].as<int>();
-    async = args["async"].as<bool>();
-    std::stringstream list(args["ops"].as<std::string>());
+    min_bytes = cli::parse_size("min-bytes", flags.str("min-bytes"));
+    max_bytes = cli::parse_size("max-bytes", flags.str("max-bytes"));
+    step = static_cast<int>(flags.integer("step", 2, 1 << 20));
+    iters = static_cast<int>(flags.integer("iters", 1, 1 << 20));
+    warmup = static_cast<int>(flags.integer("warmup", 0, 1 << 20));
+    rounds = static_cast<int>(flags.integer("rounds", 1, 1 << 20));
+    async = flags.flag("async");
+    std::stringstream list(flags.str("ops"));
     for (std::string op; std::getline(list, op, ',');) {
       ops.push_back(op);
     }
-    if (step < 2 || iters < 1 || warmup < 0 || rounds < 1 || min_bytes > max_bytes) {
-      throw std::invalid_argument("need --step >= 2, --iters >= 1, --warmup >= 0, --rounds >= 1 "
-                                  "and --min-bytes <= --max-bytes");
+    if (min_bytes > max_bytes) {
+      throw cli::UsageError("--min-bytes " + flags.str("min-bytes") +
+                            " must not exceed --max-bytes " + flags.str("max-bytes"));
     }
-  } catch (const std::exception& e) {
+  } catch (const cli::UsageError& e) {
     // Every rank parses the same argv, so every rank fails alike and none waits for another.
     if (printer) {
-      std::cerr << "bench_comm: " << e.what() << "\n" << options.help() << "\n";
+      std::cerr << "bench_comm: " << e.what() << "\n";
     }
-    return 2;
+    return cli::kExitUsage;
   }
 
   std::map<std::string, Collective> by_name;

@@ -11,13 +11,13 @@
 // Every rank times each step; a step's time is the slowest rank's; the table shows the
 // median over the measured steps (after --warmup untimed steps). The overlap modes train
 // separate copies of the model, interleaved step by step.
-#include "core/mesh.h"
-#include "core/runtime.h"
-#include "optim/lr_schedule.h"
-#include "optim/zero.h"
-#include "parallel/data_parallel.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/core/runtime.h"
+#include "meshtrain/launch/cli.h"
+#include "meshtrain/optim/lr_schedule.h"
+#include "meshtrain/optim/zero.h"
+#include "meshtrain/parallel/data_parallel.h"
 
-#include <cxxopts.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -119,15 +119,17 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 struct Runner {
   Runner(const Config& c, const Mesh& mesh, bool overlap)
       : model((torch::manual_seed(0), TokenMlp(c))),
-        reducer(*model, mesh,
-                DataParallelOptions()
-                    .bucket_bytes(static_cast<int64_t>(c.bucket_mb * 1024 * 1024))
-                    .overlap(overlap)
-                    .shard_gradients(c.zero == 2)),
-        opt(*model, mesh, ZeroOptions(c.zero).adamw(AdamWOptions(1e-3)), reducer.bucket_names()),
+        layout(std::make_shared<const BucketLayout>(
+            *model, mesh.group("dp")->size(),
+            BucketLayoutOptions()
+                .bucket_bytes(static_cast<int64_t>(c.bucket_mb * 1024 * 1024))
+                .zero_stage(c.zero))),
+        reducer(*model, mesh, layout, DataParallelOptions().overlap(overlap)),
+        opt(*model, mesh, layout, ZeroOptions().adamw(AdamWOptions(1e-3))),
         schedule(WarmupCosineOptions(1e-3).min_lr(1e-4).warmup_steps(2).total_steps(c.warmup +
                                                                                     c.steps)) {}
   TokenMlp model;
+  BucketLayoutPtr layout;
   DataParallelReducer reducer;
   ZeroOptimizer opt;
   WarmupCosineSchedule schedule;
@@ -180,47 +182,63 @@ void train_step(const Config& c, const Mesh& mesh, Runner& r, int s) {
 
 int main(int argc, char** argv) {
   Runtime rt(&argc, &argv);
-  cxxopts::Options cli("bench_dp", "data-parallel step time and throughput (Markdown table)");
+  cxxopts::Options options("bench_dp", "data-parallel step time and throughput (Markdown table)");
+  // clang-format off
+  options.add_options()
+    ("vocab", "vocabulary size", cli::text("1024"))
+    ("embed", "embedding width C", cli::text("256"))
+    ("layers", "MLP blocks (C -> 4C -> C)", cli::text("4"))
+    ("seq", "tokens per sample", cli::text("64"))
+    ("global-batch", "samples per optimizer step", cli::text("16"))
+    ("accumulation", "micro-steps per optimizer step", cli::text("1"))
+    ("steps", "timed steps", cli::text("10"))
+    ("warmup", "untimed steps first", cli::text("2"))
+    ("zero", "ZeRO stage 0, 1 or 2", cli::text("0"))
+    ("bucket-mb", "gradient bucket size in MiB", cli::text("1"))
+    ("overlap", "comma list of on/off", cli::text("on,off"))
+    ("h,help", "print usage");
+  // clang-format on
   Config c;
-  std::string overlap = "on,off";
-  cli.add_options()("vocab", "vocabulary size", cxxopts::value(c.vocab)->default_value("1024"))(
-      "embed", "embedding width C", cxxopts::value(c.embed)->default_value("256"))(
-      "layers", "MLP blocks (C -> 4C -> C)", cxxopts::value(c.layers)->default_value("4"))(
-      "seq", "tokens per sample", cxxopts::value(c.seq)->default_value("64"))(
-      "global-batch", "samples per optimizer step",
-      cxxopts::value(c.global_batch)->default_value("16"))(
-      "accumulation", "micro-steps per optimizer step",
-      cxxopts::value(c.accumulation)->default_value("1"))(
-      "steps", "timed steps", cxxopts::value(c.steps)->default_value("10"))(
-      "warmup", "untimed steps first", cxxopts::value(c.warmup)->default_value("2"))(
-      "zero", "ZeRO stage 0, 1 or 2", cxxopts::value(c.zero)->default_value("0"))(
-      "bucket-mb", "gradient bucket size in MiB", cxxopts::value(c.bucket_mb)->default_value("1"))(
-      "overlap", "comma list of on/off",
-      cxxopts::value(overlap)->default_value("on,off"))("h,help", "print usage");
-  const auto args = cli.parse(argc, argv);
-  if (args.count("help") != 0U) {
+  try {
+    const cli::ParsedFlags flags(options, argc, argv);
+    if (flags.help()) {
+      if (rt.rank() == 0) {
+        std::cout << options.help() << "\n";
+      }
+      return 0;
+    }
+    c.vocab = flags.integer("vocab", 1, 1 << 20);
+    c.embed = flags.integer("embed", 1, 1 << 16);
+    c.layers = flags.integer("layers", 1, 1 << 10);
+    c.seq = flags.integer("seq", 1, 1 << 16);
+    c.global_batch = flags.integer("global-batch", 1, 1 << 20);
+    c.accumulation = flags.integer("accumulation", 1, 1 << 20);
+    c.steps = static_cast<int>(flags.integer("steps", 1, 1 << 20));
+    c.warmup = static_cast<int>(flags.integer("warmup", 0, 1 << 20));
+    c.zero = static_cast<int>(flags.integer("zero", 0, 2));
+    c.bucket_mb = flags.number("bucket-mb", 1e-6, 1 << 14);
+    c.overlap.clear();
+    std::stringstream list(flags.str("overlap"));
+    for (std::string item; std::getline(list, item, ',');) {
+      if (item != "on" && item != "off") {
+        throw cli::UsageError("--overlap takes on and/or off, got '" + item + "'");
+      }
+      c.overlap.push_back(item);
+    }
+  } catch (const cli::UsageError& e) {
     if (rt.rank() == 0) {
-      std::cout << cli.help() << "\n";
+      std::cerr << "bench_dp: " << e.what() << "\n";
     }
-    return 0;
+    return cli::kExitUsage;
   }
-  c.overlap.clear();
-  std::stringstream list(overlap);
-  for (std::string item; std::getline(list, item, ',');) {
-    if (item != "on" && item != "off") {
-      std::cerr << "bench_dp: --overlap takes on and/or off, got '" << item << "'\n";
-      return 2;
-    }
-    c.overlap.push_back(item);
-  }
-  const Mesh mesh(ParallelDims{-1, 1, 1}, rt.world());
+  const Mesh mesh(ParallelDims{-1, 1, 1, 1}, rt.world());
   const int64_t dp = mesh.group("dp")->size();
   if (c.global_batch % (dp * c.accumulation) != 0) {
     if (rt.rank() == 0) {
       std::cerr << "bench_dp: --global-batch " << c.global_batch << " must be a multiple of dp ("
                 << dp << ") x accumulation (" << c.accumulation << ")\n";
     }
-    return 2;
+    return cli::kExitUsage;
   }
   std::vector<std::unique_ptr<Runner>> runners;
   for (const auto& mode : c.overlap) {

@@ -14,12 +14,13 @@
 //   mpirun -np 2 bench_recompute --sequence-parallel # tp 2
 // Each mode runs its own copy of the model (same seed); the modes are interleaved step by step
 // so that machine noise falls on all of them alike.
-#include "core/runtime.h"
-#include "memory/alloc_tracker.h"
+#include "meshtrain/core/runtime.h"
+#include "meshtrain/launch/cli.h"
+#include "meshtrain/launch/parallelize.h"
+#include "meshtrain/memory/alloc_tracker.h"
 
 #include "examples/gpt/gpt_model.h"
 
-#include <cxxopts.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -38,39 +39,59 @@ int main(int argc, char** argv) {
   cxxopts::Options options("bench_recompute", "Cost and savings of activation recomputation");
   // clang-format off
   options.add_options()
-    ("n-layer", "transformer blocks", cxxopts::value<int64_t>()->default_value("8"))
-    ("n-embd", "width C", cxxopts::value<int64_t>()->default_value("128"))
-    ("n-head", "heads", cxxopts::value<int64_t>()->default_value("4"))
-    ("block-size", "sequence length T", cxxopts::value<int64_t>()->default_value("256"))
-    ("batch", "sequences per step", cxxopts::value<int64_t>()->default_value("8"))
-    ("steps", "timed steps per mode", cxxopts::value<int>()->default_value("10"))
-    ("warmup", "untimed steps per mode first", cxxopts::value<int>()->default_value("2"))
-    ("sequence-parallel", "sequence parallelism (tp > 1)")
+    ("n-layer", "transformer blocks", cli::text("8"))
+    ("n-embd", "width C", cli::text("128"))
+    ("n-head", "heads", cli::text("4"))
+    ("block-size", "sequence length T", cli::text("256"))
+    ("batch", "sequences per step", cli::text("8"))
+    ("steps", "timed steps per mode", cli::text("10"))
+    ("warmup", "untimed steps per mode first", cli::text("2"))
+    ("sequence-parallel", "sequence parallelism (tp = the ranks)", cli::boolean())
     ("h,help", "print this help");
   // clang-format on
-  const auto args = options.parse(argc, argv);
-  if (args.count("help") > 0) {
-    std::cout << options.help() << "\n";
-    return 0;
-  }
   const auto& world = runtime.world();
-  const auto config = gpt::GPTConfig()
-                          .n_layer(args["n-layer"].as<int64_t>())
-                          .n_embd(args["n-embd"].as<int64_t>())
-                          .n_head(args["n-head"].as<int64_t>())
-                          .block_size(args["block-size"].as<int64_t>())
-                          .sequence_parallel(args.count("sequence-parallel") > 0);
-  config.validate(world->size());
-  const int64_t batch = args["batch"].as<int64_t>();
-  const int steps = args["steps"].as<int>();
-  const int warmup = args["warmup"].as<int>();
+  gpt::GPTConfig config;
+  ParallelPlan plan; // tp = the ranks
+  int64_t batch = 0;
+  int steps = 0;
+  int warmup = 0;
+  try {
+    const cli::ParsedFlags flags(options, argc, argv);
+    if (flags.help()) {
+      std::cout << options.help() << "\n";
+      return 0;
+    }
+    config.n_layer(flags.integer("n-layer", 1, 1 << 12))
+        .n_embd(flags.integer("n-embd", 1, 1 << 16))
+        .n_head(flags.integer("n-head", 1, 1 << 12))
+        .block_size(flags.integer("block-size", 1, 1 << 20));
+    batch = flags.integer("batch", 1, 1 << 20);
+    steps = static_cast<int>(flags.integer("steps", 1, 1 << 20));
+    warmup = static_cast<int>(flags.integer("warmup", 0, 1 << 20));
+    plan.dims = ParallelDims{1, 1, world->size(), 1};
+    plan.sequence_parallel = flags.flag("sequence-parallel");
+    plan.global_batch = batch;
+    ModelShape shape;
+    shape.n_layer = config.n_layer();
+    shape.n_head = config.n_head();
+    shape.seq_len = config.block_size();
+    plan = cli::validate_layout(plan, world->size(), shape);
+  } catch (const cli::UsageError& e) {
+    std::cerr << "bench_recompute: " << e.what() << "\n";
+    return cli::kExitUsage;
+  }
+  const Mesh mesh(plan.dims, world);
 
   const std::vector<RecomputeMode> modes = {RecomputeMode::kNone, RecomputeMode::kSelective,
                                             RecomputeMode::kFull};
-  std::map<RecomputeMode, gpt::GPT> models;
+  // One GPT per mode, laid out by parallelize (no optimizer: forward and backward only).
+  std::map<RecomputeMode, Parallelized> models;
   for (auto mode : modes) {
     torch::manual_seed(1337);
-    models.emplace(mode, gpt::GPT(gpt::GPTConfig(config).recompute(mode), world));
+    auto mode_plan = plan;
+    mode_plan.recompute = mode;
+    models.emplace(mode, parallelize(std::make_shared<gpt::GPTImpl>(config), mesh, mode_plan,
+                                     ParallelizeOptions().training(false)));
   }
   torch::manual_seed(7);
   const auto idx = torch::randint(0, config.vocab_size(), {batch, config.block_size()});
@@ -79,12 +100,12 @@ int main(int argc, char** argv) {
   for (int s = 0; s < warmup + steps; ++s) {
     for (auto mode : modes) {
       auto& model = models.at(mode);
-      model->zero_grad();
+      model.model->zero_grad();
       world->barrier();
       const int64_t start_bytes = tracker.current_bytes();
       tracker.reset_peaks();
       const auto t0 = std::chrono::steady_clock::now();
-      const auto loss = model->forward(idx, idx).loss;
+      const auto loss = model.loss(MicroBatch{idx, idx}) / idx.numel(); // mean token loss
       const int64_t after_forward = tracker.current_bytes() - start_bytes;
       const double forward_ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -115,8 +136,7 @@ int main(int argc, char** argv) {
               static_cast<long long>(config.n_layer()), static_cast<long long>(config.n_embd()),
               static_cast<long long>(config.n_head()), static_cast<long long>(config.block_size()),
               static_cast<long long>(batch), world->size(),
-              config.sequence_parallel() ? " sequence parallel" : "", torch::get_num_threads(),
-              steps);
+              plan.sequence_parallel ? " sequence parallel" : "", torch::get_num_threads(), steps);
   std::printf("| recompute | kept MiB | vs none | peak MiB | vs none | forward ms | step ms | "
               "vs none |\n");
   std::printf("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");

@@ -1,10 +1,12 @@
 // defines: GPTConfig, GPTOutput, GPTImpl, GPT — nanoGPT's language model (DESIGN §4) built
-// only from parallel/ layers, so the same code runs serial or tensor-parallel (with or
-// without sequence parallelism) over the TP group it is given. No communication here: the
-// layers and mappings of parallel/ carry it.
+// only from parallel/ layers, serially; parallelize() (launch/parallelize.h) lays it out
+// (tensor and sequence parallelism, recomputation, precision) through the ParallelModel
+// interface. No communication and no layout flags here: the layers and mappings of
+// parallel/ carry them.
 //
-// Parameters (named_parameters(), nanoGPT's names; L = n_layer, C = n_embd, T = block_size,
-// V = vocab_size, Vp = V padded to a multiple of lcm(64, tp), tp = TP group size):
+// Parameters once laid out (named_parameters(), nanoGPT's names; L = n_layer, C = n_embd,
+// T = block_size, V = vocab_size, Vp = V padded to a multiple of lcm(64, tp), tp = TP group
+// size; serially tp = 1):
 //   transformer.wte.weight            [Vp/tp, C]  vocab rows of this rank (VocabParallelEmbedding)
 //   transformer.wpe.weight            [T, C]      replicated
 //   transformer.h.<i>.ln_1.{weight,bias}          [C]
@@ -20,7 +22,7 @@
 // lists a nanoGPT model: the tied lm_head.weight is de-duplicated away).
 //
 // Init (DESIGN §3 init invariance): every rank draws the full "master" tensors from the
-// default generator in this fixed order, then keeps its shard:
+// default generator in this fixed order (parallelize then keeps each rank's shard):
 //   1. wte  [V, C] ~ N(0, 0.02)   one normal_ (VocabParallelEmbedding; padding rows are 0)
 //   2. wpe  [T, C] ~ N(0, 0.02)   one normal_
 //   3. h.0 .. h.<L-1>, each: c_attn.weight [3C, C], attn.c_proj.weight [C, C],
@@ -28,20 +30,22 @@
 //   LayerNorms (weight 1, bias 0) and biases (0) draw nothing.
 // So after torch::manual_seed(s) a GPT on any tp holds the shards of the tp = 1 GPT.
 //
-// Forward, idx [B, T'] int64 with T' <= block_size:
-//   x = drop(wte(idx) + wpe[:T'])   [B, T', C]  (sequence_parallel: [B, T'/tp, C]; wte then
+// Forward, idx [B, T'] int64 with T' <= block_size (ParallelModel's parts: embed, blocks,
+// head_loss):
+//   x = drop(wte(idx) + wpe(T'))    [B, T', C]  (sequence parallel: [B, T'/tp, C]; wte then
 //                                   reduce-scatters and wpe's rows are scattered likewise)
 //   x = h[L-1](...h[0](x)); x = ln_f(x)
 //   logits = wte.logits(x)          [B, T', Vp/tp] (this rank's vocab shard)
 //   loss = vocab-parallel cross-entropy(logits, targets), identical on every TP rank.
 #pragma once
 
-#include "core/communicator.h"
-#include "memory/recompute.h"
-#include "parallel/parallel_layer_norm.h"
-#include "parallel/parallel_transformer_block.h"
-#include "parallel/rng_tracker.h"
-#include "parallel/vocab_parallel_embedding.h"
+#include "meshtrain/parallel/parallel_layer_norm.h"
+#include "meshtrain/parallel/parallel_model.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/position_embedding.h"
+#include "meshtrain/parallel/rng_tracker.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
 
 #include <torch/torch.h>
 
@@ -62,18 +66,14 @@ struct GPTConfig {
   TORCH_ARG(double, init_std) = 0.02;
   // The vocab is padded to a multiple of lcm(this, tp) for the vocab-parallel layers.
   TORCH_ARG(int64_t, pad_vocab_to_multiple_of) = 64;
-  // Activations between the blocks are sequence shards [B, T/tp, C] (Korthikanti et al.).
-  TORCH_ARG(bool, sequence_parallel) = false;
-  // Seed of the dropout streams when the model makes its own RngTracker (see GPTImpl).
+  // Seed of the dropout streams when the model makes its own RngTracker (see GPTImpl);
+  // parallelize gives each data-parallel replica its own streams from it.
   TORCH_ARG(uint64_t, dropout_seed) = 1337;
-  // Activation recomputation (memory/recompute.h): none, selective (the attention core of
-  // every block) or full (every block keeps only its input).
-  TORCH_ARG(RecomputeMode, recompute) = RecomputeMode::kNone;
 
 public:
-  // Throws naming the bad value (sizes positive, n_head | n_embd, 0 <= dropout < 1) and,
-  // for tp > 1, what the tensor-parallel split needs (tp | n_head).
-  void validate(int tp) const;
+  // Throws naming the bad value (sizes positive, n_head | n_embd, 0 <= dropout < 1). What a
+  // layout needs of the model (tp | n_head, ...) is ParallelPlan::validate's.
+  void validate() const;
 };
 
 // What forward() returns. Without targets only `logits` is defined.
@@ -84,20 +84,30 @@ struct GPTOutput {
   torch::Tensor token_count; // [] int64, tokens in the loss
 };
 
-class GPTImpl : public torch::nn::Module {
+class GPTImpl : public ParallelModel, public TensorParallelLayer {
 public:
   // Collective-free construction; draws the master weights (see above) from the default
   // generator. `rng` supplies the dropout streams; when null and dropout > 0 the model
-  // makes one from config.dropout_seed() (give each DP replica its own seed through `rng`).
-  GPTImpl(GPTConfig config, CommunicatorPtr tp_group, RngTrackerPtr rng = nullptr);
+  // makes one from config.dropout_seed().
+  explicit GPTImpl(GPTConfig config, RngTrackerPtr rng = nullptr);
 
   // idx [B, T] int64 -> logits [B, T, Vp/tp]; with targets [B, T] int64 (-1: ignored) also
   // the loss. Under sequence parallelism T must be divisible by tp.
   GPTOutput forward(const torch::Tensor& idx,
                     const std::optional<torch::Tensor>& targets = std::nullopt);
 
+  // ParallelModel (parallel/parallel_model.h): what parallelize() composes.
+  ModelShape shape() const override;
+  torch::Tensor embed(const torch::Tensor& idx) override;            // [B, T(/tp), C]
+  std::vector<std::shared_ptr<torch::nn::Module>> blocks() override; // h.0 .. h.<L-1>
+  torch::Tensor head_loss(const torch::Tensor& x, const torch::Tensor& targets) override;
+  RngTrackerPtr rng_tracker() const override { return rng_; }
+  // The model-level part of the layout: the embedding dropout's stream.
+  void apply_tensor_parallel(const TensorParallelism& tp) override;
+
   const GPTConfig& config() const { return config_; }
-  const CommunicatorPtr& tp_group() const { return tp_group_; }
+  const CommunicatorPtr& tp_group() const { return tp_.group; }
+  bool sequence_parallel() const { return tp_.sequence_parallel; }
   // Vp: the padded vocab (rows of the full wte).
   int64_t padded_vocab_size() const { return wte->padded_num_embeddings(); }
   // Parameters of the full (serial, unpadded) model, as nanoGPT counts them: every weight
@@ -108,13 +118,16 @@ public:
 
   // The modules, also reachable by name under "transformer".
   VocabParallelEmbedding wte{nullptr};
-  torch::nn::Embedding wpe{nullptr};
+  PositionEmbedding wpe{nullptr};
   torch::nn::ModuleList h{nullptr}; // of ParallelTransformerBlock
   ParallelLayerNorm ln_f{nullptr};
 
 private:
+  // ln_f, then the tied projection: [B, T(/tp), C] -> [B, T, Vp/tp].
+  torch::Tensor logits(const torch::Tensor& x);
+
   GPTConfig config_;
-  CommunicatorPtr tp_group_;
+  TensorParallelism tp_{make_self_communicator(), false};
   RngTrackerPtr rng_;
 };
 

@@ -5,8 +5,8 @@
 // Debian's fortunes files); every document goes whole to one split: document k goes to
 // validation when floor((k+1)*f) > floor(k*f) for the validation fraction f, so about a
 // fraction f of the documents, spread evenly over the corpus, are held out.
-#include "core/errors.h"
-#include "core/token_file.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/token_file.h"
 
 #include <cxxopts.hpp>
 

@@ -8,16 +8,17 @@
 //   mpirun -np 2 sample_gpt --weights out/gpt.safetensors --prompt "The " --temperature 0.7
 //
 // Exit codes: 0 done, 1 runtime failure, 2 bad command line.
-#include "core/errors.h"
-#include "core/runtime.h"
-#include "core/safetensors.h"
 #include "examples/gpt/gpt_model.h"
-#include "launch/checkpoint.h"
-#include "launch/job_exit.h"
-#include "parallel/shard_tensor.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/runtime.h"
+#include "meshtrain/core/safetensors.h"
+#include "meshtrain/launch/checkpoint.h"
+#include "meshtrain/launch/cli.h"
+#include "meshtrain/launch/job_exit.h"
+#include "meshtrain/launch/parallelize.h"
+#include "meshtrain/parallel/shard_tensor.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -34,16 +35,10 @@
 
 namespace {
 
+namespace cli = meshtrain::cli;
 namespace gpt = meshtrain::gpt;
+using cli::UsageError;
 using nlohmann::json;
-
-constexpr int kExitFailure = 1;
-constexpr int kExitUsage = 2;
-
-class UsageError : public std::runtime_error {
-public:
-  using std::runtime_error::runtime_error;
-};
 
 struct Flags {
   std::string checkpoint;
@@ -61,16 +56,13 @@ cxxopts::Options make_options() {
   // clang-format off
   options.add_options()
     ("checkpoint", "a checkpoint: a step directory, or a checkpoint directory (its latest)",
-     cxxopts::value<std::string>()->default_value(""))
-    ("weights", "or: a safetensors file of full weights from meshtrain-export",
-     cxxopts::value<std::string>()->default_value(""))
-    ("prompt", "text the sample continues", cxxopts::value<std::string>()->default_value("\n"))
-    ("tokens", "tokens (bytes) to generate", cxxopts::value<int64_t>()->default_value("400"))
-    ("temperature", "softmax temperature; 0: always the most likely token",
-     cxxopts::value<double>()->default_value("0.8"))
-    ("top-k", "sample among the k most likely tokens; 0: all",
-     cxxopts::value<int64_t>()->default_value("40"))
-    ("seed", "seed of the sampling", cxxopts::value<uint64_t>()->default_value("1337"))
+     cli::text(""))
+    ("weights", "or: a safetensors file of full weights from meshtrain-export", cli::text(""))
+    ("prompt", "text the sample continues", cli::text("\n"))
+    ("tokens", "tokens (bytes) to generate", cli::text("400"))
+    ("temperature", "softmax temperature; 0: always the most likely token", cli::text("0.8"))
+    ("top-k", "sample among the k most likely tokens; 0: all", cli::text("40"))
+    ("seed", "seed of the sampling", cli::text("1337"))
     ("h,help", "print this help");
   // clang-format on
   return options;
@@ -79,26 +71,18 @@ cxxopts::Options make_options() {
 // nullopt: --help was printed.
 std::optional<Flags> parse_flags(int argc, char** argv) {
   auto options = make_options();
-  cxxopts::ParseResult r;
-  try {
-    r = options.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw UsageError(std::string(e.what()) + " (see --help)");
-  }
-  if (r.count("help") > 0) {
+  const cli::ParsedFlags parsed(options, argc, argv);
+  if (parsed.help()) {
     return std::nullopt;
   }
-  if (!r.unmatched().empty()) {
-    throw UsageError("unexpected argument '" + r.unmatched().front() + "' (see --help)");
-  }
   Flags f;
-  f.checkpoint = r["checkpoint"].as<std::string>();
-  f.weights = r["weights"].as<std::string>();
-  f.prompt = r["prompt"].as<std::string>();
-  f.tokens = r["tokens"].as<int64_t>();
-  f.temperature = r["temperature"].as<double>();
-  f.top_k = r["top-k"].as<int64_t>();
-  f.seed = r["seed"].as<uint64_t>();
+  f.checkpoint = parsed.str("checkpoint");
+  f.weights = parsed.str("weights");
+  f.prompt = parsed.str("prompt");
+  f.tokens = parsed.integer("tokens", 0, 1 << 20);
+  f.temperature = parsed.number("temperature", 0.0, 1e6);
+  f.top_k = parsed.integer("top-k", 0, int64_t{1} << 40);
+  f.seed = cli::parse_uint64("seed", parsed.str("seed"));
   if (f.checkpoint.empty() == f.weights.empty()) {
     throw UsageError("give one of --checkpoint DIR or --weights FILE.safetensors");
   }
@@ -107,15 +91,6 @@ std::optional<Flags> parse_flags(int argc, char** argv) {
   }
   if (f.prompt.empty()) {
     throw UsageError("--prompt: give at least one character");
-  }
-  if (f.tokens < 0 || f.tokens > (1 << 20)) {
-    throw UsageError("--tokens " + std::to_string(f.tokens) + ": must be in [0, 1048576]");
-  }
-  if (!std::isfinite(f.temperature) || f.temperature < 0) {
-    throw UsageError("--temperature " + std::to_string(f.temperature) + ": must be >= 0");
-  }
-  if (f.top_k < 0) {
-    throw UsageError("--top-k " + std::to_string(f.top_k) + ": must be >= 0");
   }
   return f;
 }
@@ -158,20 +133,20 @@ Source load_source(const Flags& f) {
 }
 
 // Appends `count` sampled tokens to `tokens`. Collective over the TP group.
-void generate(gpt::GPT& model, std::vector<int64_t>& tokens, const Flags& f) {
+void generate(gpt::GPTImpl& model, std::vector<int64_t>& tokens, const Flags& f) {
   torch::NoGradGuard no_grad;
-  model->eval();
-  const auto& tp = model->tp_group();
-  const int64_t vocab = model->config().vocab_size();
+  model.eval();
+  const auto& tp = model.tp_group();
+  const int64_t vocab = model.config().vocab_size();
   const auto vocab_spec = meshtrain::partitioned_spec(
-      /*dim=*/1, model->padded_vocab_size(), tp->rank(), tp->size(), vocab);
+      /*dim=*/1, model.padded_vocab_size(), tp->rank(), tp->size(), vocab);
   auto generator = at::make_generator<at::CPUGeneratorImpl>(f.seed);
-  const int64_t block = model->config().block_size();
+  const int64_t block = model.config().block_size();
   for (int64_t i = 0; i < f.tokens; ++i) {
     const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(tokens.size()) - block);
     const auto context =
         torch::tensor(std::vector<int64_t>(tokens.begin() + start, tokens.end())).unsqueeze(0);
-    const auto local = model->forward(context).logits.select(1, -1); // [1, Vp/tp]
+    const auto local = model.forward(context).logits.select(1, -1); // [1, Vp/tp]
     // [1, V]: the same bits on every rank, so every rank draws the same token.
     auto logits = meshtrain::gather_unsharded(local, vocab_spec, tp);
     int64_t next = 0;
@@ -197,24 +172,25 @@ int main(int argc, char** argv) {
     runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv);
   } catch (const std::exception& e) {
     std::cerr << "sample_gpt: error: " << meshtrain::message_of(e) << "\n";
-    return kExitFailure;
+    return cli::kExitFailure;
   }
   const auto& world = runtime->world();
-  const int tp = runtime->world_size();
   std::optional<Flags> flags;
   Source source;
+  meshtrain::ParallelPlan plan; // tp = world size
   int code = 0;
   std::string message;
   try {
     flags = parse_flags(argc, argv);
     if (flags) {
       source = load_source(*flags);
-      try {
-        source.config.validate(tp);
-      } catch (const c10::Error& e) {
-        throw UsageError(source.name + " on " + std::to_string(tp) +
-                         " ranks (tp = world size): " + e.what_without_backtrace());
-      }
+      source.config.validate();
+      plan.dims = meshtrain::ParallelDims{1, 1, runtime->world_size(), 1};
+      meshtrain::ModelShape shape;
+      shape.n_layer = source.config.n_layer();
+      shape.n_head = source.config.n_head();
+      shape.seq_len = source.config.block_size();
+      plan = cli::validate_layout(plan, runtime->world_size(), shape);
       for (unsigned char c : flags->prompt) {
         if (c >= source.config.vocab_size()) {
           throw UsageError("--prompt: byte " + std::to_string(c) + " is outside the vocab of " +
@@ -223,10 +199,10 @@ int main(int argc, char** argv) {
       }
     }
   } catch (const UsageError& e) {
-    code = kExitUsage;
+    code = cli::kExitUsage;
     message = e.what();
   } catch (const std::exception& e) {
-    code = kExitFailure;
+    code = cli::kExitFailure;
     message = meshtrain::message_of(e);
   }
   if ((code = meshtrain::agree_on_exit(world, code, message, "sample_gpt")) != 0) {
@@ -239,13 +215,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   try {
-    gpt::GPT model(source.config, world);
-    meshtrain::load_full_weights(*model, source.weights, world->rank(), tp, source.name);
+    const meshtrain::Mesh mesh(plan.dims, world);
+    auto model = std::make_shared<gpt::GPTImpl>(source.config);
+    meshtrain::load_full_weights(*model, source.weights, 0, 1, source.name);
+    meshtrain::parallelize(model, mesh, plan, meshtrain::ParallelizeOptions().training(false));
     std::vector<int64_t> tokens(flags->prompt.begin(), flags->prompt.end());
     for (auto& t : tokens) {
       t = static_cast<unsigned char>(t);
     }
-    generate(model, tokens, *flags);
+    generate(*model, tokens, *flags);
     if (runtime->rank() == 0) {
       std::string text(tokens.begin(), tokens.end());
       std::fwrite(text.data(), 1, text.size(), stdout);
@@ -253,7 +231,7 @@ int main(int argc, char** argv) {
       std::fflush(stdout);
     }
   } catch (const std::exception& e) {
-    return meshtrain::exit_after_failure("sample_gpt", world, e, kExitFailure);
+    return meshtrain::exit_after_failure("sample_gpt", world, e, cli::kExitFailure);
   }
   return 0;
 }

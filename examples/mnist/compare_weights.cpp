@@ -7,7 +7,7 @@
 // Relative difference of a tensor: max|a - b| / max(max|b|, 1e-12), the measure of the
 // layout-invariance rule (DESIGN §3). Exit codes: 0 within tolerance, 1 not (or unreadable
 // files, different names or shapes), 2 bad command line.
-#include "core/safetensors.h"
+#include "meshtrain/core/safetensors.h"
 
 #include <torch/torch.h>
 

@@ -1,7 +1,7 @@
 // defines: read_idx (see idx_file.h).
 #include "examples/mnist/idx_file.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 #include <zlib.h>
 

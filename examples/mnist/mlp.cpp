@@ -1,7 +1,7 @@
 // defines: MlpImpl (see mlp.h).
 #include "examples/mnist/mlp.h"
 
-#include "core/errors.h"
+#include "meshtrain/core/errors.h"
 
 namespace meshtrain::mnist {
 

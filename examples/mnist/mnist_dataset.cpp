@@ -1,8 +1,8 @@
 // defines: split_paths, load_split, epoch_order, even_slice (see mnist_dataset.h).
 #include "examples/mnist/mnist_dataset.h"
 
-#include "core/errors.h"
 #include "examples/mnist/idx_file.h"
+#include "meshtrain/core/errors.h"
 
 #include <random>
 

@@ -1,20 +1,23 @@
 // defines: main of train_mnist — an MLP trained on Fashion-MNIST with plain data parallelism:
-// every rank holds the whole model, takes its slice of each global batch, and the gradients
-// are averaged over the ranks after backward. See docs/mnist.md.
+// every rank holds the whole model, takes its slice of each global batch, and the library's
+// data-parallel reducer (parallel/data_parallel.h) averages the gradients over the ranks
+// while backward runs. See docs/mnist.md.
 //
 //   mpirun -np 2 train_mnist --epochs 3 --metrics out/mnist.jsonl
 //
 // Exit codes: 0 done, 1 runtime failure (unreadable data, I/O), 2 bad command line.
-#include "core/errors.h"
-#include "core/mesh.h"
-#include "core/runtime.h"
-#include "core/safetensors.h"
-#include "examples/mnist/grad_averager.h"
 #include "examples/mnist/mlp.h"
 #include "examples/mnist/mnist_dataset.h"
-#include "launch/job_exit.h"
+#include "meshtrain/core/errors.h"
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/core/runtime.h"
+#include "meshtrain/core/safetensors.h"
+#include "meshtrain/launch/cli.h"
+#include "meshtrain/launch/job_exit.h"
+#include "meshtrain/optim/lr_schedule.h"
+#include "meshtrain/parallel/bucket_layout.h"
+#include "meshtrain/parallel/data_parallel.h"
 
-#include <cxxopts.hpp>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -43,19 +46,14 @@ using meshtrain::message_of;
 
 using meshtrain::CommunicatorPtr;
 using meshtrain::ReduceOp;
+namespace cli = meshtrain::cli;
+using cli::kExitFailure;
+using cli::kExitUsage;
+using cli::UsageError;
 namespace mnist = meshtrain::mnist;
 using Clock = std::chrono::steady_clock;
 
-constexpr int kExitFailure = 1;
-constexpr int kExitUsage = 2;
 constexpr int64_t kEvalChunk = 1000; // test images per forward pass during evaluation
-constexpr double kPi = 3.14159265358979323846;
-
-// A bad command line: the message names the flag and the value; exit code 2.
-class UsageError : public std::runtime_error {
-public:
-  using std::runtime_error::runtime_error;
-};
 
 struct Flags {
   bool help = false;
@@ -75,44 +73,25 @@ cxxopts::Options make_options() {
   cxxopts::Options options("train_mnist",
                            "Trains an MLP on Fashion-MNIST with data parallelism over the MPI "
                            "ranks (see docs/mnist.md).");
-  // Numbers are read as strings and converted by us, so that an error names the flag.
-  options.add_options() //
-      ("data-dir", "directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
-       cxxopts::value<std::string>()->default_value(mnist::kDefaultDataDir)) //
-      ("epochs", "passes over the training set", cxxopts::value<std::string>()->default_value("3"))(
-          "batch-size", "global batch size, split evenly over the ranks",
-          cxxopts::value<std::string>()->default_value("128")) //
-      ("lr", "peak learning rate of SGD (momentum 0.9), cosine-decayed to 0 over the run",
-       cxxopts::value<std::string>()->default_value("0.05")) //
-      ("seed", "seed of the initial weights and of the per-epoch shuffle",
-       cxxopts::value<std::string>()->default_value("1234")) //
-      ("hidden", "comma-separated hidden layer widths",
-       cxxopts::value<std::string>()->default_value("256,128")) //
-      ("metrics", "write one JSON object per epoch to this file (JSON Lines; rank 0)",
-       cxxopts::value<std::string>()) //
-      ("limit-train", "use only the first N training images (0: all)",
-       cxxopts::value<std::string>()->default_value("0")) //
-      ("steps", "stop after N optimizer steps in total (0: no limit)",
-       cxxopts::value<std::string>()->default_value("0")) //
-      ("save-weights", "write the final parameters to this safetensors file (rank 0)",
-       cxxopts::value<std::string>()) //
-      ("h,help", "print this help");
+  // clang-format off
+  options.add_options()
+    ("data-dir", "directory with {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz",
+     cli::text(mnist::kDefaultDataDir))
+    ("epochs", "passes over the training set", cli::text("3"))
+    ("batch-size", "global batch size, split evenly over the ranks", cli::text("128"))
+    ("lr", "peak learning rate of SGD (momentum 0.9), cosine-decayed to 0 over the run",
+     cli::text("0.05"))
+    ("seed", "seed of the initial weights and of the per-epoch shuffle", cli::text("1234"))
+    ("hidden", "comma-separated hidden layer widths", cli::text("256,128"))
+    ("metrics", "write one JSON object per epoch to this file (JSON Lines; rank 0)",
+     cli::text(""))
+    ("limit-train", "use only the first N training images (0: all)", cli::text("0"))
+    ("steps", "stop after N optimizer steps in total (0: no limit)", cli::text("0"))
+    ("save-weights", "write the final parameters to this safetensors file (rank 0)",
+     cli::text(""))
+    ("h,help", "print this help");
+  // clang-format on
   return options;
-}
-
-// Whole-string integer in [lo, hi], else a UsageError naming the flag and the value.
-int64_t parse_int(const std::string& flag, const std::string& text, int64_t lo, int64_t hi) {
-  errno = 0;
-  char* end = nullptr;
-  const long long v = std::strtoll(text.c_str(), &end, 10);
-  if (text.empty() || *end != '\0' || errno == ERANGE) {
-    throw UsageError("--" + flag + " " + text + ": not an integer");
-  }
-  if (v < lo || v > hi) {
-    throw UsageError("--" + flag + " " + text + ": must be in [" + std::to_string(lo) + ", " +
-                     std::to_string(hi) + "]");
-  }
-  return v;
 }
 
 std::vector<int64_t> parse_hidden(const std::string& text) {
@@ -121,7 +100,7 @@ std::vector<int64_t> parse_hidden(const std::string& text) {
   std::string item;
   while (std::getline(ss, item, ',')) {
     try {
-      widths.push_back(parse_int("hidden", item, 1, 1 << 16));
+      widths.push_back(cli::parse_int("hidden", item, 1, 1 << 16));
     } catch (const UsageError& e) {
       throw UsageError("--hidden " + text + ": each width must be an integer in [1, 65536], got '" +
                        item + "'");
@@ -137,63 +116,37 @@ std::vector<int64_t> parse_hidden(const std::string& text) {
 // rank (same argv), so every rank reaches the same verdict.
 Flags parse_flags(int argc, char** argv, int world_size) {
   auto options = make_options();
-  cxxopts::ParseResult result;
-  try {
-    result = options.parse(argc, argv);
-  } catch (const cxxopts::exceptions::exception& e) {
-    throw UsageError(std::string(e.what()) + " (see --help)");
-  }
-  if (!result.unmatched().empty()) {
-    throw UsageError("unexpected argument '" + result.unmatched().front() + "' (see --help)");
-  }
+  const cli::ParsedFlags parsed(options, argc, argv);
   Flags f;
-  f.help = result.count("help") > 0;
+  f.help = parsed.help();
   if (f.help) {
     return f;
   }
-  const auto str = [&](const char* name) { return result[name].as<std::string>(); };
-  f.data_dir = str("data-dir");
-  f.epochs = parse_int("epochs", str("epochs"), 1, 1000000);
-  f.batch_size = parse_int("batch-size", str("batch-size"), 1, int64_t{1} << 24);
+  f.data_dir = parsed.str("data-dir");
+  f.epochs = parsed.integer("epochs", 1, 1000000);
+  f.batch_size = parsed.integer("batch-size", 1, int64_t{1} << 24);
   if (f.batch_size % world_size != 0) {
     throw UsageError("--batch-size " + std::to_string(f.batch_size) +
                      " is not divisible by the world size " + std::to_string(world_size) +
                      ": the global batch is split evenly over the ranks; use a multiple of " +
                      std::to_string(world_size));
   }
-  {
-    const std::string text = str("lr");
-    char* end = nullptr;
-    f.lr = std::strtod(text.c_str(), &end);
-    if (text.empty() || *end != '\0' || !std::isfinite(f.lr) || f.lr <= 0) {
-      throw UsageError("--lr " + text + ": must be a positive finite number");
-    }
+  f.lr = parsed.number("lr", 0.0, 1e3);
+  if (f.lr <= 0) {
+    throw UsageError("--lr " + parsed.str("lr") + ": must be a positive finite number");
   }
-  {
-    const std::string text = str("seed");
-    char* end = nullptr;
-    errno = 0;
-    f.seed = std::strtoull(text.c_str(), &end, 10);
-    // strtoull accepts "-1" (wrapping it), so refuse a sign explicitly.
-    if (text.empty() || *end != '\0' || errno == ERANGE || text[0] == '-' || text[0] == '+') {
-      throw UsageError("--seed " + text + ": must be an integer in [0, 2^64)");
-    }
+  f.seed = cli::parse_uint64("seed", parsed.str("seed"));
+  f.hidden = parse_hidden(parsed.str("hidden"));
+  f.limit_train = parsed.integer("limit-train", 0, cli::kMaxCount);
+  f.steps = parsed.integer("steps", 0, cli::kMaxCount);
+  if (parsed.given("metrics") && parsed.str("metrics").empty()) {
+    throw UsageError("--metrics: give a file path");
   }
-  f.hidden = parse_hidden(str("hidden"));
-  f.limit_train = parse_int("limit-train", str("limit-train"), 0, int64_t{1} << 40);
-  f.steps = parse_int("steps", str("steps"), 0, int64_t{1} << 40);
-  if (result.count("metrics") > 0) {
-    f.metrics = str("metrics");
-    if (f.metrics.empty()) {
-      throw UsageError("--metrics: give a file path");
-    }
+  f.metrics = parsed.str("metrics");
+  if (parsed.given("save-weights") && parsed.str("save-weights").empty()) {
+    throw UsageError("--save-weights: give a file path");
   }
-  if (result.count("save-weights") > 0) {
-    f.save_weights = str("save-weights");
-    if (f.save_weights.empty()) {
-      throw UsageError("--save-weights: give a file path");
-    }
-  }
+  f.save_weights = parsed.str("save-weights");
   return f;
 }
 
@@ -243,14 +196,6 @@ double evaluate(mnist::Mlp& model, const mnist::MnistSplit& test, const Communic
   return static_cast<double>(total.item<int64_t>()) / static_cast<double>(test.size());
 }
 
-// Cosine decay from `peak` at step 0 towards 0 at `total` steps: most of the run at a high
-// rate, then a gentle landing, so the last epoch's accuracy does not hinge on SGD's noise.
-// A function of the step alone: the same on every rank and for every layout.
-double cosine_lr(double peak, int64_t step, int64_t total) {
-  const double progress = static_cast<double>(step) / static_cast<double>(total);
-  return peak * 0.5 * (1.0 + std::cos(kPi * progress));
-}
-
 void set_lr(torch::optim::SGD& optimizer, double lr) {
   for (auto& group : optimizer.param_groups()) {
     static_cast<torch::optim::SGDOptions&>(group.options()).lr(lr);
@@ -290,7 +235,16 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
   torch::manual_seed(f.seed);
   mnist::Mlp model(mnist::MlpOptions(data.train.rows * data.train.cols, f.hidden, mnist::kClasses));
   torch::optim::SGD optimizer(model->parameters(), torch::optim::SGDOptions(f.lr).momentum(0.9));
-  mnist::GradAverager averager(model->parameters(), dp);
+  // Gradients averaged over dp (each rank's loss is a mean over its local batch, as with
+  // PyTorch DDP), reduced in one bucket while backward runs.
+  const auto buckets = std::make_shared<const meshtrain::BucketLayout>(*model, dp->size());
+  meshtrain::DataParallelReducer reducer(*model, mesh, buckets,
+                                         meshtrain::DataParallelOptions().op(ReduceOp::kAvg));
+  // Cosine decay from the peak at step 0 towards 0 at the planned end: most of the run at a
+  // high rate, then a gentle landing, so the last epoch's accuracy does not hinge on SGD's
+  // noise. A function of the step alone: the same on every rank and for every layout.
+  const meshtrain::WarmupCosineSchedule schedule(
+      meshtrain::WarmupCosineOptions(f.lr).min_lr(0).warmup_steps(0).total_steps(planned));
 
   if (rank0) {
     std::printf("train_mnist: %d rank(s) [%s], %d thread(s)/rank; model %s, %lld parameters\n"
@@ -320,14 +274,14 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
                                     local_batch);            // [b]
       const auto x = data.train.images.index_select(0, idx); // [b, 784]
       const auto y = data.train.labels.index_select(0, idx); // [b]
-      lr_now = cosine_lr(f.lr, step, planned);
+      lr_now = schedule.lr(step);
       set_lr(optimizer, lr_now);
-      optimizer.zero_grad();
+      reducer.zero_grad();
       // Mean over the local b samples; averaging the gradients over the D ranks then gives
       // the gradient of the mean over all B samples (equal b on every rank).
       const auto loss = torch::nn::functional::cross_entropy(model->forward(x), y);
       loss.backward();
-      averager.average();
+      reducer.finish(); // param.grad: the averaged gradients
       optimizer.step();
       loss_sum += loss.item<double>();
     }

@@ -2,7 +2,7 @@
 // a checkpoint's meta.json passes before a load or an export trusts it. Any input must parse
 // into a consistent CheckpointInfo or throw c10::Error (MT_CHECK) — never let a JSON library
 // exception, a crash or an ASan/UBSan report through.
-#include "launch/checkpoint.h"
+#include "meshtrain/launch/checkpoint.h"
 #include "tests/fuzz/fuzz_common.h"
 
 #include <cstddef>

@@ -2,7 +2,7 @@
 // parse or throw c10::Error (MT_CHECK); anything else — another exception, a crash, an
 // ASan/UBSan report, a huge allocation, a hang — is a finding. A parsed file must also
 // serialize and parse back to the same tensors.
-#include "core/safetensors.h"
+#include "meshtrain/core/safetensors.h"
 #include "tests/fuzz/fuzz_common.h"
 
 #include <cstddef>

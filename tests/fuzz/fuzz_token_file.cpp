@@ -1,7 +1,7 @@
 // libFuzzer target: validate_token_file_bytes (core/token_file.h) on arbitrary bytes, the
 // checks TokenFile makes before it trusts a mapped file. Any input must be accepted with a
 // token count that matches the size exactly, or throw c10::Error (MT_CHECK).
-#include "core/token_file.h"
+#include "meshtrain/core/token_file.h"
 #include "tests/fuzz/fuzz_common.h"
 
 #include <cstddef>

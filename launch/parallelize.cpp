@@ -1,0 +1,123 @@
+// defines: parallelize, compute_dtype (see parallelize.h for the order of the steps).
+#include "meshtrain/launch/parallelize.h"
+
+#include "meshtrain/core/errors.h"
+#include "meshtrain/memory/recompute.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
+
+#include <utility>
+
+namespace meshtrain {
+namespace {
+
+// Each data-parallel replica draws its own dropout masks (the tracker derives the per-tp-rank
+// streams); the stride keeps the replicas' seeds apart for any reasonable base seed.
+constexpr uint64_t kReplicaSeedStride = 1000003;
+
+void check_mesh(const Mesh& mesh, const ParallelPlan& plan) {
+  const auto have = mesh.grid().dims();
+  const auto& want = plan.dims;
+  if (have.dp != want.dp || have.cp != want.cp || have.tp != want.tp || have.pp != want.pp) {
+    throw LayoutError("parallelize: the mesh is " + describe_dims(have) + " but the plan is " +
+                      describe_dims(want) + "; build the mesh from the validated plan's dims");
+  }
+}
+
+// Step 4, selective: the [B, h, T, T] scores and probabilities of every attention core are
+// recomputed in backward instead of kept.
+void wrap_attention_cores(ParallelModel& model, RngTracker* rng) {
+  for (const auto& module : model.modules(/*include_self=*/false)) {
+    if (auto* attention = dynamic_cast<AttentionCore*>(module.get())) {
+      attention->set_core_wrapper([rng](const AttentionCoreFn& core, const torch::Tensor& q,
+                                        const torch::Tensor& k, const torch::Tensor& v) {
+        return recompute(
+            [core](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
+              return {core(in[0], in[1], in[2])};
+            },
+            {q, k, v}, rng)[0];
+      });
+    }
+  }
+}
+
+// The library's composition of the model's parts (parallel_model.h); under full
+// recomputation every block keeps only its input.
+LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMode mode) {
+  auto blocks = parallel_blocks(*model);
+  const bool full = mode == RecomputeMode::kFull;
+  return [model, blocks = std::move(blocks), full](const MicroBatch& mb) {
+    auto x = model->embed(mb.inputs); // [b, T, C] (sequence parallel: [b, T/tp, C])
+    RngTracker* rng = model->rng_tracker().get();
+    for (ParallelBlock* block : blocks) {
+      if (full) {
+        x = recompute(
+            [block](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
+              return {block->forward(in[0])};
+            },
+            {x}, rng)[0];
+      } else {
+        x = block->forward(x);
+      }
+    }
+    return model->head_loss(x, mb.targets);
+  };
+}
+
+} // namespace
+
+torch::Dtype compute_dtype(Precision precision) {
+  switch (precision) {
+  case Precision::kFp32:
+    return torch::kFloat;
+  case Precision::kBf16:
+    return torch::kBFloat16;
+  case Precision::kFp16:
+    return torch::kHalf;
+  }
+  return torch::kFloat;
+}
+
+Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
+                         const ParallelPlan& plan, const ParallelizeOptions& options) {
+  MT_CHECK(model != nullptr, "parallelize: the model is null");
+  // 1. The layout against the ranks and the model.
+  const ParallelPlan resolved = plan.validate(mesh.grid().world_size(), model->shape());
+  check_mesh(mesh, resolved);
+
+  // 2. Tensor (and sequence) parallelism: every layer keeps its shard.
+  apply_tensor_parallel(*model, TensorParallelism{mesh.group("tp"), resolved.sequence_parallel});
+
+  // 3. Dropout streams: one seed per data-parallel replica.
+  const RngTrackerPtr rng = model->rng_tracker();
+  if (rng) {
+    rng->reseed(rng->options().seed() +
+                    kReplicaSeedStride * static_cast<uint64_t>(mesh.index("dp")),
+                mesh.group("tp"));
+  }
+
+  // 4. Recomputation.
+  if (resolved.recompute == RecomputeMode::kSelective) {
+    wrap_attention_cores(*model, rng.get());
+  }
+
+  // 5. Precision: after the fp32 init (or loaded weights), so every layout rounds the same
+  //    weights; the optimizer keeps fp32 masters of them.
+  if (resolved.precision != Precision::kFp32) {
+    model->to(compute_dtype(resolved.precision));
+  }
+
+  Parallelized out{
+      model, mesh, resolved, nullptr, nullptr, nullptr, make_loss(model, resolved.recompute)};
+  if (!options.training()) {
+    return out;
+  }
+  // 6. The data-parallel reducer (fp32 reduction) and 7. the optimizer, on one bucket layout.
+  out.buckets = std::make_shared<const BucketLayout>(
+      *model, mesh.group("dp")->size(),
+      BucketLayoutOptions().bucket_bytes(resolved.bucket_bytes).zero_stage(resolved.zero_stage));
+  out.reducer = std::make_shared<DataParallelReducer>(*model, mesh, out.buckets);
+  out.optimizer = std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer());
+  return out;
+}
+
+} // namespace meshtrain

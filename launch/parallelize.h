@@ -1,0 +1,74 @@
+// defines: LossFunction, ParallelizeOptions, Parallelized, parallelize — the one place
+// parallelism is applied (DESIGN §1; torchtitan's parallelize_*). Given a model built
+// serially from parallel/ layers (a ParallelModel, parallel/parallel_model.h), a mesh and a
+// plan, it applies in this order:
+//
+//   1. validate   plan.validate(world, model->shape()): the layout fits the ranks and model
+//   2. TP + SP    apply_tensor_parallel: each layer keeps its shard of the full weights and
+//                 talks over mesh.group("tp"); sequence parallelism between the TP regions
+//   3. dropout    the model's RngTracker reseeded per dp replica and tp rank
+//   4. recompute  selective: every AttentionCore's core wrapped in memory/recompute;
+//                 full: every block's forward recomputed in backward (in loss())
+//   5. precision  bf16: parameters and compute in bf16 (fp32 masters stay in the optimizer)
+//   6. reducer    one BucketLayout (bucket bytes, fp32 reduction, ZeRO stage) and the
+//                 DataParallelReducer over mesh.group("dp") (parameters broadcast from dp 0)
+//   7. optimizer  ZeroOptimizer on the same BucketLayout: AdamW/SGD state sharded per stage
+//
+// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2), context
+// parallelism (with 2) and full sharding (instead of 6-7) will slot into this order.
+//
+//   torch::manual_seed(seed);                     // every rank draws the same full weights
+//   auto model = std::make_shared<MyModelImpl>(config);
+//   auto parallel = parallelize(model, mesh, plan);
+//   Trainer trainer(parallel, train_tokens, val_tokens, TrainerOptions().steps(100));
+#pragma once
+
+#include "meshtrain/core/mesh.h"
+#include "meshtrain/launch/token_loader.h"
+#include "meshtrain/optim/zero.h"
+#include "meshtrain/parallel/bucket_layout.h"
+#include "meshtrain/parallel/data_parallel.h"
+#include "meshtrain/parallel/parallel_model.h"
+#include "meshtrain/parallel/parallel_plan.h"
+
+#include <torch/torch.h>
+
+#include <functional>
+#include <memory>
+
+namespace meshtrain {
+
+// The SUM of the token cross-entropies of one micro-batch ([] tensor, differentiable) over its
+// b*T targets, identical on the ranks of a TP group.
+using LossFunction = std::function<torch::Tensor(const MicroBatch&)>;
+
+struct ParallelizeOptions {
+  // The update rule and which parameters get weight decay (optim/zero.h); AdamW by default.
+  TORCH_ARG(ZeroOptions, optimizer);
+  // false: only steps 1-5 (sampling, evaluation); no reducer and no optimizer.
+  TORCH_ARG(bool, training) = true;
+};
+
+// What parallelize returns: everything the Trainer (or a hand-written loop) needs.
+struct Parallelized {
+  std::shared_ptr<ParallelModel> model; // laid out for this rank
+  Mesh mesh;
+  ParallelPlan plan;       // validated (dims and micro-batch resolved)
+  BucketLayoutPtr buckets; // null unless training
+  std::shared_ptr<DataParallelReducer> reducer;
+  std::shared_ptr<ZeroOptimizer> optimizer;
+  // A micro-batch through the applied layout (recomputed blocks included).
+  LossFunction loss;
+};
+
+// Applies `plan` to `model` on `mesh` (see above). `model` must be freshly built (serial, not
+// yet laid out) and the same on every rank. Collective over the mesh when training (the
+// reducer's parameter broadcast). Throws LayoutError when the plan does not fit the mesh or
+// the model (ParallelPlan::validate's messages).
+Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
+                         const ParallelPlan& plan, const ParallelizeOptions& options = {});
+
+// The compute dtype of a precision: kFloat, kBFloat16 or kHalf.
+torch::Dtype compute_dtype(Precision precision);
+
+} // namespace meshtrain

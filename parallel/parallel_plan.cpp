@@ -1,0 +1,204 @@
+// defines: ParallelPlan::validate and the plan's enums (see parallel_plan.h). Every layout
+// message of the project comes from here (or from MeshGrid::create, which validate calls).
+#include "meshtrain/parallel/parallel_plan.h"
+
+#include <algorithm>
+#include <sstream>
+
+namespace meshtrain {
+namespace {
+
+template <typename... Parts> std::string text(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+[[noreturn]] void refuse(const std::string& message) {
+  throw LayoutError(message);
+}
+
+void check_batch(ParallelPlan& plan) {
+  const int64_t dp = plan.dims.dp;
+  const int64_t b = plan.micro_batch;
+  if (plan.global_batch < 0 || b < 0) {
+    refuse(text("the global batch (", plan.global_batch, ") and the micro-batch (", b,
+                ") must be >= 0"));
+  }
+  if (plan.global_batch == 0) {
+    return; // not known yet (meshrun): nothing to check
+  }
+  if (b == 0) {
+    if (plan.global_batch % dp != 0) {
+      refuse(text("the global batch (", plan.global_batch, " sequences) is not divisible by dp (",
+                  dp, "): each dp rank takes B / dp sequences; use a multiple of ", dp));
+    }
+    plan.micro_batch = plan.global_batch / dp;
+    return;
+  }
+  if (plan.global_batch % (b * dp) != 0) {
+    refuse(text("the global batch (", plan.global_batch,
+                " sequences) is not divisible by micro-batch (", b, ") x dp (", dp, ") = ", b * dp,
+                ": accumulation = B / (b x dp) must be a whole number of "
+                "micro-steps; e.g. global batch ",
+                std::max<int64_t>(1, plan.global_batch / (b * dp)) * b * dp));
+  }
+}
+
+} // namespace
+
+RecomputeMode parse_recompute_mode(const std::string& text) {
+  if (text == "none") {
+    return RecomputeMode::kNone;
+  }
+  if (text == "selective") {
+    return RecomputeMode::kSelective;
+  }
+  if (text == "full") {
+    return RecomputeMode::kFull;
+  }
+  refuse("recompute mode '" + text + "': must be none, selective or full");
+}
+
+const char* to_string(RecomputeMode mode) {
+  switch (mode) {
+  case RecomputeMode::kNone:
+    return "none";
+  case RecomputeMode::kSelective:
+    return "selective";
+  case RecomputeMode::kFull:
+    return "full";
+  }
+  return "?";
+}
+
+PipelineSchedule parse_pipeline_schedule(const std::string& text) {
+  if (text == "gpipe") {
+    return PipelineSchedule::kGPipe;
+  }
+  if (text == "1f1b") {
+    return PipelineSchedule::k1F1B;
+  }
+  if (text == "interleaved") {
+    return PipelineSchedule::kInterleaved1F1B;
+  }
+  if (text == "zb-h1") {
+    return PipelineSchedule::kZeroBubbleH1;
+  }
+  refuse("pipeline schedule '" + text + "': must be gpipe, 1f1b, interleaved or zb-h1");
+}
+
+const char* to_string(PipelineSchedule schedule) {
+  switch (schedule) {
+  case PipelineSchedule::kGPipe:
+    return "gpipe";
+  case PipelineSchedule::k1F1B:
+    return "1f1b";
+  case PipelineSchedule::kInterleaved1F1B:
+    return "interleaved";
+  case PipelineSchedule::kZeroBubbleH1:
+    return "zb-h1";
+  }
+  return "?";
+}
+
+ParallelPlan ParallelPlan::validate(int world_size) const {
+  ParallelPlan plan = *this;
+  plan.dims = MeshGrid::create(dims, world_size).dims();
+  const auto& d = plan.dims;
+  if (d.cp > 1) {
+    refuse(text("context parallelism (cp ", d.cp, ") is not available yet; use cp 1"));
+  }
+  if (d.pp > 1) {
+    refuse(text("pipeline parallelism (pp ", d.pp, ") is not available yet; use pp 1"));
+  }
+  if (plan.virtual_stages < 1) {
+    refuse(text("virtual stages (", plan.virtual_stages, ") must be >= 1"));
+  }
+  if (d.pp == 1 && (plan.virtual_stages != 1 || !plan.pp_layout.empty())) {
+    refuse("virtual stages and a pipeline layout need pp > 1");
+  }
+  if (plan.zero_stage == 3) {
+    refuse("ZeRO stage 3 (full parameter sharding) is not available yet; use 0, 1 or 2");
+  }
+  if (plan.zero_stage < 0 || plan.zero_stage > 3) {
+    refuse(text("ZeRO stage (", plan.zero_stage, ") must be 0, 1 or 2"));
+  }
+  if (plan.sequence_parallel && d.tp == 1) {
+    refuse("sequence parallelism needs tp > 1 (it splits the sequence over the tp ranks); "
+           "got tp 1");
+  }
+  if (plan.bucket_bytes < 1) {
+    refuse(text("the bucket size (", plan.bucket_bytes, " bytes) must be >= 1"));
+  }
+  check_batch(plan);
+  return plan;
+}
+
+ParallelPlan ParallelPlan::validate(int world_size, const ModelShape& model) const {
+  ParallelPlan plan = validate(world_size);
+  const int64_t tp = plan.dims.tp;
+  if (model.n_layer < 1 || model.n_head < 1 || model.n_kv_head < 0 || model.seq_len < 1) {
+    refuse(text("the model's shape must have n_layer (", model.n_layer, "), n_head (", model.n_head,
+                ") and seq_len (", model.seq_len, ") >= 1 and n_kv_head (", model.n_kv_head,
+                ") >= 0"));
+  }
+  if (model.n_head % tp != 0) {
+    refuse(text("tp (", tp, ") must divide n_head (", model.n_head,
+                "): each tp rank takes whole heads; with ", model.n_head, " heads tp may be ",
+                divisors_text(model.n_head)));
+  }
+  const int64_t kv = model.n_kv_head == 0 ? model.n_head : model.n_kv_head;
+  if (kv % tp != 0) {
+    refuse(text("tp (", tp, ") must divide n_kv_head (", kv,
+                "): each tp rank takes whole key/value heads; with ", kv,
+                " key/value heads tp may be ", divisors_text(kv)));
+  }
+  if (plan.sequence_parallel && model.seq_len % tp != 0) {
+    refuse(text("with sequence parallelism tp (", tp, ") must divide the sequence length (",
+                model.seq_len, "); tp may be ", divisors_text(model.seq_len)));
+  }
+  return plan;
+}
+
+int64_t ParallelPlan::accumulation_steps() const {
+  const int64_t per_step = micro_batch * dims.dp;
+  return per_step > 0 ? global_batch / per_step : 1;
+}
+
+std::string ParallelPlan::describe() const {
+  std::string out = describe_dims(dims) + ", ZeRO " + std::to_string(zero_stage);
+  if (sequence_parallel) {
+    out += ", sequence parallel";
+  }
+  out += std::string(", recompute ") + to_string(recompute) + ", " + to_string(precision);
+  if (global_batch > 0) {
+    out +=
+        text(", batch ", global_batch, " (micro-batch ", micro_batch, " x ", accumulation_steps(),
+             " micro-step", accumulation_steps() == 1 ? "" : "s", " x dp ", dims.dp, ")");
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, std::string>> ParallelPlan::fields() const {
+  std::string layout;
+  for (const auto n : pp_layout) {
+    layout += (layout.empty() ? "" : ",") + std::to_string(n);
+  }
+  return {{"dp", std::to_string(dims.dp)},
+          {"cp", std::to_string(dims.cp)},
+          {"tp", std::to_string(dims.tp)},
+          {"pp", std::to_string(dims.pp)},
+          {"sequence_parallel", sequence_parallel ? "true" : "false"},
+          {"pp_schedule", to_string(pp_schedule)},
+          {"virtual_stages", std::to_string(virtual_stages)},
+          {"pp_layout", layout},
+          {"zero", std::to_string(zero_stage)},
+          {"recompute", to_string(recompute)},
+          {"precision", to_string(precision)},
+          {"global_batch", std::to_string(global_batch)},
+          {"micro_batch", std::to_string(micro_batch)},
+          {"bucket_bytes", std::to_string(bucket_bytes)}};
+}
+
+} // namespace meshtrain

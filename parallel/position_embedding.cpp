@@ -1,0 +1,51 @@
+// defines: PositionEmbeddingImpl (see position_embedding.h).
+#include "meshtrain/parallel/position_embedding.h"
+
+#include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/mappings.h"
+
+namespace meshtrain {
+
+PositionEmbeddingImpl::PositionEmbeddingImpl(PositionEmbeddingOptions options,
+                                             CommunicatorPtr tp_group)
+    : options_(std::move(options)), tp_group_(std::move(tp_group)) {
+  MT_CHECK(tp_group_ != nullptr, "PositionEmbedding: the tp communicator is null");
+  MT_CHECK(options_.num_positions() > 0 && options_.embedding_dim() > 0,
+           "PositionEmbedding: num_positions (", options_.num_positions(), ") and embedding_dim (",
+           options_.embedding_dim(), ") must be positive");
+  reset();
+}
+
+void PositionEmbeddingImpl::reset() {
+  torch::NoGradGuard no_grad;
+  weight = register_parameter("weight",
+                              torch::empty({options_.num_positions(), options_.embedding_dim()})
+                                  .normal_(0.0, options_.init_std())); // [T, C]
+  set_shard_spec("weight", ShardSpec::replicated());
+}
+
+void PositionEmbeddingImpl::apply_tensor_parallel(const TensorParallelism& tp) {
+  MT_CHECK(tp.group != nullptr, "PositionEmbedding: the tp communicator is null");
+  options_.sequence_parallel(tp.sequence_parallel);
+  tp_group_ = tp.group;
+}
+
+void PositionEmbeddingImpl::pretty_print(std::ostream& stream) const {
+  stream << "meshtrain::PositionEmbedding(num_positions=" << options_.num_positions()
+         << ", embedding_dim=" << options_.embedding_dim()
+         << ", sequence_parallel=" << (options_.sequence_parallel() ? "true" : "false") << ")";
+}
+
+torch::Tensor PositionEmbeddingImpl::forward(int64_t t) {
+  MT_CHECK(t >= 1 && t <= options_.num_positions(), "PositionEmbedding: sequence length ", t,
+           " must be in [1, num_positions = ", options_.num_positions(), "]");
+  auto pos = weight.narrow(0, 0, t).unsqueeze(0); // [1, t, C]
+  if (options_.sequence_parallel()) {
+    MT_CHECK(t % tp_group_->size() == 0, "PositionEmbedding: with sequence parallelism tp (",
+             tp_group_->size(), ") must divide the sequence length (", t, ")");
+    pos = scatter_to_sequence_parallel_region(pos, tp_group_); // [1, t/tp, C]
+  }
+  return pos;
+}
+
+} // namespace meshtrain

@@ -1,0 +1,189 @@
+// Tests of the layout as one value (parallel/parallel_plan.h): validate() resolves the
+// inferred dim and the micro-batch and refuses every bad layout with one message naming the
+// value and what is allowed; and of how parallelize() applies it: a serial layer laid out
+// over tp (parallel/tensor_parallel_layer.h) holds exactly the shard of a layer built on tp.
+#include <catch2/catch.hpp>
+
+#include "meshtrain/launch/parallelize.h"
+#include "meshtrain/parallel/column_parallel_linear.h"
+#include "meshtrain/parallel/parallel_plan.h"
+#include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/position_embedding.h"
+#include "meshtrain/parallel/row_parallel_linear.h"
+#include "meshtrain/parallel/tensor_parallel_layer.h"
+#include "meshtrain/parallel/vocab_parallel_embedding.h"
+#include "tests/gpt_fixtures.h"
+#include "tests/harness.h"
+
+using namespace meshtrain;
+using meshtrain::testing::rank_tag;
+
+namespace {
+
+// The default GPT's shape (4 layers, 4 heads, T 64).
+ModelShape gpt_shape() {
+  ModelShape shape;
+  shape.n_layer = 4;
+  shape.n_head = 4;
+  shape.seq_len = 64;
+  return shape;
+}
+
+ParallelPlan plan_with(int tp, int64_t batch = 16) {
+  ParallelPlan plan;
+  plan.dims.tp = tp;
+  plan.global_batch = batch;
+  return plan;
+}
+
+} // namespace
+
+TEST_CASE("ParallelPlan: validate infers dp and the micro-batch", "[plan]") {
+  auto plan = plan_with(2);
+  const auto resolved = plan.validate(8, gpt_shape());
+  CHECK(resolved.dims.dp == 4);
+  CHECK(resolved.dims.tp == 2);
+  CHECK(resolved.micro_batch == 4); // B / dp: no accumulation
+  CHECK(resolved.accumulation_steps() == 1);
+  plan.micro_batch = 2;
+  CHECK(plan.validate(8, gpt_shape()).accumulation_steps() == 2);
+  // Validating a validated plan changes nothing.
+  const auto again = resolved.validate(8, gpt_shape());
+  CHECK(again.fields() == resolved.fields());
+  CHECK(
+      resolved.describe() ==
+      "dp 4 x tp 2, ZeRO 0, recompute none, fp32, batch 16 (micro-batch 4 x 1 micro-step x dp 4)");
+  // Without a known batch (meshrun), the batch is not checked.
+  CHECK(plan_with(2, 0).validate(4).micro_batch == 0);
+}
+
+TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the value", "[plan]") {
+  struct Case {
+    const char* what;
+    ParallelPlan plan;
+    int world;
+    std::string message;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"tp not dividing the world", plan_with(3), 4,
+                   "cannot infer dp: the world size 4 is not divisible by cp x tp x pp = 3 (tp "
+                   "3); with 4 ranks, cp x tp x pp may be 1, 2 or 4"});
+  cases.push_back({"tp not dividing the heads", plan_with(3), 3,
+                   "tp (3) must divide n_head (4): each tp rank takes whole heads; with 4 heads "
+                   "tp may be 1, 2 or 4"});
+  auto zero4 = plan_with(1);
+  zero4.zero_stage = 4;
+  cases.push_back({"ZeRO 4", zero4, 2, "ZeRO stage (4) must be 0, 1 or 2"});
+  auto zero3 = plan_with(1);
+  zero3.zero_stage = 3;
+  cases.push_back(
+      {"ZeRO 3", zero3, 2, "ZeRO stage 3 (full parameter sharding) is not available yet"});
+  auto micro = plan_with(1);
+  micro.micro_batch = 3;
+  cases.push_back({"a micro-batch not dividing", micro, 2,
+                   "the global batch (16 sequences) is not divisible by micro-batch (3) x dp (2) "
+                   "= 6: accumulation = B / (b x dp) must be a whole number of micro-steps; e.g. "
+                   "global batch 12"});
+  cases.push_back({"a batch not dividing dp", plan_with(1, 10), 4,
+                   "the global batch (10 sequences) is not divisible by dp (4)"});
+  auto sp = plan_with(1);
+  sp.sequence_parallel = true;
+  cases.push_back({"sequence parallel without tp", sp, 2,
+                   "sequence parallelism needs tp > 1 (it splits the sequence over the tp ranks); "
+                   "got tp 1"});
+  auto dims = plan_with(2);
+  dims.dims.dp = 3;
+  cases.push_back({"dims not matching the world", dims, 4,
+                   "dp (3) x cp (1) x tp (2) x pp (1) = 6 must equal the world size 4"});
+  auto cp = plan_with(1);
+  cp.dims.cp = 2;
+  cases.push_back(
+      {"context parallelism", cp, 2, "context parallelism (cp 2) is not available yet; use cp 1"});
+  auto pp = plan_with(1);
+  pp.dims.pp = 2;
+  cases.push_back({"pipeline parallelism", pp, 2,
+                   "pipeline parallelism (pp 2) is not available yet; use pp 1"});
+  auto bucket = plan_with(1);
+  bucket.bucket_bytes = 0;
+  cases.push_back({"empty buckets", bucket, 1, "the bucket size (0 bytes) must be >= 1"});
+  for (const auto& c : cases) {
+    INFO(c.what);
+    REQUIRE_THROWS_AS(c.plan.validate(c.world, gpt_shape()), LayoutError);
+    REQUIRE_THROWS_WITH(c.plan.validate(c.world, gpt_shape()), Catch::Contains(c.message));
+  }
+  // What needs the model: sequence parallelism needs tp | T, grouped-query attention tp | kv.
+  auto sp_t = plan_with(2);
+  sp_t.sequence_parallel = true;
+  auto odd = gpt_shape();
+  odd.seq_len = 63;
+  REQUIRE_THROWS_WITH(sp_t.validate(2, odd),
+                      Catch::Contains("with sequence parallelism tp (2) must divide the sequence "
+                                      "length (63); tp may be 1, 3, 7, 9, 21 or 63"));
+  auto gqa = gpt_shape();
+  gqa.n_kv_head = 1;
+  REQUIRE_THROWS_WITH(plan_with(2).validate(2, gqa),
+                      Catch::Contains("tp (2) must divide n_kv_head (1)"));
+  REQUIRE_THROWS_WITH(parse_recompute_mode("some"),
+                      Catch::Contains("recompute mode 'some': must be none, selective or full"));
+  REQUIRE_THROWS_WITH(parse_pipeline_schedule("zb"),
+                      Catch::Contains("must be gpipe, 1f1b, interleaved or zb-h1"));
+}
+
+TEST_CASE("apply_tensor_parallel: a serial layer laid out over tp holds the shard of a layer "
+          "built on tp",
+          "[mpi][plan][tp]") {
+  const auto& world = meshtrain::testing::test_runtime().world();
+  const TensorParallelism tp{world, true};
+  {
+    torch::manual_seed(7);
+    ColumnParallelLinear direct(ColumnParallelLinearOptions(8, 12).gather_output(false).blocks(3),
+                                world);
+    torch::manual_seed(7);
+    ColumnParallelLinear laid(ColumnParallelLinearOptions(8, 12).gather_output(false).blocks(3));
+    laid->apply_tensor_parallel(tp);
+    INFO(rank_tag() << "column-parallel q|k|v weight");
+    CHECK(torch::equal(laid->weight, direct->weight));
+    CHECK(torch::equal(laid->bias, direct->bias));
+    CHECK(laid->shard_specs().at("weight").offset == direct->shard_specs().at("weight").offset);
+    CHECK(laid->options().sequence_parallel());
+    REQUIRE_THROWS_WITH(laid->apply_tensor_parallel(tp),
+                        Catch::Contains("already laid out over a group of"));
+  }
+  {
+    torch::manual_seed(8);
+    RowParallelLinear direct(RowParallelLinearOptions(8, 6).input_is_parallel(true), world);
+    torch::manual_seed(8);
+    RowParallelLinear laid(RowParallelLinearOptions(8, 6).input_is_parallel(true));
+    laid->apply_tensor_parallel(tp);
+    INFO(rank_tag() << "row-parallel weight");
+    CHECK(torch::equal(laid->weight, direct->weight));
+    CHECK(laid->shard_specs().at("bias").sequence_parallel);
+  }
+  {
+    // 250 rows pad to 256 for one rank and for 2 or 4: the laid-out rows are the direct ones.
+    torch::manual_seed(9);
+    VocabParallelEmbedding direct(VocabParallelEmbeddingOptions(250, 8), world);
+    torch::manual_seed(9);
+    VocabParallelEmbedding laid(VocabParallelEmbeddingOptions(250, 8));
+    laid->apply_tensor_parallel(tp);
+    INFO(rank_tag() << "vocab-parallel rows [" << laid->vocab_start() << ", " << laid->vocab_end()
+                    << ")");
+    CHECK(torch::equal(laid->weight, direct->weight));
+    CHECK(laid->vocab_start() == direct->vocab_start());
+    CHECK(laid->padded_num_embeddings() == direct->padded_num_embeddings());
+  }
+  {
+    // A whole block: same output on the same sequence shard, in both directions of the walk.
+    const auto options = ParallelTransformerBlockOptions(16, 4).sequence_parallel(true);
+    torch::manual_seed(10);
+    ParallelTransformerBlock direct(options, world);
+    torch::manual_seed(10);
+    ParallelTransformerBlock laid(ParallelTransformerBlockOptions(16, 4));
+    apply_tensor_parallel(*laid, tp);
+    torch::manual_seed(11);
+    const auto x = torch::randn({2, 4 * world->size(), 16});
+    const auto shard = x.narrow(1, world->rank() * 4, 4); // this rank's tokens
+    INFO(rank_tag() << "transformer block output");
+    CHECK(torch::allclose(laid->forward(shard), direct->forward(shard), 0, 1e-6));
+  }
+}
