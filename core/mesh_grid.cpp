@@ -1,19 +1,13 @@
 // defines: MeshGrid, describe_dims (see mesh_grid.h).
 #include "meshtrain/core/mesh_grid.h"
 
-#include <sstream>
+#include "meshtrain/core/text.h"
 
 namespace meshtrain {
 namespace {
 
-template <typename... Parts> std::string text(const Parts&... parts) {
-  std::ostringstream out;
-  (out << ... << parts);
-  return out.str();
-}
-
 std::string dims_text(const ParallelDims& d) {
-  return text("dp=", d.dp, " cp=", d.cp, " tp=", d.tp, " pp=", d.pp);
+  return cat("dp=", d.dp, " cp=", d.cp, " tp=", d.tp, " pp=", d.pp);
 }
 
 [[noreturn]] void unknown_dim(const std::string& dim) {
@@ -25,18 +19,18 @@ std::string dims_text(const ParallelDims& d) {
 
 MeshGrid MeshGrid::create(ParallelDims dims, int world_size) {
   if (world_size < 1) {
-    throw LayoutError(text("world size must be >= 1, got ", world_size));
+    throw LayoutError(cat("world size must be >= 1, got ", world_size));
   }
   int unknown = 0;
   for (const int v : {dims.dp, dims.cp, dims.tp, dims.pp}) {
     if (v != -1 && v < 1) {
-      throw LayoutError(text("parallel dims must be >= 1 or -1 (infer); got ", dims_text(dims)));
+      throw LayoutError(cat("parallel dims must be >= 1 or -1 (infer); got ", dims_text(dims)));
     }
     unknown += v == -1 ? 1 : 0;
   }
   if (unknown > 1) {
     throw LayoutError(
-        text("at most one of dp, cp, tp, pp may be -1 (infer); got ", dims_text(dims)));
+        cat("at most one of dp, cp, tp, pp may be -1 (infer); got ", dims_text(dims)));
   }
   const auto known_or_one = [](int v) { return v == -1 ? 1 : v; };
   const long long known = static_cast<long long>(known_or_one(dims.dp)) * known_or_one(dims.cp) *
@@ -52,12 +46,12 @@ MeshGrid MeshGrid::create(ParallelDims dims, int world_size) {
             (v == -1 || others.empty() ? "" : " x ") + std::string(name);
       }
       throw LayoutError(
-          text("cannot infer ", inferred, ": the world size ", world_size, " is not divisible by ",
-               others, " = ", known, " (",
-               describe_dims(ParallelDims{known_or_one(dims.dp), known_or_one(dims.cp),
-                                          known_or_one(dims.tp), known_or_one(dims.pp)}),
-               "); with ", world_size, world_size == 1 ? " rank, " : " ranks, ", others, " may be ",
-               divisors_text(world_size)));
+          cat("cannot infer ", inferred, ": the world size ", world_size, " is not divisible by ",
+              others, " = ", known, " (",
+              describe_dims(ParallelDims{known_or_one(dims.dp), known_or_one(dims.cp),
+                                         known_or_one(dims.tp), known_or_one(dims.pp)}),
+              "); with ", world_size, world_size == 1 ? " rank, " : " ranks, ", others, " may be ",
+              divisors_text(world_size)));
     }
     const int inferred = static_cast<int>(world_size / known);
     for (int* v : {&dims.dp, &dims.cp, &dims.tp, &dims.pp}) {
@@ -66,8 +60,8 @@ MeshGrid MeshGrid::create(ParallelDims dims, int world_size) {
       }
     }
   } else if (known != world_size) {
-    throw LayoutError(text("dp (", dims.dp, ") x cp (", dims.cp, ") x tp (", dims.tp, ") x pp (",
-                           dims.pp, ") = ", known, " must equal the world size ", world_size));
+    throw LayoutError(cat("dp (", dims.dp, ") x cp (", dims.cp, ") x tp (", dims.tp, ") x pp (",
+                          dims.pp, ") = ", known, " must equal the world size ", world_size));
   }
   return MeshGrid(dims.dp, dims.cp, dims.tp, dims.pp);
 }
@@ -96,7 +90,7 @@ int MeshGrid::size(const std::string& dim) const {
 
 void MeshGrid::check_rank(int rank) const {
   if (rank < 0 || rank >= world_size()) {
-    throw LayoutError(text("rank ", rank, " is outside the mesh of ", world_size(), " ranks"));
+    throw LayoutError(cat("rank ", rank, " is outside the mesh of ", world_size(), " ranks"));
   }
 }
 
@@ -113,9 +107,8 @@ MeshCoord MeshGrid::coord(int rank) const {
 int MeshGrid::rank(const MeshCoord& c) const {
   if (c.dp < 0 || c.dp >= dp_ || c.cp < 0 || c.cp >= cp_ || c.tp < 0 || c.tp >= tp_ || c.pp < 0 ||
       c.pp >= pp_) {
-    throw LayoutError(text("mesh coordinate (dp=", c.dp, ", cp=", c.cp, ", tp=", c.tp,
-                           ", pp=", c.pp, ") is outside the grid ",
-                           dims_text(ParallelDims{dp_, cp_, tp_, pp_})));
+    throw LayoutError(cat("mesh coordinate (dp=", c.dp, ", cp=", c.cp, ", tp=", c.tp, ", pp=", c.pp,
+                          ") is outside the grid ", dims_text(ParallelDims{dp_, cp_, tp_, pp_})));
   }
   return c.tp + c.cp * tp_ + c.dp * tp_ * cp_ + c.pp * tp_ * cp_ * dp_;
 }

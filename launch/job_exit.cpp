@@ -9,6 +9,15 @@
 
 namespace meshtrain {
 
+std::unique_ptr<Runtime> start_runtime(int* argc, char*** argv, const std::string& program) {
+  try {
+    return std::make_unique<Runtime>(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << program << ": error: " << message_of(e) << "\n";
+    return nullptr;
+  }
+}
+
 int agree_on_exit(const CommunicatorPtr& group, int code, const std::string& message,
                   const std::string& program) {
   auto codes = torch::zeros({group->size()}, torch::kInt); // [world]

@@ -1,13 +1,20 @@
-// defines: agree_on_exit, message_of, exit_after_failure — how a program's ranks end together
-// with one exit code and one error message (train_mnist, train_gpt, sample_gpt).
+// defines: start_runtime, agree_on_exit, message_of, exit_after_failure — how a program's ranks
+// start and end together with one exit code and one error message (train_mnist, train_gpt,
+// sample_gpt).
 #pragma once
 
 #include "meshtrain/core/communicator.h"
+#include "meshtrain/core/runtime.h"
 
 #include <exception>
+#include <memory>
 #include <string>
 
 namespace meshtrain {
+
+// The process's Runtime (MPI start-up); null when it cannot start, after printing
+// "<program>: error: <why>" (the program then exits 1).
+std::unique_ptr<Runtime> start_runtime(int* argc, char*** argv, const std::string& program);
 
 // Every rank brings its exit code (0: fine) and message; all return the largest code. The
 // lowest failing rank prints "<program>: error: <message>" (deterministic errors would

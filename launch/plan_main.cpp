@@ -3,8 +3,8 @@
 //
 //   meshtrain-plan --dp 2 --zero 1                       one layout: the table of bytes
 //   meshtrain-plan --world 4 --budget 64MiB              every layout of 4 ranks that fits
-//   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257 --block-size 1024 \
-//                  --batch-size 32 --world 8 --budget 40GiB --precision bf16
+//   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257
+//                  --block-size 1024 --batch-size 32 --world 8 --budget 40GiB --precision bf16
 //
 // Model and layout flags are train_gpt's (launch/cli.h), --dp included. No MPI, no tensors:
 // it runs anywhere. Exit codes: 0 done, 1 no layout fits the budget, 2 bad command line or

@@ -22,15 +22,12 @@ ProgressStyle resolve_progress(ProgressStyle style) {
     return style;
   }
   if (const char* env = std::getenv("MESHTRAIN_PROGRESS")) {
-    const std::string value = env;
-    if (value == "redraw") {
-      return ProgressStyle::kRedraw;
-    }
-    if (value == "lines") {
-      return ProgressStyle::kLines;
-    }
-    if (value == "off") {
-      return ProgressStyle::kOff;
+    try {
+      const ProgressStyle chosen = parse_progress_style(env);
+      if (chosen != ProgressStyle::kAuto) {
+        return chosen;
+      }
+    } catch (const std::invalid_argument&) { // NOLINT(bugprone-empty-catch): ignored, as unset
     }
   }
   // OpenMPI's ranks write to a pseudo-terminal whatever mpirun's stdout is: isatty says
@@ -46,6 +43,22 @@ double mib(int64_t bytes) {
 }
 
 } // namespace
+
+ProgressStyle parse_progress_style(const std::string& text) {
+  if (text == "auto") {
+    return ProgressStyle::kAuto;
+  }
+  if (text == "redraw") {
+    return ProgressStyle::kRedraw;
+  }
+  if (text == "lines") {
+    return ProgressStyle::kLines;
+  }
+  if (text == "off") {
+    return ProgressStyle::kOff;
+  }
+  throw std::invalid_argument("progress style '" + text + "': must be auto, redraw, lines or off");
+}
 
 const char* to_string(StopReason reason) {
   switch (reason) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <fstream>
 #include <map>
+#include <stdexcept>
 #include <string>
 
 namespace meshtrain {
@@ -17,6 +18,8 @@ namespace meshtrain {
 // OpenMPI's mpirun, which gives every rank a pseudo-terminal even when its own output goes to
 // a file, so there kLines (a launcher that knows better exports MESHTRAIN_PROGRESS=redraw).
 enum class ProgressStyle { kAuto, kRedraw, kLines, kOff };
+// "auto", "redraw", "lines" or "off"; throws std::invalid_argument naming the value otherwise.
+ProgressStyle parse_progress_style(const std::string& text);
 
 struct StepStats {
   int64_t step = 0;        // optimizer steps done after this one (1-based)

@@ -7,27 +7,7 @@
 #include <utility>
 
 namespace meshtrain::cli {
-namespace {
-
 namespace fs = std::filesystem;
-
-ProgressStyle parse_progress(const std::string& value) {
-  if (value == "auto") {
-    return ProgressStyle::kAuto;
-  }
-  if (value == "redraw") {
-    return ProgressStyle::kRedraw;
-  }
-  if (value == "lines") {
-    return ProgressStyle::kLines;
-  }
-  if (value == "off") {
-    return ProgressStyle::kOff;
-  }
-  throw UsageError("--progress " + value + ": must be auto, redraw, lines or off");
-}
-
-} // namespace
 
 void add_training_flags(cxxopts::Options& options) {
   // clang-format off
@@ -131,7 +111,7 @@ TrainingFlags read_training_flags(const ParsedFlags& flags) {
   f.max_time = flags.number("max-time", 0.0, 1e9);
   f.comm_timeout = flags.number("comm-timeout", 0.0, 1e7);
   f.nan_policy = parse_choice<NanPolicy>("nan-policy", flags.str("nan-policy"), parse_nan_policy);
-  f.progress = parse_progress(flags.str("progress"));
+  f.progress = parse_choice<ProgressStyle>("progress", flags.str("progress"), parse_progress_style);
   f.checkpoint_dir = flags.str("checkpoint-dir");
   f.save_every = flags.integer("save-every", 0, kMaxCount);
   f.keep_checkpoints = flags.integer("keep-checkpoints", 0, kMaxCount);

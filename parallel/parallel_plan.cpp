@@ -2,17 +2,12 @@
 // message of the project comes from here (or from MeshGrid::create, which validate calls).
 #include "meshtrain/parallel/parallel_plan.h"
 
+#include "meshtrain/core/text.h"
+
 #include <algorithm>
-#include <sstream>
 
 namespace meshtrain {
 namespace {
-
-template <typename... Parts> std::string text(const Parts&... parts) {
-  std::ostringstream out;
-  (out << ... << parts);
-  return out.str();
-}
 
 [[noreturn]] void refuse(const std::string& message) {
   throw LayoutError(message);
@@ -22,26 +17,26 @@ void check_batch(ParallelPlan& plan) {
   const int64_t dp = plan.dims.dp;
   const int64_t b = plan.micro_batch;
   if (plan.global_batch < 0 || b < 0) {
-    refuse(text("the global batch (", plan.global_batch, ") and the micro-batch (", b,
-                ") must be >= 0"));
+    refuse(cat("the global batch (", plan.global_batch, ") and the micro-batch (", b,
+               ") must be >= 0"));
   }
   if (plan.global_batch == 0) {
     return; // not known yet (meshrun): nothing to check
   }
   if (b == 0) {
     if (plan.global_batch % dp != 0) {
-      refuse(text("the global batch (", plan.global_batch, " sequences) is not divisible by dp (",
-                  dp, "): each dp rank takes B / dp sequences; use a multiple of ", dp));
+      refuse(cat("the global batch (", plan.global_batch, " sequences) is not divisible by dp (",
+                 dp, "): each dp rank takes B / dp sequences; use a multiple of ", dp));
     }
     plan.micro_batch = plan.global_batch / dp;
     return;
   }
   if (plan.global_batch % (b * dp) != 0) {
-    refuse(text("the global batch (", plan.global_batch,
-                " sequences) is not divisible by micro-batch (", b, ") x dp (", dp, ") = ", b * dp,
-                ": accumulation = B / (b x dp) must be a whole number of "
-                "micro-steps; e.g. global batch ",
-                std::max<int64_t>(1, plan.global_batch / (b * dp)) * b * dp));
+    refuse(cat("the global batch (", plan.global_batch,
+               " sequences) is not divisible by micro-batch (", b, ") x dp (", dp, ") = ", b * dp,
+               ": accumulation = B / (b x dp) must be a whole number of "
+               "micro-steps; e.g. global batch ",
+               std::max<int64_t>(1, plan.global_batch / (b * dp)) * b * dp));
   }
 }
 
@@ -107,13 +102,13 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
   plan.dims = MeshGrid::create(dims, world_size).dims();
   const auto& d = plan.dims;
   if (d.cp > 1) {
-    refuse(text("context parallelism (cp ", d.cp, ") is not available yet; use cp 1"));
+    refuse(cat("context parallelism (cp ", d.cp, ") is not available yet; use cp 1"));
   }
   if (d.pp > 1) {
-    refuse(text("pipeline parallelism (pp ", d.pp, ") is not available yet; use pp 1"));
+    refuse(cat("pipeline parallelism (pp ", d.pp, ") is not available yet; use pp 1"));
   }
   if (plan.virtual_stages < 1) {
-    refuse(text("virtual stages (", plan.virtual_stages, ") must be >= 1"));
+    refuse(cat("virtual stages (", plan.virtual_stages, ") must be >= 1"));
   }
   if (d.pp == 1 && (plan.virtual_stages != 1 || !plan.pp_layout.empty())) {
     refuse("virtual stages and a pipeline layout need pp > 1");
@@ -122,14 +117,14 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
     refuse("ZeRO stage 3 (full parameter sharding) is not available yet; use 0, 1 or 2");
   }
   if (plan.zero_stage < 0 || plan.zero_stage > 3) {
-    refuse(text("ZeRO stage (", plan.zero_stage, ") must be 0, 1 or 2"));
+    refuse(cat("ZeRO stage (", plan.zero_stage, ") must be 0, 1 or 2"));
   }
   if (plan.sequence_parallel && d.tp == 1) {
     refuse("sequence parallelism needs tp > 1 (it splits the sequence over the tp ranks); "
            "got tp 1");
   }
   if (plan.bucket_bytes < 1) {
-    refuse(text("the bucket size (", plan.bucket_bytes, " bytes) must be >= 1"));
+    refuse(cat("the bucket size (", plan.bucket_bytes, " bytes) must be >= 1"));
   }
   check_batch(plan);
   return plan;
@@ -139,24 +134,24 @@ ParallelPlan ParallelPlan::validate(int world_size, const ModelShape& model) con
   ParallelPlan plan = validate(world_size);
   const int64_t tp = plan.dims.tp;
   if (model.n_layer < 1 || model.n_head < 1 || model.n_kv_head < 0 || model.seq_len < 1) {
-    refuse(text("the model's shape must have n_layer (", model.n_layer, "), n_head (", model.n_head,
-                ") and seq_len (", model.seq_len, ") >= 1 and n_kv_head (", model.n_kv_head,
-                ") >= 0"));
+    refuse(cat("the model's shape must have n_layer (", model.n_layer, "), n_head (", model.n_head,
+               ") and seq_len (", model.seq_len, ") >= 1 and n_kv_head (", model.n_kv_head,
+               ") >= 0"));
   }
   if (model.n_head % tp != 0) {
-    refuse(text("tp (", tp, ") must divide n_head (", model.n_head,
-                "): each tp rank takes whole heads; with ", model.n_head, " heads tp may be ",
-                divisors_text(model.n_head)));
+    refuse(cat("tp (", tp, ") must divide n_head (", model.n_head,
+               "): each tp rank takes whole heads; with ", model.n_head, " heads tp may be ",
+               divisors_text(model.n_head)));
   }
   const int64_t kv = model.n_kv_head == 0 ? model.n_head : model.n_kv_head;
   if (kv % tp != 0) {
-    refuse(text("tp (", tp, ") must divide n_kv_head (", kv,
-                "): each tp rank takes whole key/value heads; with ", kv,
-                " key/value heads tp may be ", divisors_text(kv)));
+    refuse(cat("tp (", tp, ") must divide n_kv_head (", kv,
+               "): each tp rank takes whole key/value heads; with ", kv,
+               " key/value heads tp may be ", divisors_text(kv)));
   }
   if (plan.sequence_parallel && model.seq_len % tp != 0) {
-    refuse(text("with sequence parallelism tp (", tp, ") must divide the sequence length (",
-                model.seq_len, "); tp may be ", divisors_text(model.seq_len)));
+    refuse(cat("with sequence parallelism tp (", tp, ") must divide the sequence length (",
+               model.seq_len, "); tp may be ", divisors_text(model.seq_len)));
   }
   return plan;
 }
@@ -173,9 +168,8 @@ std::string ParallelPlan::describe() const {
   }
   out += std::string(", recompute ") + to_string(recompute) + ", " + to_string(precision);
   if (global_batch > 0) {
-    out +=
-        text(", batch ", global_batch, " (micro-batch ", micro_batch, " x ", accumulation_steps(),
-             " micro-step", accumulation_steps() == 1 ? "" : "s", " x dp ", dims.dp, ")");
+    out += cat(", batch ", global_batch, " (micro-batch ", micro_batch, " x ", accumulation_steps(),
+               " micro-step", accumulation_steps() == 1 ? "" : "s", " x dp ", dims.dp, ")");
   }
   return out;
 }

@@ -167,11 +167,8 @@ void generate(gpt::GPTImpl& model, std::vector<int64_t>& tokens, const Flags& f)
 } // namespace
 
 int main(int argc, char** argv) {
-  std::unique_ptr<meshtrain::Runtime> runtime;
-  try {
-    runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv);
-  } catch (const std::exception& e) {
-    std::cerr << "sample_gpt: error: " << meshtrain::message_of(e) << "\n";
+  const auto runtime = meshtrain::start_runtime(&argc, &argv, "sample_gpt");
+  if (!runtime) {
     return cli::kExitFailure;
   }
   const auto& world = runtime->world();

@@ -3,9 +3,8 @@
 // stage, sequence parallelism, recomputation, precision, micro-batches with gradient
 // accumulation), applied by parallelize() (launch/parallelize.h). See docs/gpt.md.
 //
-//   prepare_text --train data/fortunes_train.bin --val data/fortunes_val.bin \
-//       /usr/share/games/fortunes
-//   meshrun -n 2 -- train_gpt --metrics out/gpt.jsonl
+//   prepare_text --train data/fortunes_train.bin --val data/fortunes_val.bin $FORTUNES
+//   meshrun -n 2 -- train_gpt --metrics out/gpt.jsonl     (FORTUNES=/usr/share/games/fortunes)
 //
 // Exit codes: 0 done (also when stopped by --max-time or a signal), 1 runtime failure,
 // 2 bad command line, files or layout.
@@ -262,11 +261,8 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
 int main(int argc, char** argv) {
   // First: only tensors allocated after it are counted (progress and metrics report them).
   meshtrain::AllocationTracker::install();
-  std::unique_ptr<meshtrain::Runtime> runtime;
-  try {
-    runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv);
-  } catch (const std::exception& e) {
-    std::cerr << "train_gpt: error: " << meshtrain::message_of(e) << "\n";
+  const auto runtime = meshtrain::start_runtime(&argc, &argv, "train_gpt");
+  if (!runtime) {
     return cli::kExitFailure;
   }
   const CommunicatorPtr& world = runtime->world();

@@ -346,11 +346,8 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
 } // namespace
 
 int main(int argc, char** argv) {
-  std::unique_ptr<meshtrain::Runtime> runtime;
-  try {
-    runtime = std::make_unique<meshtrain::Runtime>(&argc, &argv);
-  } catch (const std::exception& e) {
-    std::cerr << "train_mnist: error: " << message_of(e) << "\n";
+  const auto runtime = meshtrain::start_runtime(&argc, &argv, "train_mnist");
+  if (!runtime) {
     return kExitFailure;
   }
   const CommunicatorPtr& world = runtime->world();
