@@ -7,8 +7,6 @@
 
 #include <sys/resource.h>
 
-#include <stdexcept>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -18,6 +16,7 @@
 #include <cstdlib>
 #include <limits>
 #include <sstream>
+#include <stdexcept>
 
 namespace meshtrain {
 namespace {
@@ -71,6 +70,19 @@ int64_t peak_rss_bytes() {
   return static_cast<int64_t>(usage.ru_maxrss) * 1024;
 }
 
+ReporterOptions reporter_options(const TrainerOptions& o, const ParallelPlan& plan) {
+  ReporterOptions r;
+  r.progress = o.progress();
+  r.log_every = o.log_every();
+  r.metrics_path = o.metrics_path();
+  r.prometheus_path = o.prometheus_path();
+  r.total_steps = o.steps();
+  r.tokens_per_step = plan.global_batch * o.seq_len();
+  r.val_batches = o.val_batches();
+  r.loss_scaling = o.loss_scaling();
+  return r;
+}
+
 // Set by the SIGTERM/SIGINT handler of fit(); only a lock-free atomic store happens there.
 std::atomic<int> g_stop_signal{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the signal flag must be lock-free");
@@ -122,23 +134,6 @@ NanPolicy parse_nan_policy(const std::string& text) {
   }
   return NanPolicy::kStop;
 }
-
-namespace {
-
-ReporterOptions reporter_options(const TrainerOptions& o, const ParallelPlan& plan) {
-  ReporterOptions r;
-  r.progress = o.progress();
-  r.log_every = o.log_every();
-  r.metrics_path = o.metrics_path();
-  r.prometheus_path = o.prometheus_path();
-  r.total_steps = o.steps();
-  r.tokens_per_step = plan.global_batch * o.seq_len();
-  r.val_batches = o.val_batches();
-  r.loss_scaling = o.loss_scaling();
-  return r;
-}
-
-} // namespace
 
 Trainer::Trainer(Parallelized parallel, std::shared_ptr<const TokenFile> train,
                  std::shared_ptr<const TokenFile> val, TrainerOptions options)
