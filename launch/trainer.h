@@ -211,6 +211,7 @@ public:
   int64_t accumulation_steps() const { return loader_->accumulation_steps(); }
   int64_t tokens_per_step() const { return options_.global_batch() * options_.seq_len(); }
   const TrainerOptions& options() const { return options_; }
+  const TokenFile& train_data() const { return loader_->file(); }
   const Mesh& mesh() const { return mesh_; }
   torch::nn::Module& model() { return *model_; }
   DataParallelReducer& reducer() { return *reducer_; }

@@ -95,6 +95,7 @@ struct Flags {
   int64_t save_every = 0;
   int64_t keep_checkpoints = 0;
   bool save_at_start = false;
+  bool allow_data_change = false;
   std::string resume; // empty: none; "latest" (--resume): the newest in checkpoint_dir;
                       // else --resume-from's path
   std::string init;   // a safetensors file of full weights (meshtrain-export's)
@@ -181,13 +182,17 @@ cxxopts::Options make_options() {
     ("save-every", "save every N steps (and at the end, and on SIGTERM/SIGINT); 0: only those",
      text("500"))
     ("save-at-start", "also save before the first step (step 0)")
-    ("keep-checkpoints", "keep only the newest N checkpoints; 0: keep all", text("0"))
+    ("keep-checkpoints", "keep only the newest N checkpoints up to this run's step (never the "
+                         "one just saved; newer ones, of a run this one branched off, are "
+                         "kept); 0: keep all", text("0"))
     ("resume", "continue from the latest checkpoint in --checkpoint-dir (a fresh start when "
                "there is none yet); a checkpoint of any layout reshards into this one")
     ("resume-from", "continue from this checkpoint: a step directory, or a checkpoint "
                     "directory (its latest)", text(""))
     ("init", "start from the full weights of a safetensors file (meshtrain-export's, nanoGPT "
-             "names); ignored when --resume finds a checkpoint", text(""));
+             "names); ignored when --resume finds a checkpoint", text(""))
+    ("allow-data-change", "resume even though --data, --shuffle or the shuffle's --seed differ "
+                          "from the checkpoint's (another data order; refused without this)");
   // clang-format on
   return options;
 }
@@ -338,6 +343,7 @@ Flags parse_flags(int argc, char** argv, int world_size) {
   f.save_every = parse_int("save-every", str("save-every"), 0, kBig);
   f.keep_checkpoints = parse_int("keep-checkpoints", str("keep-checkpoints"), 0, kBig);
   f.save_at_start = result.count("save-at-start") > 0;
+  f.allow_data_change = result.count("allow-data-change") > 0;
   if (result.count("resume") > 0) {
     if (f.checkpoint_dir.empty()) {
       throw UsageError("--resume needs --checkpoint-dir (where to look for the latest "
@@ -551,6 +557,7 @@ std::vector<meshtrain::SetupField> config_fields(const Flags& f) {
       {"save-every", f.save_every},
       {"keep-checkpoints", f.keep_checkpoints},
       {"save-at-start", f.save_at_start},
+      {"allow-data-change", f.allow_data_change},
       {"resume", f.resume},
       {"init", f.init},
       {"comm-timeout", f.comm_timeout},
@@ -653,9 +660,12 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
                             .save_every(f.save_every)
                             .keep_last(f.keep_checkpoints)
                             .model_json(model_json(f))
-                            .rng_tracker(rng));
+                            .rng_tracker(rng)
+                            .allow_data_change(f.allow_data_change));
   }
-  if (resume_from) {
+  if (resume_from && f.resume == "latest") {
+    checkpoints->load_latest(f.checkpoint_dir, trainer); // skips a damaged newest one
+  } else if (resume_from) {
     checkpoints->load(*resume_from, trainer);
   }
   if (!f.checkpoint_dir.empty()) {
