@@ -81,6 +81,18 @@ std::string rank_tag() {
 
 } // namespace meshtrain::testing
 
+// Under -DMESHTRAIN_SANITIZE=ON (scripts/sanitize.sh): a sanitizer report fails the test run,
+// whatever the environment; leaks are not checked (OpenMPI and LibTorch keep allocations alive
+// to exit by design).
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" const char* __asan_default_options() {
+  return "detect_leaks=0";
+}
+extern "C" const char* __ubsan_default_options() {
+  return "halt_on_error=1:print_stacktrace=1";
+}
+#endif
+
 namespace {
 
 // A run that MESHTRAIN_TEST_WORLD_SIZE says needs another world size: "" when it is right (or
