@@ -19,6 +19,10 @@ const char* to_string(CollectiveKind kind) {
     return "recv";
   case CollectiveKind::kBarrier:
     return "barrier";
+  case CollectiveKind::kSplit:
+    return "split";
+  case CollectiveKind::kArgumentCheck:
+    return "argument check";
   }
   return "unknown";
 }

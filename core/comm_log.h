@@ -18,7 +18,10 @@ enum class CollectiveKind {
   kBroadcast,
   kSend,
   kRecv,
-  kBarrier
+  kBarrier,
+  // Watched (core/comm_watchdog.h) and published (core/comm_status.h), never counted:
+  kSplit,         // Communicator::split
+  kArgumentCheck, // the across-rank argument check before a collective (MESHTRAIN_COMM_CHECK)
 };
 
 const char* to_string(CollectiveKind kind);

@@ -57,12 +57,12 @@ CommWatchdog::~CommWatchdog() {
   thread_.join();
 }
 
-uint64_t CommWatchdog::begin(CollectiveKind kind, const std::string& group, int64_t sequence,
-                             int64_t bytes) {
+uint64_t CommWatchdog::begin(CollectiveKind kind, const std::string& group, uint64_t group_id,
+                             int64_t sequence, int64_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   const uint64_t token = next_token_++;
-  pending_[token] =
-      PendingCollective{kind, group, sequence, bytes, std::chrono::steady_clock::now(), nullptr};
+  pending_[token] = PendingCollective{
+      kind, group, group_id, sequence, bytes, std::chrono::steady_clock::now(), nullptr};
   return token;
 }
 
@@ -98,11 +98,21 @@ std::string CommWatchdog::report_locked(const PendingCollective& late) const {
   const auto now = std::chrono::steady_clock::now();
   std::ostringstream s;
   s.precision(3);
+  // Who holds it up, from the ranks' published progress (none: the old guess).
+  std::string culprits;
+  const std::string chain = options_.status ? options_.status->explain(late.group_id, late.group,
+                                                                       late.sequence, &culprits)
+                                            : std::string();
   s << "meshtrain: rank " << options_.rank << ": collective watchdog: " << describe(late)
     << " has not completed after " << seconds_between(late.start, now) << " s (timeout "
     << std::chrono::duration<double>(options_.timeout).count()
-    << " s, --comm-timeout / MESHTRAIN_COMM_TIMEOUT): a rank of '" << late.group
-    << "' never issued it, issued another collective, or died\n";
+    << " s, --comm-timeout / MESHTRAIN_COMM_TIMEOUT): ";
+  if (!culprits.empty()) {
+    s << "held up by " << culprits << "\n" << chain;
+  } else {
+    s << "a rank of '" << late.group << "' never issued it, issued another collective, or died\n"
+      << chain;
+  }
   for (const auto& [token, other] : pending_) {
     if (&other != &late) {
       s << "  also in flight: " << describe(other) << ", for " << seconds_between(other.start, now)
@@ -133,6 +143,9 @@ void CommWatchdog::run() {
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     wake_.wait_for(lock, period, [&] { return stopping_; });
+    if (options_.status) {
+      options_.status->beat(period); // alive, also while waiting in a collective
+    }
     if (stopping_ || fired_) {
       continue;
     }

@@ -10,10 +10,17 @@
 // One per process, started by the Runtime (RuntimeOptions::comm_timeout,
 // MESHTRAIN_COMM_TIMEOUT, train_gpt --comm-timeout) and stopped before MPI_Finalize.
 // The sequence number counts the calls issued on that communicator, so it is the same on
-// every rank for the same call: comparing the reports of two ranks shows who fell behind.
+// every rank for the same call. Every exchange is watched: the collectives and send/recv, a
+// communicator split and the across-rank argument check (MESHTRAIN_COMM_CHECK).
+//
+// With the ranks' status board (core/comm_status.h, which the Runtime publishes) the report
+// also names the rank(s) holding the collective up: the ranks that have not issued it, what
+// each of them waits in, and at the end of that chain the rank waiting in no collective of a
+// laggard (computing, stopped or dead), with its host, pid, process state and last collective.
 #pragma once
 
 #include "meshtrain/core/comm_log.h"
+#include "meshtrain/core/comm_status.h"
 
 #include <chrono>
 #include <condition_variable>
@@ -37,11 +44,14 @@ struct CommWatchdogOptions {
   // Called once, on the watchdog thread, with the report. Default (empty): print it to stderr
   // and std::_Exit(3). A handler that returns lets the process go on (tests).
   std::function<void(const std::string& report)> on_expiry;
+  // The ranks' published progress, to name the rank holding a collective up (optional).
+  std::shared_ptr<CommStatusBoard> status;
 };
 
 struct PendingCollective {
   CollectiveKind kind;
   std::string group;
+  uint64_t group_id = 0; // the communicator's id on the status board
   int64_t sequence = 0;
   int64_t bytes = 0;
   std::chrono::steady_clock::time_point start;
@@ -62,7 +72,8 @@ public:
 
   // Called by Communicator around issuing a collective: begin() before the backend runs it
   // (a blocking backend call may itself hang), attach() with its Work once issued.
-  uint64_t begin(CollectiveKind kind, const std::string& group, int64_t sequence, int64_t bytes);
+  uint64_t begin(CollectiveKind kind, const std::string& group, uint64_t group_id, int64_t sequence,
+                 int64_t bytes);
   void attach(uint64_t token, std::shared_ptr<Work> work);
 
   const CommWatchdogOptions& options() const { return options_; }

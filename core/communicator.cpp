@@ -2,6 +2,7 @@
 // short cut, the across-rank agreement check and the counting log.
 #include "meshtrain/core/communicator.h"
 
+#include "meshtrain/core/comm_status.h"
 #include "meshtrain/core/comm_watchdog.h"
 #include "meshtrain/core/errors.h"
 #include "meshtrain/core/trace.h"
@@ -124,13 +125,30 @@ std::string collective_label(CollectiveKind kind, const std::string& group, int6
   return std::string(to_string(kind)) + " " + group + " " + size;
 }
 
+// Where a collective's completion is published (core/comm_status.h); empty: nowhere.
+struct StatusRef {
+  std::shared_ptr<CommStatusBoard> board; // keeps the slot's mapping alive
+  CommStatusSlot* slot = nullptr;
+  uint64_t id = 0;
+  int64_t sequence = 0;
+  CollectiveKind kind = CollectiveKind::kBarrier;
+  void completed() const { CommStatusBoard::completed(slot, id, sequence, kind); }
+};
+
 // Counts the time a caller spends waiting on the backend's Work as blocked communication
-// (core/trace.h) and, when tracing, records each wait that blocked as a "wait" span.
+// (core/trace.h) and, when tracing, records each wait that blocked as a "wait" span; publishes
+// the completion on the status board.
 class TimedWork final : public Work {
 public:
-  TimedWork(WorkPtr inner, std::string label)
-      : inner_(std::move(inner)), label_(std::move(label)) {}
-  bool is_completed() override { return inner_->is_completed(); }
+  TimedWork(WorkPtr inner, std::string label, StatusRef status)
+      : inner_(std::move(inner)), label_(std::move(label)), status_(std::move(status)) {}
+  bool is_completed() override {
+    const bool done = inner_->is_completed();
+    if (done) {
+      status_.completed();
+    }
+    return done;
+  }
   bool wait(std::chrono::milliseconds timeout) override {
     auto* tracer = Tracer::get();
     const int64_t begin_us = tracer != nullptr ? tracer->now_us() : 0;
@@ -145,12 +163,16 @@ public:
         tracer->complete("wait " + label_, "wait", begin_us, end_us);
       }
     }
+    if (done) {
+      status_.completed();
+    }
     return done;
   }
 
 private:
   WorkPtr inner_;
   std::string label_;
+  StatusRef status_;
 };
 
 } // namespace
@@ -173,6 +195,23 @@ Communicator::Communicator(std::string name, int rank, int size)
   check_across_ranks_ = env != nullptr && std::string(env) == "1";
 }
 
+Communicator::~Communicator() {
+  if (status_board_) {
+    status_board_->release(status_slot_);
+  }
+}
+
+void Communicator::publish_status(std::shared_ptr<CommStatusBoard> board) {
+  if (status_board_) {
+    status_board_->release(status_slot_);
+    status_slot_ = nullptr;
+  }
+  status_board_ = std::move(board);
+  if (status_board_ && size_ > 1) {
+    status_slot_ = status_board_->acquire(id_, name_, rank_, size_);
+  }
+}
+
 void Communicator::check_tensor(const char* call, const char* what,
                                 const at::Tensor& tensor) const {
   MT_CHECK(tensor.defined(), call, " on group '", name_, "': ", what, " is an undefined tensor");
@@ -193,12 +232,15 @@ void Communicator::check_peer(const char* call, const char* what, int peer) cons
            " is not a rank of this group (size ", size_, ")");
 }
 
-WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
-                            const std::function<WorkPtr()>& run) {
-  if (log_) {
+WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run,
+                            bool counted) {
+  if (log_ && counted) {
     log_->record(kind, name_, bytes);
   }
   const int64_t sequence = ++sequence_;
+  // Published before the backend runs it: a rank stuck inside it shows it as issued.
+  CommStatusBoard::issued(status_slot_, sequence, kind);
+  StatusRef status{status_board_, status_slot_, id_, sequence, kind};
   // Tracing: the backend names the span it runs (on its worker, or inline here) by this label.
   std::optional<CollectiveLabelScope> label;
   if (Tracer::get() != nullptr) {
@@ -208,11 +250,11 @@ WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
   const BlockedTimer blocked;
   auto* watchdog = CommWatchdog::get();
   if (watchdog == nullptr) {
-    return std::make_shared<TimedWork>(run(),
-                                       label ? CollectiveLabelScope::current() : std::string());
+    return std::make_shared<TimedWork>(
+        run(), label ? CollectiveLabelScope::current() : std::string(), std::move(status));
   }
   // Registered before the backend runs it: a blocking backend call may be what hangs.
-  const uint64_t token = watchdog->begin(kind, name_, sequence, bytes);
+  const uint64_t token = watchdog->begin(kind, name_, id_, sequence, bytes);
   WorkPtr work;
   try {
     work = run();
@@ -221,8 +263,8 @@ WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes,
     throw;
   }
   watchdog->attach(token, work);
-  return std::make_shared<TimedWork>(std::move(work),
-                                     label ? CollectiveLabelScope::current() : std::string());
+  return std::make_shared<TimedWork>(
+      std::move(work), label ? CollectiveLabelScope::current() : std::string(), std::move(status));
 }
 
 void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype,
@@ -237,8 +279,13 @@ void Communicator::check_agreement(CollectiveKind kind, int64_t numel, at::Scala
                          at::kLong);
   auto all = at::empty({size_ * kFields}, at::kLong);
   {
+    // Watched like the collective it precedes (a rank that never gets here hangs it), not
+    // counted by the log.
     const BlockingScope blocking;
-    do_all_gather(mine, all)->wait();
+    issue(
+        CollectiveKind::kArgumentCheck, nbytes(all), [&] { return do_all_gather(mine, all); },
+        /*counted=*/false)
+        ->wait();
   }
   auto rows = all.view({size_, kFields});
   auto acc = rows.accessor<int64_t, 2>();
@@ -393,9 +440,22 @@ void Communicator::barrier() {
 std::shared_ptr<Communicator> Communicator::split(int color, int key, const std::string& name) {
   MT_CHECK(color >= 0, "split of group '", name_, "': color must be >= 0, got ", color);
   const BlockingScope blocking; // do_split waits for its collective
-  auto child = do_split(color, key, name);
+  const int64_t index = ++splits_;
+  std::shared_ptr<Communicator> child;
+  // Watched and numbered like every exchange (a rank that never splits hangs the others), not
+  // counted by the log.
+  issue(
+      CollectiveKind::kSplit, 0,
+      [&] {
+        child = do_split(color, key, name);
+        return completed_work();
+      },
+      /*counted=*/false)
+      ->wait();
+  child->id_ = split_comm_id(id_, index, color);
   child->set_log(log_);
   child->set_check_across_ranks(check_across_ranks_);
+  child->publish_status(status_board_);
   return child;
 }
 

@@ -37,6 +37,9 @@
 
 namespace meshtrain {
 
+class CommStatusBoard; // core/comm_status.h
+struct CommStatusSlot;
+
 enum class ReduceOp { kSum, kAvg, kMax, kMin };
 const char* to_string(ReduceOp op);
 
@@ -57,18 +60,24 @@ WorkPtr completed_work();
 
 class Communicator {
 public:
-  virtual ~Communicator() = default;
+  virtual ~Communicator();
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
 
   int rank() const { return rank_; }
   int size() const { return size_; }
   const std::string& name() const { return name_; }
+  // The same on every member, different for every other communicator of the job: the world's
+  // is 1 (kWorldCommId), a split's derives from its parent's (core/comm_status.h).
+  uint64_t id() const { return id_; }
 
   // Counting mode: collectives are recorded into `log` while it is enabled.
   void set_log(std::shared_ptr<CommLog> log) { log_ = std::move(log); }
   const std::shared_ptr<CommLog>& log() const { return log_; }
   void set_check_across_ranks(bool on) { check_across_ranks_ = on; }
+  // Publishes this communicator's progress (the last collective issued and completed) on
+  // `board`, as will every communicator split from it. A group of one publishes nothing.
+  void publish_status(std::shared_ptr<CommStatusBoard> board);
 
   // In place on `tensor`.
   WorkPtr all_reduce_async(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
@@ -93,7 +102,8 @@ public:
   void barrier();
 
   // Collective over this communicator: ranks passing the same `color` form a new
-  // communicator named `name`, ordered by `key`. It shares this communicator's log.
+  // communicator named `name`, ordered by `key`. It shares this communicator's log and status
+  // board.
   std::shared_ptr<Communicator> split(int color, int key, const std::string& name);
 
 protected:
@@ -122,9 +132,11 @@ private:
   // Agrees on a small descriptor (call, numel, dtype, op or root) across the group; throws on
   // every rank on a mismatch.
   void check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype, int64_t extra);
-  // Records the call (counting mode), numbers it and has the watchdog (core/comm_watchdog.h)
-  // watch `run`, which issues it on the backend.
-  WorkPtr issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run);
+  // Records the call (counting mode, when `counted`), numbers it, publishes it on the status
+  // board and has the watchdog (core/comm_watchdog.h) watch `run`, which issues it on the
+  // backend.
+  WorkPtr issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run,
+                bool counted = true);
 
   std::string name_;
   int rank_;
@@ -132,6 +144,10 @@ private:
   std::shared_ptr<CommLog> log_;
   bool check_across_ranks_ = false;
   std::atomic<int64_t> sequence_{0}; // collectives issued, the watchdog's sequence numbers
+  uint64_t id_ = 1;                  // kWorldCommId
+  std::atomic<int64_t> splits_{0};   // splits of this communicator: part of a child's id
+  std::shared_ptr<CommStatusBoard> status_board_;
+  CommStatusSlot* status_slot_ = nullptr; // null: not published
 };
 
 using CommunicatorPtr = std::shared_ptr<Communicator>;

@@ -24,11 +24,16 @@ std::string read_file(const std::string& path) {
 }
 
 void fsync_directory(const std::string& dir) {
-  const int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd >= 0) {
-    ::fsync(fd);
-    ::close(fd);
-  }
+  const std::string path = dir.empty() ? "." : dir;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY);
+  MT_CHECK(fd >= 0, "cannot open directory '", path, "' to sync it: ", std::strerror(errno));
+  // EINVAL: the file system cannot sync a directory (some network and FUSE file systems);
+  // there is nothing more to make durable from here.
+  const int sync_error = ::fsync(fd) == 0 ? 0 : errno;
+  const int close_error = ::close(fd) == 0 ? 0 : errno;
+  MT_CHECK(sync_error == 0 || sync_error == EINVAL, "syncing directory '", path,
+           "' failed: ", std::strerror(sync_error));
+  MT_CHECK(close_error == 0, "closing directory '", path, "' failed: ", std::strerror(close_error));
 }
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
@@ -50,12 +55,24 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
     }
     written += static_cast<size_t>(n);
   }
-  const bool synced = ::fsync(fd) == 0;
-  ::close(fd);
-  if (!synced || std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
+  // close() reports what a network file system could not write back (EIO, ENOSPC, EDQUOT).
+  const char* failed = nullptr;
+  int err = 0;
+  if (::fsync(fd) != 0) {
+    failed = "fsync";
+    err = errno;
+  }
+  if (::close(fd) != 0 && failed == nullptr) {
+    failed = "close";
+    err = errno;
+  }
+  if (failed == nullptr && std::rename(tmp.c_str(), path.c_str()) != 0) {
+    failed = "rename";
+    err = errno;
+  }
+  if (failed != nullptr) {
     ::unlink(tmp.c_str());
-    MT_CHECK(false, "could not complete '", path, "': ", std::strerror(err));
+    MT_CHECK(false, "could not complete '", path, "': ", failed, " failed: ", std::strerror(err));
   }
   fsync_directory(target.parent_path().string());
 }

@@ -13,7 +13,8 @@ std::string read_file(const std::string& path);
 // Writes `bytes` to `path` atomically: a crash leaves either the old file or the new one.
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
-// Makes a rename inside `dir` durable.
+// Makes a rename inside `dir` durable. Throws naming the directory when it cannot be opened,
+// synced (a file system that cannot sync directories, EINVAL, is accepted) or closed.
 void fsync_directory(const std::string& dir);
 
 } // namespace meshtrain

@@ -2,13 +2,19 @@
 #include "meshtrain/core/runtime.h"
 
 #include "meshtrain/core/backend.h"
+#include "meshtrain/core/comm_status.h"
 #include "meshtrain/core/comm_watchdog.h"
 #include "meshtrain/core/errors.h"
 
+#include <unistd.h>
+
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -87,6 +93,31 @@ Runtime::Runtime(int* argc, char*** argv, RuntimeOptions options) {
     g_runtime_alive = false;
     throw;
   }
+  if (world_->size() > 1) {
+    // One key for the whole job, from rank 0: the ranks' status files are named by it.
+    auto key = torch::zeros({2}, torch::kLong);
+    if (world_->rank() == 0) {
+      key[0] = static_cast<int64_t>(::getpid());
+      key[1] = static_cast<int64_t>(std::random_device()() ^
+                                    std::chrono::steady_clock::now().time_since_epoch().count());
+    }
+    world_->broadcast(key, 0);
+    char job[48];
+    std::snprintf(job, sizeof(job), "%llx-%llx",
+                  static_cast<unsigned long long>(key[0].item<int64_t>()),
+                  static_cast<unsigned long long>(key[1].item<int64_t>()));
+    const std::string dir = CommStatusBoard::default_dir();
+    if (dir.empty()) {
+      status_error_ = "MESHTRAIN_COMM_STATUS_DIR=off, or no writable /dev/shm";
+    } else {
+      try {
+        status_ = CommStatusBoard::create(dir, job, world_->rank(), world_->size());
+        world_->publish_status(status_);
+      } catch (const c10::Error& e) {
+        status_error_ = e.what_without_backtrace();
+      }
+    }
+  }
   const int cores = static_cast<int>(std::max(1U, std::thread::hardware_concurrency()));
   const int fallback = options.threads_per_rank > 0 ? options.threads_per_rank
                                                     : default_threads_per_rank(cores, local_size_);
@@ -111,13 +142,15 @@ void Runtime::set_comm_timeout(double seconds) {
     CommWatchdogOptions watchdog;
     watchdog.timeout = std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
     watchdog.rank = world_->rank();
+    watchdog.status = status_;
     CommWatchdog::start(watchdog);
   }
 }
 
 Runtime::~Runtime() {
   CommWatchdog::stop();
-  world_.reset(); // joins the world's worker before the transport goes away
+  world_.reset();  // joins the world's worker before the transport goes away
+  status_.reset(); // removes this rank's status file (once no communicator holds it)
   backend::finalize();
   g_runtime_alive = false;
 }

@@ -6,10 +6,15 @@
 // else cores on the node / ranks on the node (at least 1).
 // Device: cuda:(local_rank % n_gpus) when LibTorch sees CUDA devices, else cpu.
 // Collective watchdog: started here (RuntimeOptions::comm_timeout_s), stopped before the
-// backend finalizes.
+// backend finalizes. Status board (core/comm_status.h): with more than one rank, every
+// communicator publishes its progress there (rank 0 broadcasts the job key once, at start-up),
+// so that a watchdog report names the rank holding a collective up.
 #pragma once
 
 #include "meshtrain/core/communicator.h"
+
+#include <memory>
+#include <string>
 
 #include <torch/torch.h>
 
@@ -43,11 +48,17 @@ public:
   // of one rank has no collectives to watch.
   void set_comm_timeout(double seconds);
   const CommunicatorPtr& world() const { return world_; }
+  // The ranks' status board (null with one rank, MESHTRAIN_COMM_STATUS_DIR=off, or when it
+  // could not be created: comm_status_error() says why).
+  const std::shared_ptr<CommStatusBoard>& comm_status() const { return status_; }
+  const std::string& comm_status_error() const { return status_error_; }
   // "mpi" or "single" (MESHTRAIN_WITH_MPI=OFF).
   static const char* backend_name();
 
 private:
   CommunicatorPtr world_;
+  std::shared_ptr<CommStatusBoard> status_;
+  std::string status_error_;
   int local_rank_ = 0;
   int local_size_ = 1;
   int threads_ = 1;

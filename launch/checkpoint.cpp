@@ -9,11 +9,15 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <fcntl.h>
+
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <iomanip>
 #include <map>
@@ -30,6 +34,8 @@ using nlohmann::json;
 constexpr const char* kFormat = "meshtrain-checkpoint";
 constexpr int kVersion = 1;
 constexpr const char* kMeta = "meta.json";
+// meta.json's data.train_file field of the token file's sampled checksum.
+constexpr const char* kDataChecksum = "fnv1a64_first_last_mib";
 constexpr const char* kRngDefault = "rng.default";
 constexpr const char* kRngShared = "rng.tracker.shared";
 constexpr const char* kRngTensorParallel = "rng.tracker.tensor_parallel";
@@ -54,13 +60,18 @@ std::string optim_file(int dp_rank, int tp_rank) {
   return "optim-dp" + two_digits(dp_rank) + "-tp" + two_digits(tp_rank) + ".safetensors";
 }
 
-// FNV-1a, 64 bit: cheap, and enough to catch a torn or corrupted file.
-uint64_t fnv1a64(const std::string& bytes) {
-  uint64_t h = 14695981039346656037ULL;
-  for (unsigned char c : bytes) {
-    h = (h ^ c) * 1099511628211ULL;
+constexpr uint64_t kFnvOffset = 14695981039346656037ULL;
+
+// FNV-1a, 64 bit: cheap, and enough to catch a torn or corrupted file. `h` continues a hash.
+uint64_t fnv1a64(const unsigned char* bytes, size_t n, uint64_t h = kFnvOffset) {
+  for (size_t i = 0; i < n; ++i) {
+    h = (h ^ bytes[i]) * 1099511628211ULL;
   }
   return h;
+}
+
+uint64_t fnv1a64(const std::string& bytes) {
+  return fnv1a64(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
 }
 
 std::string hex64(uint64_t v) {
@@ -79,6 +90,47 @@ void agree(const CommunicatorPtr& world, const std::string& local_error, const c
   }
   MT_CHECK(local_error.empty(), local_error);
   MT_CHECK(false, what, " failed on another rank (see its message)");
+}
+
+// `text` on every rank of `world`, as `root` has it.
+std::string broadcast_text(const CommunicatorPtr& world, const std::string& text, int root) {
+  auto length = torch::tensor({static_cast<int64_t>(text.size())}, torch::kLong);
+  world->broadcast(length, root);
+  auto bytes = torch::zeros({length.item<int64_t>()}, torch::kByte);
+  if (world->rank() == root && !text.empty()) {
+    std::memcpy(bytes.data_ptr(), text.data(), text.size());
+  }
+  if (bytes.numel() > 0) {
+    world->broadcast(bytes, root);
+  }
+  return std::string(static_cast<const char*>(bytes.data_ptr()), bytes.numel());
+}
+
+// What the ranks found together: whether any failed, whether any failure was `fatal`, and the
+// message of the lowest failing rank (the same text on every rank).
+struct Agreement {
+  bool failed = false;
+  bool fatal = false;
+  int rank = -1;
+  std::string message;
+};
+
+Agreement agree_on_error(const CommunicatorPtr& world, const std::string& local_error, bool fatal) {
+  const int n = world->size();
+  // max(n - rank) over the failing ranks is the lowest of them.
+  auto flags = torch::tensor(
+      {local_error.empty() ? 0 : n - world->rank(), !local_error.empty() && fatal ? 1 : 0},
+      torch::kInt);
+  world->all_reduce(flags, ReduceOp::kMax);
+  Agreement agreed;
+  if (flags[0].item<int>() == 0) {
+    return agreed;
+  }
+  agreed.failed = true;
+  agreed.fatal = flags[1].item<int>() != 0;
+  agreed.rank = n - flags[0].item<int>();
+  agreed.message = broadcast_text(world, local_error, agreed.rank);
+  return agreed;
 }
 
 template <typename Fn> std::string error_of(Fn&& fn) {
@@ -146,10 +198,28 @@ std::string meta_path(const std::string& step_dir) {
   return (fs::path(step_dir) / kMeta).string();
 }
 
-// meta.json nests 4 levels (the root, "params", a parameter, its "shape"); anything much
-// deeper is refused while parsing: printing or comparing a value recurses once per level, and
-// a file of a million '[' would overflow the stack.
+// meta.json nests 4 levels (the root, "params", a parameter, its "shape"), an optimizer file's
+// "ranges" 2; anything much deeper is refused while parsing: printing or comparing a value
+// recurses once per level, and a file of a million '[' would overflow the stack.
 constexpr int kMaxJsonDepth = 64;
+
+// `text` parsed as JSON nested at most kMaxJsonDepth levels; `path` names it in errors (a
+// c10::Error: no JSON library exception gets out).
+json parse_json(const std::string& text, const std::string& path) {
+  const json::parser_callback_t limit_depth = [&](int depth, json::parse_event_t event, json&) {
+    if (event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) {
+      MT_CHECK(depth < kMaxJsonDepth, path, ": JSON nested more than ", kMaxJsonDepth,
+               " levels deep");
+    }
+    return true;
+  };
+  try {
+    return json::parse(text, limit_depth);
+  } catch (const json::exception& e) {
+    MT_CHECK(false, path, ": not valid JSON (", e.what(), ")");
+  }
+  return json();
+}
 
 // Largest layout and sizes a meta.json may state: far above any real job, low enough that
 // nothing sized by them (a vector per TP rank, a product of dims) can overflow or exhaust
@@ -160,19 +230,7 @@ constexpr int64_t kMaxCount = int64_t{1} << 50;
 // A meta.json text, parsed and checked to be a checkpoint this build reads; `path` names it in
 // errors. Every failure is a c10::Error: no JSON library exception gets out.
 json parse_meta(const std::string& text, const std::string& path) {
-  json meta;
-  const json::parser_callback_t limit_depth = [&](int depth, json::parse_event_t event, json&) {
-    if (event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) {
-      MT_CHECK(depth < kMaxJsonDepth, path, ": JSON nested more than ", kMaxJsonDepth,
-               " levels deep (meta.json needs 4)");
-    }
-    return true;
-  };
-  try {
-    meta = json::parse(text, limit_depth);
-  } catch (const json::exception& e) {
-    MT_CHECK(false, path, ": not valid JSON (", e.what(), ")");
-  }
+  const json meta = parse_json(text, path);
   // find(), not value(): value() throws a JSON type_error when the field has another type.
   const auto format = meta.is_object() ? meta.find("format") : meta.end();
   MT_CHECK(format != meta.end() && format->is_string() && *format == kFormat, path,
@@ -239,8 +297,11 @@ parse_param(const json& p, const std::string& where, int64_t tp) {
   if (spec.is_partitioned()) {
     MT_CHECK(spec.global_size == shape[spec.dim], at, ": global_size ", spec.global_size,
              " differs from shape[", spec.dim, "] = ", shape[spec.dim]);
-    MT_CHECK(spec.global_size % (spec.blocks * tp) == 0, at, ": global_size ", spec.global_size,
-             " is not divisible by blocks (", spec.blocks, ") x tp (", tp, ")");
+    // By division: blocks (up to 2^50) x tp (up to 2^16) does not fit in an int64.
+    MT_CHECK(spec.global_size >= 1 && spec.global_size % spec.blocks == 0 &&
+                 spec.global_size / spec.blocks % tp == 0,
+             at, ": global_size ", spec.global_size, " is not divisible by blocks (", spec.blocks,
+             ") x tp (", tp, ") (a partitioned dim holds at least one row per block and rank)");
     MT_CHECK(spec.unpadded_size <= spec.global_size &&
                  (spec.unpadded_size == spec.global_size || spec.blocks == 1),
              at, ": unpadded_size ", spec.unpadded_size, " must be at most global_size ",
@@ -263,49 +324,149 @@ std::pair<std::string, std::string> split_state_key(const std::string& key) {
 }
 
 // The complete checkpoints under `root` (step_<N> directories holding meta.json), newest
-// first. Partial saves (.step_<N>.partial) and anything else are skipped.
-std::vector<std::pair<long long, fs::path>> complete_checkpoints(const fs::path& root) {
-  static const std::regex kName("step_([0-9]+)");
-  std::vector<std::pair<long long, fs::path>> found;
+// first. Partial saves (.step_<N>.partial) and anything else are skipped. A .step_<N>.old
+// holding meta.json stands for step N while step_<N> is absent: a re-save on a file system
+// without an atomic exchange moves the previous one there for a moment (see publish). Throws
+// naming the directory when N is beyond any step a checkpoint can record.
+std::vector<std::pair<int64_t, fs::path>> complete_checkpoints(const fs::path& root) {
+  static const std::regex kName("(\\.?)step_([0-9]+)(\\.old)?");
+  std::map<int64_t, fs::path> found;
+  std::map<int64_t, fs::path> moved_aside;
   std::error_code ec;
   if (root.empty() || !fs::is_directory(root, ec)) {
-    return found;
+    return {};
   }
   for (const auto& entry : fs::directory_iterator(root, ec)) {
     std::smatch m;
     const std::string name = entry.path().filename().string();
-    if (std::regex_match(name, m, kName) && fs::is_regular_file(entry.path() / kMeta, ec)) {
-      found.emplace_back(std::stoll(m[1].str()), entry.path());
+    if (!std::regex_match(name, m, kName) || (m[1].length() > 0) != (m[3].length() > 0) ||
+        !fs::is_regular_file(entry.path() / kMeta, ec)) {
+      continue; // neither step_<N> nor .step_<N>.old, or no meta.json
+    }
+    const std::string digits = m[2].str();
+    // No stoll: it throws std::out_of_range past 2^63, not the reader's error.
+    int64_t step = 0;
+    bool in_range = true;
+    for (const char c : digits) {
+      in_range = in_range && step <= (kMaxCount - (c - '0')) / 10;
+      if (in_range) {
+        step = step * 10 + (c - '0');
+      }
+    }
+    MT_CHECK(in_range, entry.path().string(), ": step ", digits,
+             " is beyond any step a checkpoint records (at most ", kMaxCount,
+             "); rename or remove this directory");
+    (m[3].length() > 0 ? moved_aside : found)[step] = entry.path();
+  }
+  for (const auto& [step, path] : moved_aside) {
+    found.emplace(step, path); // only where step_<N> itself is absent
+  }
+  return {found.rbegin(), found.rend()};
+}
+
+// Replaces `dir` by `staged` (both in one directory) so that a complete checkpoint of that
+// step exists at every instant: a new one is renamed into place; an existing one (a re-save of
+// the step) is swapped with the new one in one renameat2(RENAME_EXCHANGE) and removed after.
+// File systems without the exchange (EINVAL: some network file systems) get two renames,
+// the previous checkpoint moved to .step_<N>.old first, which complete_checkpoints() takes for
+// step N until the new one is in place. Durable (the parent directory is synced) on return.
+void publish(const fs::path& staged, const fs::path& dir) {
+  const fs::path parent = dir.parent_path();
+  const fs::path old = parent / ("." + dir.filename().string() + ".old");
+  if (!fs::exists(dir)) {
+    fs::rename(staged, dir);
+  } else if (::renameat2(AT_FDCWD, staged.c_str(), AT_FDCWD, dir.c_str(), RENAME_EXCHANGE) == 0) {
+    fs::remove_all(staged); // the previous checkpoint, under the staging name now
+  } else {
+    const int err = errno;
+    MT_CHECK(err == EINVAL || err == ENOSYS || err == ENOTSUP, "checkpoint: cannot swap ",
+             staged.string(), " with ", dir.string(), ": ", std::strerror(err));
+    fs::remove_all(old);
+    fs::rename(dir, old);
+    fs::rename(staged, dir);
+  }
+  fsync_directory(parent.string());
+  fs::remove_all(old); // also what a crash between those two renames left
+}
+
+// What a checkpoint records of its training file: enough to notice another file, or another
+// version of it, without reading it all — the token count and FNV-1a 64 of the first and the
+// last MiB of its tokens (they overlap in a file under 2 MiB).
+json data_file_json(const TokenFile& file) {
+  const auto* bytes = reinterpret_cast<const unsigned char*>(file.data());
+  const size_t n = static_cast<size_t>(file.size()) * sizeof(uint16_t);
+  const size_t part = std::min<size_t>(n, size_t{1} << 20);
+  const uint64_t hash = fnv1a64(bytes + n - part, part, fnv1a64(bytes, part));
+  return {{"path", file.path()}, {"tokens", file.size()}, {kDataChecksum, hex64(hash)}};
+}
+
+std::string bool_text(bool b) {
+  return b ? "true" : "false";
+}
+
+// The data order of a run (DESIGN §3) follows from its token file, --shuffle and, when
+// shuffling, the seed: a resume with any of them changed would silently train on another
+// order. Each difference names the checkpoint's value and this run's. Fields a checkpoint of an
+// older version lacks (the file) are not compared.
+std::vector<std::string> data_differences(const json& data, const std::string& where,
+                                          Trainer& trainer) {
+  const auto& o = trainer.options();
+  std::vector<std::string> differ;
+  const json& shuffle = member(data, "shuffle", where + ": data");
+  MT_CHECK(shuffle.is_boolean(), where, ": data.shuffle is ", shuffle.dump(),
+           "; it must be true or false");
+  if (shuffle.get<bool>() != o.shuffle()) {
+    differ.push_back("shuffle is " + bool_text(shuffle.get<bool>()) + " in the checkpoint, " +
+                     bool_text(o.shuffle()) + " in this run");
+  } else if (o.shuffle()) {
+    const json& seed = member(data, "data_seed", where + ": data");
+    MT_CHECK(seed.is_number_unsigned() || (seed.is_number_integer() && seed.get<int64_t>() >= 0),
+             where, ": data.data_seed is ", seed.dump(), "; it must be an integer >= 0");
+    if (seed.get<uint64_t>() != o.data_seed()) {
+      differ.push_back("data_seed (the shuffle's seed) is " + std::to_string(seed.get<uint64_t>()) +
+                       " in the checkpoint, " + std::to_string(o.data_seed()) + " in this run");
     }
   }
-  std::sort(found.rbegin(), found.rend());
-  return found;
-}
-
-// Replaces `dir` by `staged` (both in `root`) so that a crash at any moment leaves one of
-// them complete under a name latest_checkpoint() accepts, or neither of the new one.
-void publish(const fs::path& staged, const fs::path& dir) {
-  const fs::path old = dir.parent_path() / ("." + dir.filename().string() + ".old");
-  fs::remove_all(old);
-  if (fs::exists(dir)) {
-    fs::rename(dir, old);
+  const auto file = data.find("train_file");
+  if (file != data.end()) {
+    const std::string at = where + ": data.train_file";
+    const json& path = member(*file, "path", at);
+    const int64_t tokens = integer_member(*file, "tokens", at, 0, kMaxCount);
+    const json& checksum = member(*file, kDataChecksum, at);
+    MT_CHECK(path.is_string() && checksum.is_string(), at, ": path and checksum must be strings");
+    const json here = data_file_json(trainer.train_data());
+    if (tokens != here.at("tokens").get<int64_t>()) {
+      differ.push_back("the training file " + path.get<std::string>() + " had " +
+                       std::to_string(tokens) + " tokens, this run's " +
+                       here.at("path").get<std::string>() + " has " + here.at("tokens").dump());
+    } else if (checksum != here.at(kDataChecksum)) {
+      differ.push_back("the training file " + path.get<std::string>() +
+                       " had first-and-last-MiB checksum " + checksum.get<std::string>() +
+                       ", this run's " + here.at("path").get<std::string>() + " has " +
+                       here.at(kDataChecksum).get<std::string>() + " (same token count)");
+    }
   }
-  fs::rename(staged, dir);
-  fsync_directory(dir.parent_path().string());
-  fs::remove_all(old);
+  return differ;
 }
 
-// Refuses a checkpoint of another model, another data position or other parameters, naming
-// the value in the checkpoint and in this run.
-void check_compatible(const CheckpointInfo& info, const json& meta, Trainer& trainer,
-                      const std::vector<std::pair<std::string, ShardSpec>>& specs,
-                      const json& want_model) {
+// Refuses a checkpoint of another model (a key on either side that the other lacks or values
+// that differ), another data position or data order, or other parameters, naming the value in
+// the checkpoint and in this run. With allow_data_change a changed data order is allowed and
+// returned as warnings to print.
+std::vector<std::string>
+check_compatible(const CheckpointInfo& info, const json& meta, Trainer& trainer,
+                 const std::vector<std::pair<std::string, ShardSpec>>& specs,
+                 const json& want_model, bool allow_data_change) {
   const std::string where = (fs::path(info.path) / kMeta).string();
   const json& have_model = meta.at("model");
   for (const auto& [key, value] : want_model.items()) {
     MT_CHECK(have_model.contains(key) && have_model.at(key) == value, where, ": model ", key,
              " is ", have_model.contains(key) ? have_model.at(key).dump() : "absent",
              ", this run has ", value.dump());
+  }
+  for (const auto& [key, value] : have_model.items()) {
+    MT_CHECK(want_model.contains(key), where, ": model ", key, " is ", value.dump(),
+             ", this run has no ", key, " (a model of another kind or version)");
   }
   const int64_t global_batch = trainer.plan().global_batch;
   const int64_t seq_len = trainer.options().seq_len();
@@ -314,6 +475,19 @@ void check_compatible(const CheckpointInfo& info, const json& meta, Trainer& tra
            "; this run has ", global_batch, " x ", seq_len,
            " (the data position is counted in such batches; use the same --batch-size and "
            "--block-size)");
+  std::vector<std::string> warnings;
+  const auto differ = data_differences(meta.at("data"), where, trainer);
+  if (!differ.empty()) {
+    std::string text;
+    for (const auto& d : differ) {
+      text += (text.empty() ? "" : "; ") + d;
+    }
+    MT_CHECK(allow_data_change, where, ": the training data differ from the checkpoint's: ", text,
+             ". Resuming would continue on another data order; use the same --data, --shuffle "
+             "and --seed, or pass --allow-data-change to continue on purpose");
+    warnings.push_back("checkpoint: warning: continuing on changed data (--allow-data-change): " +
+                       text);
+  }
   MT_CHECK(specs.size() == info.params.size(), where, ": ", info.params.size(),
            " parameters; the model has ", specs.size());
   auto params = trainer.model().named_parameters();
@@ -326,20 +500,64 @@ void check_compatible(const CheckpointInfo& info, const json& meta, Trainer& tra
     MT_CHECK(here == there, where, ": '", name, "' has shape ", c10::IntArrayRef(there),
              "; the model's is ", c10::IntArrayRef(here));
   }
+  return warnings;
+}
+
+using Ranges = std::map<std::string, std::pair<int64_t, int64_t>>;
+
+// An optimizer file's "ranges" metadata, {"<param>": [begin, end], ...}: which range of each
+// flattened TP-local parameter the file holds. `where` names the file in errors.
+Ranges parse_ranges(const SafetensorsFile& file, const std::string& where) {
+  const auto it = file.metadata.find("ranges");
+  MT_CHECK(it != file.metadata.end(), where, ": no \"ranges\" metadata");
+  const json ranges = parse_json(it->second, where + ": \"ranges\" metadata");
+  MT_CHECK(ranges.is_object(), where, ": \"ranges\" must be a JSON object, not ",
+           ranges.type_name());
+  Ranges out;
+  for (const auto& [name, range] : ranges.items()) {
+    const std::string at = where + ": ranges['" + name + "']";
+    MT_CHECK(range.is_array() && range.size() == 2, at, " must be [begin, end], not ",
+             range.dump());
+    const int64_t begin = integer(range[0], at + "[0]", 0, kMaxCount);
+    const int64_t end = integer(range[1], at + "[1]", begin, kMaxCount);
+    out[name] = {begin, end};
+  }
+  return out;
 }
 
 // Whether `file` (written by the rank with this rank's coordinates) holds exactly the ranges
 // this rank's optimizer owns: true in the same dp x tp x ZeRO layout with the same buckets.
-bool owns_what_it_wrote(const SafetensorsFile& file, const ZeroOptimizer& optimizer) {
-  const auto it = file.metadata.find("ranges");
-  if (it == file.metadata.end()) {
+bool owns_what_it_wrote(const SafetensorsFile& file, const std::string& where,
+                        const ZeroOptimizer& optimizer) {
+  if (file.metadata.count("ranges") == 0) {
     return false;
   }
-  json own = json::object();
+  Ranges own;
   for (const auto& r : optimizer.owned_ranges()) {
     own[r.name] = {r.begin, r.end};
   }
-  return json::parse(it->second) == own;
+  return parse_ranges(file, where) == own;
+}
+
+// One old TP rank's flat state tensor from the old DP ranks' pieces ([begin, end) each), which
+// must cover [0, numel) exactly: a hole would stay zero, an overlap hide a piece. Checked before
+// anything is allocated, so a size from meta.json can never size an allocation on its own.
+torch::Tensor join_pieces(std::vector<std::pair<int64_t, torch::Tensor>> pieces, int64_t numel,
+                          const std::string& what) {
+  std::sort(pieces.begin(), pieces.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  int64_t covered = 0;
+  std::vector<torch::Tensor> flat;
+  for (const auto& [begin, piece] : pieces) {
+    MT_CHECK(begin == covered, what, ": the optimizer files' pieces ",
+             begin > covered ? "leave a hole at [" : "overlap at [", std::min(begin, covered), ", ",
+             std::max(begin, covered), ") of its ", numel, " elements");
+    covered += piece.numel();
+    flat.push_back(piece.reshape({-1}));
+  }
+  MT_CHECK(covered == numel, what, ": the optimizer files' pieces cover [0, ", covered, ") of its ",
+           numel, " elements");
+  return torch::cat(flat);
 }
 
 // Every ZeRO state tensor ("<param>.<state>") of this rank's TP shard in the new layout, full
@@ -360,29 +578,31 @@ resharded_state(const CheckpointInfo& info, const json& meta,
   // flat[t][key]: old TP rank t's flattened state tensor.
   std::vector<std::map<std::string, torch::Tensor>> flat(info.tp);
   for (int t = 0; t < info.tp; ++t) {
+    // pieces[key]: (begin, piece) from each old DP rank's file.
+    std::map<std::string, std::vector<std::pair<int64_t, torch::Tensor>>> pieces;
     for (int d = 0; d < readers; ++d) {
       const std::string name = optim_file(d, t);
       const auto file = read_checked(info, meta.at("files"), name);
-      MT_CHECK(file.metadata.count("ranges") > 0, name, ": no \"ranges\" metadata");
-      const json ranges = json::parse(file.metadata.at("ranges"));
+      const Ranges ranges = parse_ranges(file, name);
       for (const auto& [key, piece] : file.tensors) {
         if (key.rfind("rng.", 0) == 0) {
           continue;
         }
         const std::string param = split_state_key(key).first;
-        MT_CHECK(index.count(param) > 0 && ranges.contains(param), name, ": '", key,
+        MT_CHECK(index.count(param) > 0 && ranges.count(param) > 0, name, ": '", key,
                  "' belongs to no parameter of ", kMeta, " or has no recorded range");
-        const int64_t begin = ranges.at(param).at(0).get<int64_t>();
-        const int64_t end = ranges.at(param).at(1).get<int64_t>();
-        auto& target = flat[t][key];
-        if (!target.defined()) {
-          target = torch::zeros({c10::multiply_integers(old_local_shape(index.at(param)))},
-                                piece.options());
-        }
-        MT_CHECK(piece.numel() == end - begin && begin >= 0 && end <= target.numel(), name, ": '",
-                 key, "' has ", piece.numel(), " elements for range [", begin, ", ", end, ")");
-        target.narrow(0, begin, end - begin).copy_(piece.reshape({-1}));
+        const auto [begin, end] = ranges.at(param);
+        MT_CHECK(piece.numel() == end - begin, name, ": '", key, "' has ", piece.numel(),
+                 " elements for range [", begin, ", ", end, ")");
+        pieces[key].emplace_back(begin, piece);
       }
+    }
+    for (auto& [key, list] : pieces) {
+      const size_t i = index.at(split_state_key(key).first);
+      const auto shape = old_local_shape(i);
+      const std::string what = info.path + ": '" + key + "' of TP rank " + std::to_string(t);
+      // The meta.json shape's element count is bounded (kMaxCount): no overflow here.
+      flat[t][key] = join_pieces(std::move(list), c10::multiply_integers(shape), what).view(shape);
     }
   }
   std::map<std::string, torch::Tensor> out;
@@ -391,7 +611,7 @@ resharded_state(const CheckpointInfo& info, const json& meta,
     std::vector<torch::Tensor> shards;
     for (int t = 0; t < info.tp; ++t) {
       MT_CHECK(flat[t].count(key) > 0, info.path, ": TP rank ", t, " has no '", key, "'");
-      shards.push_back(flat[t].at(key).view(old_local_shape(i)));
+      shards.push_back(flat[t].at(key));
     }
     torch::Tensor full = assemble_unsharded(shards, info.params[i].second);
     const ShardSpec& spec = specs[i].second;
@@ -647,7 +867,8 @@ std::string CheckpointManager::save(Trainer& trainer) {
                            {"seq_len", o.seq_len()},
                            {"consumed_samples", step * plan.global_batch},
                            {"shuffle", o.shuffle()},
-                           {"data_seed", o.data_seed()}}},
+                           {"data_seed", o.data_seed()},
+                           {"train_file", data_file_json(trainer.train_data())}}},
                          {"optimizer", {{"step", trainer.optimizer().step_count()}}},
                          {"scaler", trainer.scaler() == nullptr
                                         ? json(nullptr)
@@ -659,12 +880,33 @@ std::string CheckpointManager::save(Trainer& trainer) {
       write_file_atomic((staged / kMeta).string(), meta.dump(1));
       fsync_directory(staged.string());
       publish(staged, dir);
-      // Older checkpoints beyond keep_last go only once the new one is complete.
-      if (options_.keep_last() > 0) {
-        const auto found = complete_checkpoints(root);
-        for (size_t i = static_cast<size_t>(options_.keep_last()); i < found.size(); ++i) {
-          fs::remove_all(found[i].second);
+      // Older checkpoints beyond keep_last go only once the new one is complete. Retention
+      // counts this run's checkpoints: the one just written (always kept) and older ones.
+      // Newer ones are from a run this one branched off (it resumed from an earlier step):
+      // they are left alone, and named once, since --resume takes the newest.
+      std::vector<std::string> newer;
+      int64_t kept = 0;
+      for (const auto& [n, path] : complete_checkpoints(root)) {
+        if (n > step) {
+          newer.push_back(path.filename().string());
+        } else if (options_.keep_last() == 0 || kept < options_.keep_last()) {
+          ++kept;
+        } else {
+          fs::remove_all(path);
         }
+      }
+      if (!newer.empty() && !warned_newer_) {
+        warned_newer_ = true;
+        std::ostringstream note;
+        note << "checkpoint: warning: " << root.string() << " holds " << newer.size()
+             << " checkpoint(s) newer than this run's step " << step << " (" << newer.back();
+        if (newer.size() > 1) {
+          note << " .. " << newer.front();
+        }
+        note << "), from the run this one branched off; they are kept (not counted by "
+                "--keep-checkpoints), and --resume would take the newest: move them away to "
+                "continue this run with --resume";
+        std::fprintf(stderr, "%s\n", note.str().c_str());
       }
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -683,51 +925,182 @@ std::string CheckpointManager::save(Trainer& trainer) {
   return dir.string();
 }
 
-void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
+namespace {
+
+// What a rank read of a checkpoint before anything of the trainer changes: the optimizer
+// state to load, the RNG states (same layout only), the scaler and warnings to print.
+struct PreparedLoad {
+  CheckpointInfo info;
+  ZeroStateDict state;
+  std::optional<SafetensorsFile> own; // this rank's own file, in the same layout
+  json scaler;
+  std::vector<std::string> warnings;
+};
+
+// Why a rank could not prepare a load: `error` empty when it could. `corrupt`: the checkpoint
+// itself is unreadable or damaged (an older one may do); otherwise it is this run's (another
+// model, batch or data: no checkpoint of this run will do).
+struct PrepareError {
+  std::string error;
+  bool corrupt = false;
+};
+
+PrepareError prepare_load(const CheckpointOptions& options, const std::string& step_dir,
+                          Trainer& trainer, PreparedLoad& out) {
   const Mesh& mesh = trainer.mesh();
   const int dp_rank = mesh.index("dp");
   const int tp_rank = mesh.index("tp");
+  json meta;
   std::string error = error_of([&] {
-    const CheckpointInfo info = read_checkpoint_info(step_dir);
-    const json meta = read_meta(step_dir);
-    const auto specs = named_shard_specs(trainer.model());
-    check_compatible(info, meta, trainer, specs, json::parse(options_.model_json()));
-
-    ZeroStateDict state;
-    state.step = meta.at("optimizer").at("step").get<int64_t>();
+    out.info = read_checkpoint_info(step_dir);
+    meta = read_meta(step_dir);
+    const std::string where = meta_path(step_dir);
+    out.state.step = integer_member(member(meta, "optimizer", where + ":"), "step",
+                                    where + ": optimizer", 0, kMaxCount);
+    out.scaler = meta.value("scaler", json(nullptr));
+    MT_CHECK(out.scaler.is_null() ||
+                 (out.scaler.is_object() && out.scaler.contains("scale") &&
+                  out.scaler.at("scale").is_number() && out.scaler.contains("clean_steps") &&
+                  out.scaler.at("clean_steps").is_number_integer()),
+             where, ": scaler must be null or {\"scale\": number, \"clean_steps\": integer}");
+    MT_CHECK(meta.at("files").is_object(), where, ": files must be a JSON object");
+  });
+  if (!error.empty()) {
+    return {error, true};
+  }
+  const auto specs = named_shard_specs(trainer.model());
+  error = error_of([&] {
+    out.warnings = check_compatible(out.info, meta, trainer, specs,
+                                    json::parse(options.model_json()), options.allow_data_change());
+  });
+  if (!error.empty()) {
+    return {error, false};
+  }
+  error = error_of([&] {
+    const auto& info = out.info;
     auto& optimizer = trainer.optimizer();
-    std::optional<SafetensorsFile> own;
     if (info.dp == mesh.group("dp")->size() && info.tp == mesh.group("tp")->size() &&
         info.zero_stage == trainer.plan().zero_stage) {
-      own = read_checked(info, meta.at("files"), optim_file(dp_rank, tp_rank));
-    }
-    if (own && owns_what_it_wrote(*own, optimizer)) {
-      // The same layout: this rank's own pieces, as it wrote them, and its RNG states.
-      for (const auto& [key, t] : own->tensors) {
-        if (key.rfind("rng.", 0) != 0) {
-          state.tensors[key] = t;
+      const std::string name = optim_file(dp_rank, tp_rank);
+      auto own = read_checked(info, meta.at("files"), name);
+      if (owns_what_it_wrote(own, name, optimizer)) {
+        // The same layout: this rank's own pieces, as it wrote them, and its RNG states.
+        for (const auto& [key, t] : own.tensors) {
+          if (key.rfind("rng.", 0) != 0) {
+            out.state.tensors[key] = t;
+          }
         }
+        MT_CHECK(own.contains(kRngDefault), name, ": no '", kRngDefault, "'");
+        out.own = std::move(own);
+        return;
       }
-      optimizer.load_state_dict(state);
-      set_default_cpu_generator_state(own->at(kRngDefault));
-      if (options_.rng_tracker() && own->contains(kRngShared)) {
-        options_.rng_tracker()->set_state({own->at(kRngShared), own->at(kRngTensorParallel)});
-      }
-    } else {
-      state.tensors = resharded_state(info, meta, specs, tp_rank, mesh.group("tp")->size());
-      optimizer.load_state_dict(state);
     }
-    const json& scaler = meta.value("scaler", json(nullptr));
-    if (trainer.scaler() != nullptr && scaler.is_object()) {
-      trainer.scaler()->set_state(scaler.at("scale").get<double>(),
-                                  scaler.at("clean_steps").get<int64_t>());
-    }
-    trainer.set_step(info.step);
+    out.state.tensors = resharded_state(info, meta, specs, tp_rank, mesh.group("tp")->size());
   });
-  agree(mesh.group("world"), error, "checkpoint: loading");
-  last_saved_step_ = trainer.step();
+  return {error, !error.empty()};
+}
+
+// Puts a prepared load into the trainer (every rank prepared its part successfully).
+void apply_load(const CheckpointOptions& options, PreparedLoad& prepared, Trainer& trainer) {
+  trainer.optimizer().load_state_dict(prepared.state);
+  if (prepared.own) {
+    set_default_cpu_generator_state(prepared.own->at(kRngDefault));
+    if (options.rng_tracker() && prepared.own->contains(kRngShared)) {
+      options.rng_tracker()->set_state(
+          {prepared.own->at(kRngShared), prepared.own->at(kRngTensorParallel)});
+    }
+  }
+  if (trainer.scaler() != nullptr && prepared.scaler.is_object()) {
+    trainer.scaler()->set_state(prepared.scaler.at("scale").get<double>(),
+                                prepared.scaler.at("clean_steps").get<int64_t>());
+  }
+  trainer.set_step(prepared.info.step);
+}
+
+// "checkpoint: loading <dir> failed[ on rank R]: <message>"
+std::string load_failure(const std::string& step_dir, const Agreement& agreed, int world_size) {
+  std::string text = "checkpoint: loading " + step_dir + " failed";
+  if (world_size > 1) {
+    text += " on rank " + std::to_string(agreed.rank);
+  }
+  return text + ": " + agreed.message;
+}
+
+// Applies a load every rank prepared, agreed; prints the warnings once.
+void finish_load(const CheckpointOptions& options, const std::string& step_dir,
+                 PreparedLoad& prepared, Trainer& trainer) {
+  const CommunicatorPtr& world = trainer.mesh().group("world");
+  const std::string error = error_of([&] { apply_load(options, prepared, trainer); });
+  const Agreement agreed = agree_on_error(world, error, true);
+  MT_CHECK(!agreed.failed, load_failure(step_dir, agreed, world->size()));
+  if (world->rank() == 0) {
+    for (const auto& warning : prepared.warnings) {
+      std::fprintf(stderr, "%s\n", warning.c_str());
+    }
+    std::fflush(stderr);
+  }
   trainer.log("checkpoint: resumed from " + step_dir + " at step " +
               std::to_string(trainer.step()));
+}
+
+} // namespace
+
+void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
+  const CommunicatorPtr& world = trainer.mesh().group("world");
+  PreparedLoad prepared;
+  const PrepareError prepare = prepare_load(options_, step_dir, trainer, prepared);
+  const Agreement agreed = agree_on_error(world, prepare.error, !prepare.corrupt);
+  MT_CHECK(!agreed.failed, load_failure(step_dir, agreed, world->size()));
+  finish_load(options_, step_dir, prepared, trainer);
+  last_saved_step_ = trainer.step();
+}
+
+std::optional<std::string> CheckpointManager::load_latest(const std::string& root,
+                                                          Trainer& trainer) {
+  const CommunicatorPtr& world = trainer.mesh().group("world");
+  // Rank 0's listing decides, so that every rank tries the same candidates in the same order.
+  std::string listing;
+  std::string error = error_of([&] {
+    for (const auto& [step, path] : complete_checkpoints(root)) {
+      listing += path.string() + "\n";
+    }
+  });
+  const Agreement listed = agree_on_error(world, world->rank() == 0 ? error : "", true);
+  MT_CHECK(!listed.failed, "checkpoint: listing ", root, ": ", listed.message);
+  listing = broadcast_text(world, listing, 0);
+  std::vector<std::string> skipped;
+  std::istringstream lines(listing);
+  for (std::string step_dir; std::getline(lines, step_dir);) {
+    PreparedLoad prepared;
+    const PrepareError prepare = prepare_load(options_, step_dir, trainer, prepared);
+    const Agreement agreed = agree_on_error(world, prepare.error, !prepare.corrupt);
+    if (!agreed.failed) {
+      finish_load(options_, step_dir, prepared, trainer);
+      last_saved_step_ = trainer.step();
+      return step_dir;
+    }
+    const std::string failure = load_failure(step_dir, agreed, world->size());
+    MT_CHECK(!agreed.fatal, failure);
+    // Damaged: an older checkpoint of the same run may do. Said on stderr, whatever --progress.
+    if (world->rank() == 0) {
+      const std::string where =
+          world->size() > 1 ? " on rank " + std::to_string(agreed.rank) : std::string();
+      std::fprintf(stderr, "checkpoint: warning: skipped %s, it does not verify%s: %s\n",
+                   step_dir.c_str(), where.c_str(), agreed.message.c_str());
+      std::fflush(stderr);
+    }
+    skipped.push_back(failure);
+  }
+  if (skipped.empty()) {
+    return std::nullopt;
+  }
+  std::string all;
+  for (const auto& s : skipped) {
+    all += "\n  " + s;
+  }
+  MT_CHECK(false, "checkpoint: no checkpoint in ", root, " verifies (", skipped.size(),
+           " tried, newest first):", all);
+  return std::nullopt;
 }
 
 CheckpointHook CheckpointManager::hook() {

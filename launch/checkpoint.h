@@ -84,7 +84,9 @@ struct CheckpointOptions {
   TORCH_ARG(std::string, dir);
   // Save after every save_every-th step (0: only at the end and on a signal).
   TORCH_ARG(int64_t, save_every) = 0;
-  // Keep only the newest keep_last checkpoints (0: keep all).
+  // Keep only the newest keep_last checkpoints of this run (0: keep all): the one just saved
+  // and older ones. Never the one just saved; checkpoints newer than it (left by a run this
+  // one branched off, by resuming from an earlier step) are kept and named on stderr.
   TORCH_ARG(int64_t, keep_last) = 0;
   // Stored as meta.json's "model" (a JSON object text); a load refuses a checkpoint whose
   // "model" differs in any key.
@@ -94,6 +96,10 @@ struct CheckpointOptions {
   // Called on every rank with (step, world rank) once its shards of a save are written and
   // before the checkpoint is completed (launch/fault_injection.h's kill-in-save).
   TORCH_ARG(std::function<void(int64_t, int)>, before_publish);
+  // A load refuses a checkpoint written with another data order: another training file (its
+  // token count, or a checksum of its first and last MiB), another shuffle setting or, when
+  // shuffling, another data seed. true: continue anyway, with a warning naming the changes.
+  TORCH_ARG(bool, allow_data_change) = false;
 };
 
 class CheckpointManager {
@@ -106,7 +112,16 @@ public:
   std::string save(Trainer& trainer);
   // Restores the model, the optimizer state, the step and the data position from a step
   // directory written in any layout (and, in the same layout, the RNG states). Collective.
+  // Every rank reads and verifies its part before anything changes; a failure on any rank
+  // throws on every rank with the message of the lowest failing rank, the trainer untouched.
   void load(const std::string& step_dir, Trainer& trainer);
+  // load() of the newest complete checkpoint under `root` that verifies: a damaged one (a
+  // checksum or size that differs from meta.json, an unreadable meta.json or file) is skipped
+  // with a warning on stderr naming it and why, and the next older one is tried. Returns the
+  // step directory loaded; nullopt when `root` holds no complete checkpoint. Throws when none
+  // verifies (naming each), or at once when the checkpoint does not fit this run (another
+  // model, batch or data: no older checkpoint would either). Collective.
+  std::optional<std::string> load_latest(const std::string& root, Trainer& trainer);
 
   // For trainer.set_checkpoint_hook: saves after every save_every-th step, at the end and on
   // a signal (never twice for one step).
@@ -117,6 +132,7 @@ public:
 private:
   CheckpointOptions options_;
   int64_t last_saved_step_ = -1;
+  bool warned_newer_ = false; // about checkpoints newer than this run's (once)
 };
 
 } // namespace meshtrain

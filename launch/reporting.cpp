@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -122,6 +123,10 @@ void Reporter::step(const StepStats& stats, double eta_s, bool force_line) {
         {"comm_ms", stats.comm_ms},
         {"mem_peak_bytes", stats.mem_peak_bytes},
         {"tokens", stats.step * o.tokens_per_step},
+        // Wall clock (Unix seconds) when the line is written: the time between two lines is
+        // everything a step costs, data wait, metrics and stop agreement included.
+        {"time", std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch())
+                     .count()},
     };
     if (!stats.comm_bytes.empty()) {
       line["comm_bytes"] = stats.comm_bytes;

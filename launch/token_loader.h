@@ -45,6 +45,7 @@ public:
   // M = B / (b * D): micro-steps per optimizer step on each DP rank.
   int64_t accumulation_steps() const { return accumulation_; }
   const TokenLoaderOptions& options() const { return options_; }
+  const TokenFile& file() const { return *file_; }
 
   // The global sample index g -> its position in the file (sample number in [0, S)).
   int64_t sample_position(int64_t g) const;

@@ -159,6 +159,7 @@ public:
   const TrainerOptions& options() const { return options_; }
   // The validated layout (batch split, ZeRO stage, ...).
   const ParallelPlan& plan() const { return parallel_.plan; }
+  const TokenFile& train_data() const { return loader_->file(); }
   const Mesh& mesh() const { return parallel_.mesh; }
   ParallelModel& model() { return *parallel_.model; }
   DataParallelReducer& reducer() { return *parallel_.reducer; }

@@ -56,14 +56,19 @@ void add_training_flags(cxxopts::Options& options) {
     ("save-every", "save every N steps (and at the end, and on SIGTERM/SIGINT); 0: only those",
      text("500"))
     ("save-at-start", "also save before the first step (step 0)", boolean())
-    ("keep-checkpoints", "keep only the newest N checkpoints; 0: keep all", text("0"))
+    ("keep-checkpoints", "keep only the newest N checkpoints up to this run's step (never the "
+                         "one just saved; newer ones, of a run this one branched off, are "
+                         "kept); 0: keep all", text("0"))
     ("resume", "continue from the latest checkpoint in --checkpoint-dir (a fresh start when "
                "there is none yet); a checkpoint of any layout reshards into this one",
      boolean())
     ("resume-from", "continue from this checkpoint: a step directory, or a checkpoint "
                     "directory (its latest)", text(""))
     ("init", "start from the full weights of a safetensors file (meshtrain-export's); "
-             "ignored when --resume finds a checkpoint", text(""));
+             "ignored when --resume finds a checkpoint", text(""))
+    ("allow-data-change", "resume even though --data, --shuffle or the shuffle's --seed differ "
+                          "from the checkpoint's (another data order; refused without this)",
+     boolean());
   // clang-format on
 }
 
@@ -116,6 +121,7 @@ TrainingFlags read_training_flags(const ParsedFlags& flags) {
   f.save_every = flags.integer("save-every", 0, kMaxCount);
   f.keep_checkpoints = flags.integer("keep-checkpoints", 0, kMaxCount);
   f.save_at_start = flags.flag("save-at-start");
+  f.allow_data_change = flags.flag("allow-data-change");
   if (f.save_at_start && f.checkpoint_dir.empty()) {
     throw UsageError("--save-at-start needs --checkpoint-dir");
   }
@@ -236,6 +242,7 @@ std::vector<std::pair<std::string, std::string>> training_fields(const TrainingF
       {"--save-every", std::to_string(f.save_every)},
       {"--keep-checkpoints", std::to_string(f.keep_checkpoints)},
       {"--save-at-start", f.save_at_start ? "true" : "false"},
+      {"--allow-data-change", f.allow_data_change ? "true" : "false"},
       {"--resume", f.resume},
       {"--init", f.init},
       {"--comm-timeout", std::to_string(f.comm_timeout)},

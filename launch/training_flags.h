@@ -45,6 +45,7 @@ struct TrainingFlags {
   int64_t save_every = 0;
   int64_t keep_checkpoints = 0;
   bool save_at_start = false;
+  bool allow_data_change = false; // resume on another data order on purpose
   std::string resume; // empty: none; "latest": the newest in checkpoint_dir; else a path
   std::string init;   // safetensors file of full weights
   // What was adjusted rather than refused (e.g. --warmup above --steps), for rank 0 to print.

@@ -4,6 +4,8 @@
 
 #include "meshtrain/core/errors.h"
 
+#include <algorithm>
+
 namespace meshtrain {
 
 torch::Tensor cut_shard(const torch::Tensor& full, int64_t dim, int rank, int size,
@@ -13,8 +15,10 @@ torch::Tensor cut_shard(const torch::Tensor& full, int64_t dim, int rank, int si
   MT_CHECK(blocks >= 1 && size >= 1 && rank >= 0 && rank < size, "cut_shard: bad blocks (", blocks,
            "), rank (", rank, ") or size (", size, ")");
   const int64_t n = full.size(dim);
-  MT_CHECK(n % (blocks * size) == 0, "cut_shard: size ", n, " of dim ", dim,
-           " must be divisible by blocks (", blocks, ") x group size (", size, ")");
+  // By division (blocks * size may overflow), and at least one row per block.
+  MT_CHECK(blocks <= std::max<int64_t>(n, 1) && n % blocks == 0 && n / blocks % size == 0,
+           "cut_shard: size ", n, " of dim ", dim, " must be divisible by blocks (", blocks,
+           ") x group size (", size, ")");
   const int64_t block = n / blocks;
   const int64_t piece = block / size;
   std::vector<torch::Tensor> pieces;
@@ -55,7 +59,10 @@ torch::Tensor assemble_unsharded(const std::vector<torch::Tensor>& shards, const
   }
   const int64_t dim = spec.dim;
   const auto size = static_cast<int64_t>(shards.size());
-  MT_CHECK(spec.blocks >= 1 && spec.global_size % (spec.blocks * size) == 0,
+  // By division (blocks * size may overflow), and at least one row per block: an empty dim
+  // of 2^48 blocks would otherwise loop 2^48 times below.
+  MT_CHECK(spec.blocks >= 1 && spec.blocks <= std::max<int64_t>(spec.global_size, 1) &&
+               spec.global_size % spec.blocks == 0 && spec.global_size / spec.blocks % size == 0,
            "assemble_unsharded: global size ", spec.global_size, " is not divisible by blocks (",
            spec.blocks, ") x shards (", size, ")");
   const int64_t piece = spec.global_size / spec.blocks / size;

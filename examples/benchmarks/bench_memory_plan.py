@@ -20,6 +20,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peer import parse_mpirun  # noqa: E402
+
 SMALL = ["--n-layer", "4", "--n-embd", "128", "--n-head", "4", "--block-size", "64"]
 DEEP = ["--n-layer", "8", "--n-embd", "128", "--n-head", "8", "--block-size", "128"]
 
@@ -83,10 +86,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} layouts")
     parser.add_argument("--max-error", type=float, default=0,
                         help="exit 1 if an activation or total peak is off by more (percent)")
-    parser.add_argument("--mpirun", default="mpirun --oversubscribe --bind-to none",
-                        help="the MPI launcher and its options")
+    parser.add_argument("--mpirun", help="the MPI launcher and its options (default: mpirun "
+                        "[--allow-run-as-root as root] --oversubscribe --bind-to none)")
     args = parser.parse_args()
-    args.mpirun = args.mpirun.split()
+    args.mpirun = parse_mpirun(args.mpirun)
     if not os.path.isfile(args.data):
         sys.exit(f"--data {args.data}: no such file (make it with prepare_text, docs/gpt.md)")
 

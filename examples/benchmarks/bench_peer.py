@@ -8,9 +8,20 @@ against train_gpt with dp = 1. Prints global tokens/s of each side and meshtrain
 Both sides: the nanoGPT architecture (examples/gpt/nanogpt_check.py's model for PyTorch),
 AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), gradient clipping at 1.0, mean token
 cross-entropy, fp32, batches of --batch-size sequences of --block-size tokens of the same
-llm.c token file, --threads torch threads per rank. Each side runs --warmup steps first;
-tokens/s is the measured steps' tokens over their summed time, the best of --repeats runs
-(the sides alternate, so a slow moment of the machine does not land on one side only).
+llm.c token file, --threads torch threads per rank. Each side runs --warmup steps first.
+
+Both sides are timed alike, by rank 0's wall clock from the end of the last warm-up step to
+the end of the last measured step: everything each side does per step is inside (PyTorch:
+building the batch, forward, backward, clipping, the optimizer step, reading the loss;
+meshtrain: the same plus its data prefetch, the metrics line and the per-step stop
+agreement), read from a wall-clock timestamp per step (train_gpt's metrics "time", the
+PyTorch worker's own). tokens/s is the measured steps' tokens over that time, the best of
+--repeats runs (the sides alternate, so a slow moment of the machine does not land on one
+side only). A second column gives meshtrain's tokens/s from its metrics' step_ms (the sum of
+the Trainer's own step times), for comparison with earlier figures.
+
+Ranks start with mpirun and what meshrun adds (--allow-run-as-root as root, --oversubscribe,
+--bind-to none), so it runs as root with no OpenMPI variables set; --mpirun replaces it.
 Uses Debian's python3-torch (/usr/bin/python3).
 """
 import argparse
@@ -53,9 +64,8 @@ def worker(a):
     T, B = a.block_size, a.batch_size
     local = B // world
     samples = (tokens.numel() - 1) // T
-    total_s = 0.0
+    ends = []  # wall-clock time at the end of each step
     for step in range(a.warmup + a.steps):
-        begin = time.perf_counter()
         first = step * B + rank * local
         rows = torch.stack([tokens[((first + i) % samples) * T:][: T + 1] for i in range(local)])
         logits_loss = model(rows[:, :-1], rows[:, 1:])  # mean over the local tokens
@@ -63,13 +73,27 @@ def worker(a):
         logits_loss.backward()  # DDP averages the gradients over the ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step >= a.warmup:
-            total_s += time.perf_counter() - begin
+        loss = logits_loss.item()  # what a training loop reports every step
+        ends.append(time.time())
     if world > 1:
         dist.barrier()
     if rank == 0:
+        seconds = ends[-1] - ends[a.warmup - 1]
         with open(a.out, "w") as f:
-            json.dump({"tokens_per_s": a.steps * B * T / total_s, "loss": logits_loss.item()}, f)
+            json.dump({"tokens_per_s": a.steps * B * T / seconds, "loss": loss}, f)
+
+
+def default_mpirun():
+    """mpirun with what meshrun adds (launch/meshrun.cpp): --allow-run-as-root when run as root
+    (OpenMPI refuses root otherwise), --oversubscribe (ranks may outnumber cores) and
+    --bind-to none (the benchmarks set threads per rank themselves)."""
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    return ["mpirun"] + root + ["--oversubscribe", "--bind-to", "none"]
+
+
+def parse_mpirun(text):
+    """--mpirun's value: the launcher and its options, or default_mpirun() when not given."""
+    return text.split() if text else default_mpirun()
 
 
 def free_port():
@@ -117,8 +141,11 @@ def run_meshtrain(a, ranks, work):
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     steps = [json.loads(line) for line in open(metrics) if '"val_loss"' not in line]
     measured = [s for s in steps if s["step"] > a.warmup]
-    seconds = sum(s["step_ms"] for s in measured) / 1e3
-    return len(measured) * a.batch_size * a.block_size / seconds
+    last_warmup = [s for s in steps if s["step"] == a.warmup][0]
+    tokens = len(measured) * a.batch_size * a.block_size
+    wall = measured[-1]["time"] - last_warmup["time"]
+    step_ms = sum(s["step_ms"] for s in measured) / 1e3
+    return tokens / wall, tokens / step_ms
 
 
 def main():
@@ -133,38 +160,46 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--mpirun", default="mpirun --oversubscribe --bind-to none",
-                   help="the MPI launcher and its options")
+    p.add_argument("--mpirun", help="the MPI launcher and its options (default: mpirun "
+                   "[--allow-run-as-root as root] --oversubscribe --bind-to none)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
-    a.mpirun = a.mpirun.split()
+    a.mpirun = parse_mpirun(a.mpirun)
     if a.worker:
         return worker(a)
     if not os.path.isfile(a.data):
         sys.exit(f"--data {a.data}: no such file (make it with prepare_text, docs/gpt.md)")
+    if not os.path.isfile(os.path.join(a.build, "examples/gpt/train_gpt")):
+        sys.exit(f"--build {a.build}: no examples/gpt/train_gpt there (scripts/build.sh)")
     if a.batch_size % a.ranks != 0:
         sys.exit(f"--batch-size {a.batch_size} must be divisible by --ranks {a.ranks}")
+    if a.warmup < 1 or a.steps < 1:
+        sys.exit(f"--warmup {a.warmup} and --steps {a.steps} must be >= 1 (the wall clock "
+                 "starts at the end of the last warm-up step)")
 
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for ranks, name in ((a.ranks, f"{a.ranks} ranks: PyTorch DDP (gloo) vs train_gpt dp={a.ranks}"),
                             (1, "1 process: PyTorch vs train_gpt dp=1")):
-            torch_best = mesh_best = 0.0
+            torch_best = mesh_best = mesh_step_best = 0.0
             for _ in range(a.repeats):
                 torch_best = max(torch_best, run_pytorch(a, ranks, work))
-                mesh_best = max(mesh_best, run_meshtrain(a, ranks, work))
-            rows.append((name, torch_best, mesh_best))
+                wall, step_ms = run_meshtrain(a, ranks, work)
+                mesh_best = max(mesh_best, wall)
+                mesh_step_best = max(mesh_step_best, step_ms)
+            rows.append((name, torch_best, mesh_best, mesh_step_best))
             print(f"{name}: PyTorch {torch_best:,.0f} tokens/s, meshtrain {mesh_best:,.0f} "
-                  f"tokens/s", flush=True)
+                  f"tokens/s (by step_ms {mesh_step_best:,.0f})", flush=True)
     print(f"\nGPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
           f"V={a.vocab_size}, global batch {a.batch_size}, {a.threads} thread(s) per rank, "
-          f"best of {a.repeats} x {a.steps} steps after {a.warmup}\n")
-    print("| comparison | PyTorch tokens/s | meshtrain tokens/s | meshtrain / PyTorch |")
-    print("|---|---|---|---|")
-    for name, t, m in rows:
-        print(f"| {name} | {t:,.0f} | {m:,.0f} | {m / t:.2f}x |")
+          f"best of {a.repeats} x {a.steps} steps after {a.warmup}; both sides by wall clock\n")
+    print("| comparison | PyTorch tokens/s | meshtrain tokens/s | meshtrain / PyTorch | "
+          "meshtrain tokens/s by step_ms | by step_ms / PyTorch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, t, m, ms in rows:
+        print(f"| {name} | {t:,.0f} | {m:,.0f} | {m / t:.2f}x | {ms:,.0f} | {ms / t:.2f}x |")
     return 0
 
 

@@ -22,9 +22,11 @@ theoretical volume of comm_theory.py, key by key ("dp all_reduce", "tp all_gathe
   bench_strategies.py --build build --data data/fortunes_train.bin            all layouts
   bench_strategies.py --quick                                                 < 5 min, 2 cores
   bench_strategies.py --quick --compare old/results.csv                       regressions
+  bench_strategies.py --rows new/results.csv --compare old/results.csv        two kept runs
 
 --compare BASELINE.csv prints, per layout found in both, the ratios of tokens/s and peak
 bytes, flags a layout more than --tolerance (10%) slower or heavier, and exits 1 if any is.
+--rows RESULTS.csv compares a kept results.csv instead of running anything.
 The run exits 2 if measured communication differs from theory by more than --comm-tolerance
 (5%) on any key. Uses Debian's python3-matplotlib (/usr/bin/python3).
 """
@@ -39,7 +41,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_theory  # noqa: E402
-from bench_peer import add_gpt_arguments, model_flags  # noqa: E402
+from bench_peer import add_gpt_arguments, model_flags, parse_mpirun  # noqa: E402
 
 # (name, ranks, train_gpt flags). dp = ranks / tp.
 LAYOUTS = [
@@ -273,13 +275,25 @@ def main():
                    help="passes over the layouts; each keeps its fastest (default 2; quick 1)")
     add_gpt_arguments(p)
     p.add_argument("--compare", metavar="BASELINE.csv", help="a results.csv of an earlier run")
+    p.add_argument("--rows", metavar="RESULTS.csv",
+                   help="with --compare: compare this kept results.csv instead of running")
     p.add_argument("--tolerance", type=float, default=10, help="percent, for --compare")
     p.add_argument("--comm-tolerance", type=float, default=5,
                    help="percent: measured communication against theory")
-    p.add_argument("--mpirun", default="mpirun --oversubscribe --bind-to none",
-                   help="the MPI launcher and its options")
+    p.add_argument("--mpirun", help="the MPI launcher and its options (default: mpirun "
+                   "[--allow-run-as-root as root] --oversubscribe --bind-to none)")
     a = p.parse_args()
-    a.mpirun = a.mpirun.split()
+    a.mpirun = parse_mpirun(a.mpirun)
+    if a.rows:
+        if not a.compare:
+            sys.exit("--rows needs --compare BASELINE.csv")
+        for path, flag in ((a.rows, "--rows"), (a.compare, "--compare")):
+            if not os.path.isfile(path):
+                sys.exit(f"{flag} {path}: no such file (a results.csv of an earlier run)")
+        with open(a.rows, newline="") as f:
+            rows = [dict(r, tokens_per_s=float(r["tokens_per_s"]),
+                         peak_bytes=float(r["peak_bytes"])) for r in csv.DictReader(f)]
+        return 1 if compare(rows, a.compare, a.tolerance) else 0
     a.steps = a.steps or (6 if a.quick else 15)
     a.warmup = a.warmup or (2 if a.quick else 3)
     a.repeats = a.repeats or (1 if a.quick else 2)

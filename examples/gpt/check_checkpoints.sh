@@ -8,6 +8,10 @@
 #                         (Debian's python3-torch) that reproduces train_gpt's validation loss
 #                         within 1e-4; skipped (77) without python3-torch.
 #   sample-runs-with-tp   sample_gpt prints the same text on tp 2 as on one rank.
+#   corrupt-latest-falls-back  step 6's optimizer file of rank 1 has a flipped byte and step 4's
+#                         meta.json is truncated: --resume names both as skipped and why,
+#                         resumes from step 2 and re-saves steps 4 and 6 intact; with every
+#                         checkpoint damaged, --resume fails naming them.
 # Runs in the build's examples/gpt directory, where the fixture left fortunes_{train,val}.bin.
 set -euo pipefail
 case_name=$1
@@ -85,6 +89,40 @@ sample-runs-with-tp)
   [ "$(head -c 4 "$work/tp1.txt")" = "The " ] || fail "the sample does not start with the prompt"
   [ "$(wc -c < "$work/tp1.txt")" -eq 65 ] || fail "expected 4 + 60 bytes and a newline"
   cmp "$work/tp1.txt" "$work/tp2.txt" || fail "tp 2 sampled other text than one rank"
+  ;;
+corrupt-latest-falls-back)
+  ckpt=(--checkpoint-dir "$work/ckpt" --save-every 2)
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" "${ckpt[@]}" > /dev/null
+  flip_byte() { # the 5th byte from the end of $1
+    printf '\x7f' | dd of="$1" bs=1 seek=$(($(stat -c %s "$1") - 5)) conv=notrunc status=none
+  }
+  flip_byte "$work/ckpt/step_00000006/optim-dp01-tp00.safetensors"
+  truncate -s 40 "$work/ckpt/step_00000004/meta.json"
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" "${ckpt[@]}" --resume --steps 8 \
+    > "$work/resumed.log" 2>&1 || { cat "$work/resumed.log"; fail "--resume failed"; }
+  cat "$work/resumed.log"
+  grep -q "skipped $work/ckpt/step_00000006, it does not verify on rank 1: .*optim-dp01-tp00.safetensors: checksum fnv1a64" \
+    "$work/resumed.log" || fail "step 6 not named as skipped, with its checksum"
+  grep -q "skipped $work/ckpt/step_00000004, it does not verify on rank 0: .*meta.json: not valid JSON" \
+    "$work/resumed.log" || fail "step 4 not named as skipped, with its meta.json"
+  grep -q "resumed from $work/ckpt/step_00000002 at step 2" "$work/resumed.log" ||
+    fail "did not resume from step 2"
+  # The run saved 4, 6 and 8 again, replacing the damaged ones: the next resume takes step 8.
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" "${ckpt[@]}" --resume --steps 8 \
+    > "$work/again.log" 2>&1 || { cat "$work/again.log"; fail "the second --resume failed"; }
+  grep -q "resumed from $work/ckpt/step_00000008 at step 8" "$work/again.log" ||
+    fail "the second --resume did not take step 8"
+  if grep -q "skipped" "$work/again.log"; then fail "an intact checkpoint was skipped"; fi
+  # Nothing verifies: an error naming each, exit 1, no step.
+  for f in "$work"/ckpt/step_*/optim-dp00-tp00.safetensors; do flip_byte "$f"; done
+  code=0
+  "${mpiexec[@]}" -np 2 "$train_gpt" "${train[@]}" "${ckpt[@]}" --resume --steps 10 \
+    > "$work/none.log" 2>&1 || code=$?
+  cat "$work/none.log"
+  [ "$code" -eq 1 ] || fail "expected exit code 1 when no checkpoint verifies, got $code"
+  grep -q "no checkpoint in $work/ckpt verifies (4 tried, newest first)" "$work/none.log" ||
+    fail "no error naming the checkpoints tried"
+  if grep -q "step 9/" "$work/none.log"; then fail "a step ran"; fi
   ;;
 *)
   fail "unknown case '$case_name'"

@@ -14,6 +14,10 @@
 #   kill-during-saves  rank 0 is killed inside the saves of steps 4, 6 and 8 in turn, each run
 #                      resuming the last: the previous checkpoint is always complete and loads,
 #                      and the final losses equal a straight run's
+#   sigstop-names-rank a 4-rank dp 2 x tp 2 job (--comm-timeout 5); rank 3 is stopped from
+#                      outside with SIGSTOP (no fault injection): the first watchdog report names
+#                      rank 3 and this host as holding the job up, the job ends non-zero within
+#                      60 s, and no rank is left behind
 # Each case prints "elapsed: N s" for the fault matrix. Runs where the fixture left
 # fortunes_{train,val}.bin (the build's examples/gpt directory).
 set -euo pipefail
@@ -119,6 +123,64 @@ kill-during-saves)
     got=$(loss_at "$work/last.jsonl" $s)
     [ -n "$want" ] && [ "$want" = "$got" ] || fail "step $s: $got != straight $want"
   done
+  ;;
+sigstop-names-rank)
+  target=3
+  start=$SECONDS
+  # --tag-output: every line says which rank printed it ("[1,R]<stderr>:...").
+  "${mpiexec[@]}" --tag-output -np 4 "$train_gpt" --data fortunes_train.bin --val-data "" \
+    --steps 1000000 --warmup 1 --n-layer 2 --n-embd 32 --n-head 4 --block-size 32 \
+    --batch-size 8 --tp 2 --progress lines --log-every 1 --max-time 0 --comm-timeout 5 \
+    > "$work/out.log" 2>&1 &
+  mpirun_pid=$!
+  rank_pid=""
+  # Whatever happens: nothing of this job is left running, stopped or not.
+  cleanup() {
+    if [ -n "$rank_pid" ]; then kill -CONT "$rank_pid" 2>/dev/null || true; fi
+    for p in $(pgrep -P "$mpirun_pid" 2>/dev/null || true) "$mpirun_pid"; do
+      kill -KILL "$p" 2>/dev/null || true
+    done
+    rm -rf "$work"
+  }
+  trap cleanup EXIT
+  for _ in $(seq 600); do
+    grep -q "step 3/" "$work/out.log" && break
+    kill -0 "$mpirun_pid" 2>/dev/null || { cat "$work/out.log"; fail "the job ended early"; }
+    sleep 0.1
+  done
+  grep -q "step 3/" "$work/out.log" || { cat "$work/out.log"; fail "no step 3 within 60 s"; }
+  # The ranks are mpirun's children; which is which, their environment says.
+  for p in $(pgrep -P "$mpirun_pid"); do
+    if tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=$target"; then
+      rank_pid=$p
+    fi
+  done
+  [ -n "$rank_pid" ] || fail "no process of rank $target among mpirun's children"
+  kill -STOP "$rank_pid"
+  echo "stopped rank $target (pid $rank_pid) at $((SECONDS - start)) s"
+  for _ in $(seq 600); do
+    kill -0 "$mpirun_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  code=0
+  if kill -0 "$mpirun_pid" 2>/dev/null; then
+    cat "$work/out.log"
+    fail "the job still runs 60 s after rank $target stopped"
+  fi
+  wait "$mpirun_pid" || code=$?
+  elapsed=$((SECONDS - start))
+  cat "$work/out.log"
+  echo "exit code: $code, elapsed: $elapsed s"
+  [ "$code" -ne 0 ] || fail "the job exited 0"
+  first=$(grep -m1 "collective watchdog:" "$work/out.log" || true)
+  [ -n "$first" ] || fail "no watchdog report"
+  echo "first report: $first"
+  grep -Fq "held up by rank $target on host $(hostname)" <<<"$first" ||
+    fail "the first report does not name rank $target on host $(hostname)"
+  # Its rank's next lines follow the chain to the stopped process.
+  reporter=$(sed -E 's/^\[[0-9]+,([0-9]+)\].*/\1/' <<<"$first")
+  grep -F "[1,$reporter]<stderr>:" "$work/out.log" | grep -Fq "rank $target (host $(hostname)" ||
+    fail "the report does not describe rank $target"
   ;;
 *)
   fail "unknown case '$case_name'"

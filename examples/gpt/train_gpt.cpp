@@ -212,13 +212,16 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
                                 .save_every(t.save_every)
                                 .keep_last(t.keep_checkpoints)
                                 .model_json(model_json(f).dump())
-                                .rng_tracker(model->rng_tracker());
+                                .rng_tracker(model->rng_tracker())
+                                .allow_data_change(t.allow_data_change);
   meshtrain::install_fault_injection(trainer, checkpoint_options, runtime.rank());
   std::optional<meshtrain::CheckpointManager> checkpoints;
   if (!t.checkpoint_dir.empty() || resume_from) {
     checkpoints.emplace(checkpoint_options);
   }
-  if (resume_from) {
+  if (resume_from && t.resume == "latest") {
+    checkpoints->load_latest(t.checkpoint_dir, trainer); // skips a damaged newest one
+  } else if (resume_from) {
     checkpoints->load(*resume_from, trainer);
   }
   if (!t.checkpoint_dir.empty()) {

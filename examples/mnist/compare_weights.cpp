@@ -3,10 +3,13 @@
 // than a relative tolerance. The DP=1 vs DP=2 parity test (dp_parity.cmake) is built on it.
 //
 //   mnist_compare_weights A.safetensors B.safetensors [--tolerance 1e-5]
+//   mnist_compare_weights FINAL.safetensors INITIAL.safetensors --min-change 1e-3
 //
 // Relative difference of a tensor: max|a - b| / max(max|b|, 1e-12), the measure of the
-// layout-invariance rule (DESIGN §3). Exit codes: 0 within tolerance, 1 not (or unreadable
-// files, different names or shapes), 2 bad command line.
+// layout-invariance rule (DESIGN §3). With --min-change the test is the other way round:
+// every tensor must differ by more than that (the run moved every weight: a parity check of
+// weights that never left their initial values would prove nothing). Exit codes: 0 the test
+// holds, 1 not (or unreadable files, different names or shapes), 2 bad command line.
 #include "meshtrain/core/safetensors.h"
 
 #include <torch/torch.h>
@@ -23,7 +26,8 @@
 namespace {
 
 constexpr const char* kUsage =
-    "usage: mnist_compare_weights A.safetensors B.safetensors [--tolerance 1e-5]\n";
+    "usage: mnist_compare_weights A.safetensors B.safetensors [--tolerance 1e-5]\n"
+    "       mnist_compare_weights FINAL.safetensors INITIAL.safetensors --min-change 1e-3\n";
 
 std::string shape_of(const torch::Tensor& t) {
   std::ostringstream out;
@@ -31,7 +35,10 @@ std::string shape_of(const torch::Tensor& t) {
   return out.str();
 }
 
-int compare(const std::string& path_a, const std::string& path_b, double tolerance) {
+// min_change < 0: every tensor within `tolerance`; else every tensor differs by more than
+// min_change.
+int compare(const std::string& path_a, const std::string& path_b, double tolerance,
+            double min_change) {
   const auto a = meshtrain::load_safetensors(path_a);
   const auto b = meshtrain::load_safetensors(path_b);
   bool ok = true;
@@ -41,6 +48,7 @@ int compare(const std::string& path_a, const std::string& path_b, double toleran
     ok = false;
   }
   double worst = 0;
+  double least = 0;
   std::string worst_name;
   std::printf("%-20s %-12s %14s %14s\n", "tensor", "shape", "max |a-b|", "relative");
   for (const auto& [name, ta] : a.tensors) {
@@ -62,6 +70,19 @@ int compare(const std::string& path_a, const std::string& path_b, double toleran
     const double scale = ta.numel() == 0 ? 1.0 : std::max(db.abs().max().item<double>(), 1e-12);
     const double rel = abs_diff / scale;
     std::printf("%-20s %-12s %14.3e %14.3e\n", name.c_str(), shape_of(ta).c_str(), abs_diff, rel);
+    if (min_change >= 0) {
+      // NaN never compares > min_change: a diverged run is no proof of training either.
+      if (!(rel > min_change)) {
+        std::printf("%-20s did not move: relative change %.3e, at most %.1e\n", name.c_str(), rel,
+                    min_change);
+        ok = false;
+      }
+      if (worst_name.empty() || !(rel >= least)) {
+        least = rel;
+        worst_name = name;
+      }
+      continue;
+    }
     // NaN never compares <= tolerance, so a diverged run fails too.
     if (!(rel <= tolerance)) {
       ok = false;
@@ -70,6 +91,12 @@ int compare(const std::string& path_a, const std::string& path_b, double toleran
       worst = rel;
       worst_name = name;
     }
+  }
+  if (min_change >= 0) {
+    std::printf("smallest relative change %.3e (%s), required > %.1e: %s\n", least,
+                worst_name.empty() ? "-" : worst_name.c_str(), min_change,
+                ok ? "OK" : "FAIL (the weights did not move)");
+    return ok ? 0 : 1;
   }
   std::printf("max relative difference %.3e (%s), tolerance %.1e: %s\n", worst,
               worst_name.empty() ? "-" : worst_name.c_str(), tolerance, ok ? "OK" : "FAIL");
@@ -81,22 +108,24 @@ int compare(const std::string& path_a, const std::string& path_b, double toleran
 int main(int argc, char** argv) {
   std::vector<std::string> files;
   double tolerance = 1e-5;
+  double min_change = -1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
       std::cout << kUsage;
       return 0;
     }
-    if (arg == "--tolerance") {
+    if (arg == "--tolerance" || arg == "--min-change") {
       const std::string text = i + 1 < argc ? argv[++i] : "";
       char* end = nullptr;
-      tolerance = std::strtod(text.c_str(), &end);
-      if (text.empty() || *end != '\0' || !std::isfinite(tolerance) || tolerance < 0) {
-        std::cerr << "mnist_compare_weights: --tolerance '" << text
+      const double value = std::strtod(text.c_str(), &end);
+      if (text.empty() || *end != '\0' || !std::isfinite(value) || value < 0) {
+        std::cerr << "mnist_compare_weights: " << arg << " '" << text
                   << "': must be a finite number >= 0\n"
                   << kUsage;
         return 2;
       }
+      (arg == "--tolerance" ? tolerance : min_change) = value;
     } else if (arg.rfind("--", 0) == 0) {
       std::cerr << "mnist_compare_weights: unknown flag " << arg << "\n" << kUsage;
       return 2;
@@ -109,7 +138,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    return compare(files[0], files[1], tolerance);
+    return compare(files[0], files[1], tolerance, min_change);
   } catch (const c10::Error& e) {
     std::cerr << "mnist_compare_weights: error: " << e.what_without_backtrace() << "\n";
     return 1;

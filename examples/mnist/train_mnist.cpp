@@ -63,10 +63,11 @@ struct Flags {
   double lr = 0;
   uint64_t seed = 0;
   std::vector<int64_t> hidden;
-  std::string metrics;      // empty: none
-  int64_t limit_train = 0;  // 0: all training images
-  int64_t steps = 0;        // 0: no limit
-  std::string save_weights; // empty: none
+  std::string metrics;              // empty: none
+  int64_t limit_train = 0;          // 0: all training images
+  int64_t steps = 0;                // 0: no limit
+  std::string save_weights;         // empty: none
+  std::string save_initial_weights; // empty: none
 };
 
 cxxopts::Options make_options() {
@@ -89,6 +90,8 @@ cxxopts::Options make_options() {
     ("steps", "stop after N optimizer steps in total (0: no limit)", cli::text("0"))
     ("save-weights", "write the final parameters to this safetensors file (rank 0)",
      cli::text(""))
+    ("save-initial-weights", "write the parameters before the first step to this safetensors "
+                             "file (rank 0)", cli::text(""))
     ("h,help", "print this help");
   // clang-format on
   return options;
@@ -143,10 +146,13 @@ Flags parse_flags(int argc, char** argv, int world_size) {
     throw UsageError("--metrics: give a file path");
   }
   f.metrics = parsed.str("metrics");
-  if (parsed.given("save-weights") && parsed.str("save-weights").empty()) {
-    throw UsageError("--save-weights: give a file path");
+  for (const auto& [flag, path] : {std::pair{"save-weights", &f.save_weights},
+                                   {"save-initial-weights", &f.save_initial_weights}}) {
+    if (parsed.given(flag) && parsed.str(flag).empty()) {
+      throw UsageError(std::string("--") + flag + ": give a file path");
+    }
+    *path = parsed.str(flag);
   }
-  f.save_weights = parsed.str("save-weights");
   return f;
 }
 
@@ -169,10 +175,14 @@ void check_paths(const Flags& f, bool on_rank0) {
   if (!on_rank0) {
     return;
   }
-  if (!f.save_weights.empty()) {
-    const fs::path parent = fs::absolute(f.save_weights).parent_path();
+  for (const auto& [flag, path] : {std::pair{"--save-weights", f.save_weights},
+                                   {"--save-initial-weights", f.save_initial_weights}}) {
+    if (path.empty()) {
+      continue;
+    }
+    const fs::path parent = fs::absolute(path).parent_path();
     if (!fs::is_directory(parent)) {
-      throw UsageError("--save-weights " + f.save_weights + ": directory " + parent.string() +
+      throw UsageError(std::string(flag) + " " + path + ": directory " + parent.string() +
                        " does not exist");
     }
   }
@@ -217,6 +227,20 @@ struct Data {
   mnist::MnistSplit test;
 };
 
+// Writes the model's parameters to `path` (rank 0's job).
+void save_weights(const std::string& path, const mnist::Mlp& model, int64_t step, int world_size) {
+  meshtrain::NamedTensors tensors;
+  for (const auto& item : model->named_parameters()) {
+    tensors.emplace_back(item.key(), item.value().detach().contiguous());
+  }
+  meshtrain::save_safetensors(path, tensors,
+                              {{"format", "pt"},
+                               {"model", model_name(model)},
+                               {"steps", std::to_string(step)},
+                               {"world_size", std::to_string(world_size)}});
+  std::printf("saved %zu tensors to %s\n", tensors.size(), path.c_str());
+}
+
 // The training job proper. Every rank runs the same steps and the same collectives in the
 // same order; rank 0 prints, writes the metrics and saves the weights.
 void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Mesh& mesh,
@@ -257,6 +281,9 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
                 static_cast<long long>(total_steps), f.lr,
                 static_cast<long long>(data.test.size()));
     std::fflush(stdout);
+    if (!f.save_initial_weights.empty()) {
+      save_weights(f.save_initial_weights, model, 0, runtime.world_size());
+    }
   }
 
   const auto start = Clock::now();
@@ -329,16 +356,7 @@ void train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::M
                 seconds_since(start), accuracy);
     std::fflush(stdout);
     if (!f.save_weights.empty()) {
-      meshtrain::NamedTensors tensors;
-      for (const auto& item : model->named_parameters()) {
-        tensors.emplace_back(item.key(), item.value().detach().contiguous());
-      }
-      meshtrain::save_safetensors(f.save_weights, tensors,
-                                  {{"format", "pt"},
-                                   {"model", model_name(model)},
-                                   {"steps", std::to_string(step)},
-                                   {"world_size", std::to_string(runtime.world_size())}});
-      std::printf("saved %zu tensors to %s\n", tensors.size(), f.save_weights.c_str());
+      save_weights(f.save_weights, model, step, runtime.world_size());
     }
   }
 }

@@ -29,8 +29,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const auto& spec = info.params[i].second;
     const auto& shape = info.global_shapes[i];
     FUZZ_REQUIRE(spec.dim >= -1 && spec.dim < static_cast<int64_t>(shape.size()));
-    FUZZ_REQUIRE(!spec.is_partitioned() || (spec.global_size == shape[spec.dim] &&
-                                            spec.global_size % (spec.blocks * info.tp) == 0));
+    // By division, as the parser checks it: blocks x tp may overflow an int64.
+    FUZZ_REQUIRE(!spec.is_partitioned() ||
+                 (spec.global_size == shape[spec.dim] && spec.blocks >= 1 &&
+                  spec.global_size >= spec.blocks && spec.global_size % spec.blocks == 0 &&
+                  spec.global_size / spec.blocks % info.tp == 0));
   }
   return 0;
 }
