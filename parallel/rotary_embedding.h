@@ -1,0 +1,58 @@
+// defines: RotaryEmbeddingOptions, RotaryEmbeddingImpl, RotaryEmbedding — rotary position
+// embedding (RoPE, Su et al. 2021) in the "rotate half" convention of Hugging Face's Llama:
+// dimension j of a head is paired with dimension j + D/2.
+//
+//   inv_freq[i] = 1 / theta^(2i / D)            i in [0, D/2), fp32
+//   angle[t, j] = position[t] * inv_freq[j mod D/2]            [T, D]
+//   rope(x)     = x * cos(angle) + rotate_half(x) * sin(angle),
+//   rotate_half([x1 | x2]) = [-x2 | x1]         (x1, x2: the halves of the head dim)
+// The angles, cos and sin are computed in fp32 and rounded to x's dtype before the product
+// (as Hugging Face does), so bf16 activations see the same tables.
+//
+// No parameters, no buffers (nothing to checkpoint, shard or convert to bf16) and no
+// communication: a head never spans ranks, so tensor and sequence parallelism leave it alone
+// (under sequence parallelism attention gathers the full sequence before it). Positions are
+// explicit so a caller holding a part of the sequence passes that part's positions.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace meshtrain {
+
+struct RotaryEmbeddingOptions {
+  explicit RotaryEmbeddingOptions(int64_t head_dim) : head_dim_(head_dim) {}
+  TORCH_ARG(int64_t, head_dim); // D, even
+  TORCH_ARG(double, theta) = 10000.0;
+};
+
+class RotaryEmbeddingImpl : public torch::nn::Cloneable<RotaryEmbeddingImpl> {
+public:
+  explicit RotaryEmbeddingImpl(RotaryEmbeddingOptions options);
+
+  void reset() override {}
+  void pretty_print(std::ostream& stream) const override;
+
+  // x [.., T, D] with positions [T] int64 -> [.., T, D], x's dtype. Without positions (an
+  // undefined tensor): 0 .. T-1, a whole sequence.
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& positions = {});
+
+  // cos and sin of the angles, [T, D] fp32 each, for positions [T].
+  std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions) const;
+
+  const RotaryEmbeddingOptions& options() const { return options_; }
+
+private:
+  RotaryEmbeddingOptions options_;
+};
+
+TORCH_MODULE(RotaryEmbedding);
+
+// [x1 | x2] -> [-x2 | x1] along the last dim (its halves).
+torch::Tensor rotate_half(const torch::Tensor& x);
+// x [.., T, D] rotated by the angles whose cos and sin [T, D] (RotaryEmbedding::cos_sin) are
+// given: x * cos + rotate_half(x) * sin, in x's dtype. For q and k of one sequence, which
+// share the tables.
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos,
+                           const torch::Tensor& sin);
+
+} // namespace meshtrain
