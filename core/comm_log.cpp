@@ -19,6 +19,8 @@ const char* to_string(CollectiveKind kind) {
     return "recv";
   case CollectiveKind::kBarrier:
     return "barrier";
+  case CollectiveKind::kSendRecv:
+    return "send_recv";
   }
   return "unknown";
 }

@@ -18,14 +18,15 @@ enum class CollectiveKind {
   kBroadcast,
   kSend,
   kRecv,
-  kBarrier
+  kBarrier,
+  kSendRecv // one exchange: send to one peer while receiving from another (a ring step)
 };
 
 const char* to_string(CollectiveKind kind);
 
 // bytes: the payload of the call as seen by this rank — the tensor for all_reduce, broadcast,
-// send and recv; the full (size × shard) tensor for all_gather's output and reduce_scatter's
-// input, as nccl-tests counts them; 0 for barrier.
+// send and recv (send_recv: the tensor it sends); the full (size × shard) tensor for all_gather's
+// output and reduce_scatter's input, as nccl-tests counts them; 0 for barrier.
 struct CommRecord {
   CollectiveKind kind;
   std::string group;
