@@ -134,8 +134,11 @@ TEST_CASE("planner: the budget search lists what fits, fastest first", "[planner
   const auto all = plan_layouts(m, 4, fixed, int64_t{1} << 40);
   // dp 4 x tp 1: ZeRO 0-2 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-2 x
   // sequence parallel or not x 3 modes x {1, 2, 4, 8}; dp 1 x tp 4: ZeRO 0 x 2 x 3 x
-  // {1, 2, 4, 8, 16}.
-  CHECK(all.size() == 3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5);
+  // {1, 2, 4, 8, 16}. Context parallelism (ZeRO shards over dp x cp): dp 2 x cp 2: ZeRO 0-2 x
+  // 3 modes x {1, 2, 4, 8}; cp 2 x tp 2: ZeRO 0-2 x 2 x 3 x {1, 2, 4, 8, 16}; cp 4: ZeRO 0-2 x
+  // 3 x {1, 2, 4, 8, 16}.
+  CHECK(all.size() ==
+        3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5 + 3 * 3 * 4 + 3 * 2 * 3 * 5 + 3 * 3 * 5);
   for (size_t i = 1; i < all.size(); ++i) {
     CHECK(all[i - 1].cost.step_s <= all[i].cost.step_s);
   }
