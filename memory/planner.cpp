@@ -156,7 +156,23 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     replay = replayed_block + (2 * 4 * n * C / t + 2 * stream) * e + vp / t * C * e + staging -
              r.saved_head;
   }
-  r.transient = std::max({loss_end, backward_start, replay, int64_t{0}});
+  // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
+  // the block's MLP part (ln_2 and c_fc inputs, GELU's input and output) are freed by then;
+  // alive are one block pair's fp32 probabilities and their gradient [b, a/t, c, c]
+  // (c = T / (2 cp)), the fp32 dq, the pair's dk/dv and the dk/dv accumulators arriving and
+  // leaving ([n, C/t] each: 1 + 2 + 2 + 2), the k/v blocks held and arriving and the chunked
+  // output gradient (2 + 2 + 1, activation dtype), and the stream's gradient flowing in.
+  // Under full recomputation the block is being replayed: its saved tensors are alive too.
+  int64_t ring_backward = 0;
+  if (ring) {
+    const int64_t c = T / (2 * l.cp);
+    const int64_t local = n * C / t; // [b, a/t, T/cp, D]: this rank's q (or k, or v)
+    const int64_t mlp_saved = (stream + n * C + 2 * 4 * n * C / t) * e;
+    const int64_t replayed = l.recompute == RecomputeMode::kFull ? block * e : 0;
+    ring_backward = replayed + 2 * b * (a / t) * c * c * kFp32 + 7 * local * kFp32 + 5 * local * e +
+                    2 * stream * e - mlp_saved - r.saved_head;
+  }
+  r.transient = std::max({loss_end, backward_start, replay, ring_backward, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient;
   // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
   // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
