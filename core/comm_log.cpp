@@ -23,6 +23,8 @@ const char* to_string(CollectiveKind kind) {
     return "split";
   case CollectiveKind::kArgumentCheck:
     return "argument check";
+  case CollectiveKind::kSendRecv:
+    return "send_recv";
   }
   return "unknown";
 }

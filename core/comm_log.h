@@ -19,6 +19,7 @@ enum class CollectiveKind {
   kSend,
   kRecv,
   kBarrier,
+  kSendRecv, // one exchange: send to one peer while receiving from another (a ring step)
   // Watched (core/comm_watchdog.h) and published (core/comm_status.h), never counted:
   kSplit,         // Communicator::split
   kArgumentCheck, // the across-rank argument check before a collective (MESHTRAIN_COMM_CHECK)
@@ -27,8 +28,8 @@ enum class CollectiveKind {
 const char* to_string(CollectiveKind kind);
 
 // bytes: the payload of the call as seen by this rank — the tensor for all_reduce, broadcast,
-// send and recv; the full (size × shard) tensor for all_gather's output and reduce_scatter's
-// input, as nccl-tests counts them; 0 for barrier.
+// send and recv (send_recv: the tensor it sends); the full (size × shard) tensor for all_gather's
+// output and reduce_scatter's input, as nccl-tests counts them; 0 for barrier.
 struct CommRecord {
   CollectiveKind kind;
   std::string group;

@@ -272,6 +272,15 @@ protected:
     });
   }
 
+  WorkPtr do_send_recv(const at::Tensor& send, int dst, const at::Tensor& recv, int src,
+                       int tag) override {
+    return enqueue([this, send, dst, recv, src, tag] {
+      MT_MPI_CHECK(MPI_Sendrecv(send.data_ptr(), count(send), wire_type(send.scalar_type()), dst,
+                                tag, recv.data_ptr(), count(recv), wire_type(recv.scalar_type()),
+                                src, tag, comm_, MPI_STATUS_IGNORE));
+    });
+  }
+
   WorkPtr do_barrier() override {
     return enqueue([this] { MT_MPI_CHECK(MPI_Barrier(comm_)); });
   }

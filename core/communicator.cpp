@@ -69,6 +69,9 @@ protected:
   WorkPtr do_broadcast(const at::Tensor&, int) override { return unreachable(); }
   WorkPtr do_send(const at::Tensor&, int, int) override { return unreachable(); }
   WorkPtr do_recv(const at::Tensor&, int, int) override { return unreachable(); }
+  WorkPtr do_send_recv(const at::Tensor&, int, const at::Tensor&, int, int) override {
+    return unreachable();
+  }
   WorkPtr do_barrier() override { return unreachable(); }
   std::shared_ptr<Communicator> do_split(int, int, const std::string& name) override {
     return std::make_shared<SelfCommunicator>(name);
@@ -401,6 +404,27 @@ WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
   return issue(CollectiveKind::kRecv, nbytes(tensor), [&] { return do_recv(tensor, src, tag); });
 }
 
+WorkPtr Communicator::send_recv_async(const at::Tensor& send, int dst, const at::Tensor& recv,
+                                      int src, int tag) {
+  check_tensor("send_recv", "send tensor", send);
+  check_tensor("send_recv", "receive tensor", recv);
+  check_peer("send_recv", "destination", dst);
+  check_peer("send_recv", "source", src);
+  MT_CHECK(send.scalar_type() == recv.scalar_type() && send.numel() == recv.numel(),
+           "send_recv on group '", name_, "': the send tensor (", send.scalar_type(), ", ",
+           send.numel(), " elements) and the receive tensor (", recv.scalar_type(), ", ",
+           recv.numel(), " elements) must have the same dtype and size");
+  MT_CHECK(tag >= 0, "send_recv on group '", name_, "': tag ", tag, " must be >= 0");
+  MT_CHECK(!send.is_same(recv) && send.data_ptr() != recv.data_ptr(), "send_recv on group '", name_,
+           "': the send and receive tensors must not share memory");
+  if (size_ == 1) {
+    recv.view(-1).copy_(send.view(-1));
+    return completed_work();
+  }
+  return issue(CollectiveKind::kSendRecv, nbytes(send),
+               [&] { return do_send_recv(send, dst, recv, src, tag); });
+}
+
 WorkPtr Communicator::barrier_async() {
   if (size_ == 1) {
     return completed_work();
@@ -431,6 +455,11 @@ void Communicator::send(const at::Tensor& tensor, int dst, int tag) {
 void Communicator::recv(const at::Tensor& tensor, int src, int tag) {
   const BlockingScope blocking;
   recv_async(tensor, src, tag)->wait();
+}
+void Communicator::send_recv(const at::Tensor& send, int dst, const at::Tensor& recv, int src,
+                             int tag) {
+  const BlockingScope blocking;
+  send_recv_async(send, dst, recv, src, tag)->wait();
 }
 void Communicator::barrier() {
   const BlockingScope blocking;

@@ -90,6 +90,11 @@ public:
   WorkPtr broadcast_async(const at::Tensor& tensor, int root);
   WorkPtr send_async(const at::Tensor& tensor, int dst, int tag = 0);
   WorkPtr recv_async(const at::Tensor& tensor, int src, int tag = 0);
+  // Sends `send` to `dst` and receives `recv` from `src` as one operation (MPI_Sendrecv), so
+  // that every rank of a ring may exchange at once without a send waiting for a receive that
+  // is queued behind it. dst and src may be equal; on a group of one, recv = send.
+  WorkPtr send_recv_async(const at::Tensor& send, int dst, const at::Tensor& recv, int src,
+                          int tag = 0);
   WorkPtr barrier_async();
 
   void all_reduce(const at::Tensor& tensor, ReduceOp op = ReduceOp::kSum);
@@ -99,6 +104,7 @@ public:
   void broadcast(const at::Tensor& tensor, int root);
   void send(const at::Tensor& tensor, int dst, int tag = 0);
   void recv(const at::Tensor& tensor, int src, int tag = 0);
+  void send_recv(const at::Tensor& send, int dst, const at::Tensor& recv, int src, int tag = 0);
   void barrier();
 
   // Collective over this communicator: ranks passing the same `color` form a new
@@ -117,6 +123,8 @@ protected:
   virtual WorkPtr do_broadcast(const at::Tensor& tensor, int root) = 0;
   virtual WorkPtr do_send(const at::Tensor& tensor, int dst, int tag) = 0;
   virtual WorkPtr do_recv(const at::Tensor& tensor, int src, int tag) = 0;
+  virtual WorkPtr do_send_recv(const at::Tensor& send, int dst, const at::Tensor& recv, int src,
+                               int tag) = 0;
   virtual WorkPtr do_barrier() = 0;
   virtual std::shared_ptr<Communicator> do_split(int color, int key, const std::string& name) = 0;
   // Throws when the backend cannot move tensors on this device.

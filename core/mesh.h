@@ -1,5 +1,6 @@
 // defines: Mesh — the rank grid (core/mesh_grid.h) bound to one communicator per named
-// dimension: "tp", "cp", "dp", "pp", "dp_cp" and "world".
+// dimension: "tp", "cp", "dp", "pp", "dp_cp" and "world". With cp = 1, group("dp_cp") is the
+// "dp" communicator itself (the same ranks), so its traffic is counted and traced as "dp".
 #pragma once
 
 #include "meshtrain/core/comm_log.h"

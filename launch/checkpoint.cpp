@@ -181,8 +181,8 @@ std::vector<int64_t> local_shape(std::vector<int64_t> global, const ShardSpec& s
 SafetensorsFile read_checked(const CheckpointInfo& info, const json& files,
                              const std::string& name) {
   const std::string path = (fs::path(info.path) / name).string();
-  MT_CHECK(files.contains(name), path, ": not listed in ", kMeta, " (layout dp ", info.dp, " x tp ",
-           info.tp, ")");
+  MT_CHECK(files.contains(name), path, ": not listed in ", kMeta, " (layout dp ", info.dp, " x cp ",
+           info.cp, " x tp ", info.tp, ")");
   const std::string bytes = read_file(path);
   const auto& entry = files.at(name);
   MT_CHECK(static_cast<int64_t>(bytes.size()) == entry.at("bytes").get<int64_t>(), path, ": ",
@@ -574,7 +574,8 @@ resharded_state(const CheckpointInfo& info, const json& meta,
   const auto old_local_shape = [&](size_t i) {
     return local_shape(info.global_shapes[i], info.params[i].second, info.tp);
   };
-  const int readers = info.zero_stage == 0 ? 1 : info.dp;
+  // The optimizer state is sharded over the dp x cp ranks.
+  const int readers = info.zero_stage == 0 ? 1 : info.dp * info.cp;
   // flat[t][key]: old TP rank t's flattened state tensor.
   std::vector<std::map<std::string, torch::Tensor>> flat(info.tp);
   for (int t = 0; t < info.tp; ++t) {
@@ -635,6 +636,12 @@ CheckpointInfo parse_checkpoint_info(const std::string& json_text, const std::st
   const std::string layout_at = path + ": layout";
   const json& layout = member(meta, "layout", path + ":");
   info.dp = static_cast<int>(integer_member(layout, "dp", layout_at, 1, kMaxRanks));
+  // Absent in checkpoints of layouts without context parallelism written by hand or by tools.
+  info.cp = layout.is_object() && layout.contains("cp")
+                ? static_cast<int>(integer_member(layout, "cp", layout_at, 1, kMaxRanks))
+                : 1;
+  MT_CHECK(info.dp <= kMaxRanks / info.cp, layout_at, ": dp (", info.dp, ") x cp (", info.cp,
+           ") exceeds ", kMaxRanks, " ranks");
   info.tp = static_cast<int>(integer_member(layout, "tp", layout_at, 1, kMaxRanks));
   info.zero_stage = static_cast<int>(integer_member(layout, "zero", layout_at, 0, 3));
   const std::string data_at = path + ": data";
@@ -752,9 +759,9 @@ std::string CheckpointManager::save(Trainer& trainer) {
   const auto start = std::chrono::steady_clock::now();
   const Mesh& mesh = trainer.mesh();
   const CommunicatorPtr& world = mesh.group("world");
-  const int dp_rank = mesh.index("dp");
+  // The optimizer shards over dp x cp: its files are numbered by that index.
+  const int dp_rank = mesh.index("dp_cp");
   const int tp_rank = mesh.index("tp");
-  const int dp = mesh.group("dp")->size();
   const int tp = mesh.group("tp")->size();
   const int64_t step = trainer.step();
   MT_CHECK(!options_.dir().empty(), "CheckpointManager::save: no checkpoint directory was given");
@@ -826,7 +833,7 @@ std::string CheckpointManager::save(Trainer& trainer) {
       int64_t total_bytes = 0;
       for (int r = 0; r < world->size(); ++r) {
         const auto rank_sums = all_sums.narrow(0, 4 * r, 4);
-        const int d = mesh.grid().index("dp", r);
+        const int d = mesh.grid().index("dp_cp", r);
         const int t = mesh.grid().index("tp", r);
         const auto record = [&](const std::string& name, int64_t bytes, int64_t hash) {
           files[name] = {{"bytes", bytes}, {"fnv1a64", hex64(static_cast<uint64_t>(hash))}};
@@ -848,7 +855,7 @@ std::string CheckpointManager::save(Trainer& trainer) {
       const auto& o = trainer.options();
       const auto& plan = trainer.plan();
       // The writer's layout (a reader reshards from dp, tp and zero; the rest is a record).
-      const json layout = {{"dp", dp},
+      const json layout = {{"dp", plan.dims.dp},
                            {"cp", plan.dims.cp},
                            {"tp", tp},
                            {"pp", plan.dims.pp},
@@ -948,7 +955,7 @@ struct PrepareError {
 PrepareError prepare_load(const CheckpointOptions& options, const std::string& step_dir,
                           Trainer& trainer, PreparedLoad& out) {
   const Mesh& mesh = trainer.mesh();
-  const int dp_rank = mesh.index("dp");
+  const int dp_rank = mesh.index("dp_cp");
   const int tp_rank = mesh.index("tp");
   json meta;
   std::string error = error_of([&] {
@@ -979,8 +986,8 @@ PrepareError prepare_load(const CheckpointOptions& options, const std::string& s
   error = error_of([&] {
     const auto& info = out.info;
     auto& optimizer = trainer.optimizer();
-    if (info.dp == mesh.group("dp")->size() && info.tp == mesh.group("tp")->size() &&
-        info.zero_stage == trainer.plan().zero_stage) {
+    if (info.dp == mesh.group("dp")->size() && info.cp == mesh.group("cp")->size() &&
+        info.tp == mesh.group("tp")->size() && info.zero_stage == trainer.plan().zero_stage) {
       const std::string name = optim_file(dp_rank, tp_rank);
       auto own = read_checked(info, meta.at("files"), name);
       if (owns_what_it_wrote(own, name, optimizer)) {

@@ -9,13 +9,15 @@
 //                                DP rank 0 of that TP rank); nanoGPT names, TP-local shapes
 //     optim-dp00-tp00.safetensors  every rank's ZeRO state: its owned range of each
 //                                flattened parameter for master, exp_avg, exp_avg_sq (1-D),
-//                                the ranges in the header metadata; RNG states
+//                                the ranges in the header metadata; RNG states. "dp" is the
+//                                rank's index in the group the optimizer shards over, dp x cp
+//                                (dp * cp_size + cp; the dp index when cp = 1)
 //
 // A save writes into <dir>/.step_00000100.partial and renames it to step_00000100 only after
 // every rank's files and meta.json are on disk (fsync'ed): a crash at any point leaves the
 // previous checkpoint as the latest complete one. A load verifies sizes and checksums, and
-// reshards: the state of any dp x tp x ZeRO layout loads into any other (same model, global
-// batch and sequence length), bit-exact in fp32.
+// reshards: the state of any dp x cp x tp x ZeRO layout loads into any other (same model,
+// global batch and sequence length), bit-exact in fp32.
 //
 // All ranks must see the same directory (one machine, or a shared file system).
 #pragma once
@@ -41,6 +43,7 @@ struct CheckpointInfo {
   std::string path; // the step directory
   int64_t step = 0; // optimizer steps done
   int dp = 1;
+  int cp = 1; // context parallelism: the optimizer files are per dp x cp rank
   int tp = 1;
   int zero_stage = 0;
   int64_t global_batch = 0; // B and T: the data position is step x B samples of T tokens

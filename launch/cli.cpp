@@ -40,9 +40,10 @@ bool is_boolean_word(const std::string& word) {
   return words.count(word) > 0;
 }
 
-// meshrun exports its --tp to the ranks; programs take it as their default.
-std::string default_tp() {
-  const char* env = std::getenv("MESHTRAIN_TP");
+// meshrun exports its --tp and --cp to the ranks (MESHTRAIN_TP, MESHTRAIN_CP); programs take
+// them as their defaults.
+std::string default_from_env(const char* name) {
+  const char* env = std::getenv(name);
   return env != nullptr && *env != '\0' ? env : "1";
 }
 
@@ -189,7 +190,10 @@ void add_layout_flags(cxxopts::Options& options, int64_t default_batch) {
     ("micro-batch-size", "sequences per forward on one DP rank; 0: B / dp (no accumulation)",
      text("0"))
     ("tp", "tensor-parallel ranks (must divide the world size and n-head); default: "
-           "MESHTRAIN_TP (set by meshrun --tp) or 1", text(default_tp()))
+           "MESHTRAIN_TP (set by meshrun --tp) or 1", text(default_from_env("MESHTRAIN_TP")))
+    ("cp", "context-parallel ranks: each holds 2 of 2 cp chunks of every sequence, attention "
+           "is ring attention (2 cp must divide --block-size); default: MESHTRAIN_CP (set by "
+           "meshrun --cp) or 1", text(default_from_env("MESHTRAIN_CP")))
     ("zero", "ZeRO stage: 0, 1 (optimizer state sharded over dp), 2 (+ gradients)", text("0"))
     ("sequence-parallel", "sequence parallelism between the TP regions (tp > 1)", boolean())
     ("recompute", "activation recomputation: none, selective (the attention core) or full "
@@ -204,6 +208,7 @@ ParallelPlan read_layout_flags(const ParsedFlags& flags) {
   plan.global_batch = flags.integer("batch-size", 1, kMaxCount);
   plan.micro_batch = flags.integer("micro-batch-size", 0, kMaxCount);
   plan.dims.tp = static_cast<int>(flags.integer("tp", 1, 1 << 16));
+  plan.dims.cp = static_cast<int>(flags.integer("cp", 1, 1 << 16));
   plan.zero_stage = static_cast<int>(flags.integer("zero", 0, 1 << 16));
   plan.sequence_parallel = flags.flag("sequence-parallel");
   plan.recompute =

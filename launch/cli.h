@@ -2,7 +2,7 @@
 // meshtrain-plan, meshtrain-export, train_mnist, the benchmark programs): UsageError and the
 // exit codes, the number / size / boolean parsers, ParsedFlags (cxxopts with typed getters
 // that name the flag in every error), and the flag groups declared once:
-//   layout     --tp --zero --sequence-parallel --recompute --precision --batch-size
+//   layout     --tp --cp --zero --sequence-parallel --recompute --precision --batch-size
 //              --micro-batch-size                       -> ParallelPlan (not yet validated)
 //   model      the GPT's shape (--n-layer ...)          -> PlanModel (memory/planner.h)
 // (launch/training_flags.h adds the training programs' data, optimization, reporting and
@@ -89,7 +89,8 @@ private:
 };
 
 // ---- the layout (ParallelPlan) ----------------------------------------------------------
-// --tp defaults to MESHTRAIN_TP (meshrun --tp exports it), else 1.
+// --tp and --cp default to MESHTRAIN_TP and MESHTRAIN_CP (meshrun --tp/--cp export them),
+// else 1.
 void add_layout_flags(cxxopts::Options& options, int64_t default_batch = 16);
 // The plan the flags describe (dp inferred: -1); ParallelPlan::validate checks it.
 ParallelPlan read_layout_flags(const ParsedFlags& flags);

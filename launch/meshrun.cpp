@@ -27,7 +27,7 @@ namespace {
 constexpr const char* kContextVariables[] = {"SLURM_JOB_ID", "SLURM_JOB_NUM_NODES",
                                              "SLURM_CPUS_ON_NODE"};
 
-// A flag value that must be a whole number >= 1 ("-n", "--tp", "--threads").
+// A flag value that must be a whole number >= 1 ("-n", "--tp", "--cp", "--threads").
 int parse_count(const std::string& flag, const std::string& text) {
   return static_cast<int>(cli::parse_int(flag, text, 1, INT_MAX));
 }
@@ -50,13 +50,18 @@ cxxopts::Options make_parser() {
   cxxopts::Options parser("meshrun",
                           "Starts a meshtrain job: checks the layout, then runs the program on N "
                           "ranks with mpirun (or srun inside a SLURM allocation).");
-  parser.custom_help("-n N [--tp T] [--hostfile F] [--threads K] [--bind core|none] [--dry-run] "
-                     "-- PROGRAM [ARGS...]");
+  parser.custom_help(
+      "-n N [--tp T] [--cp C] [--hostfile F] [--threads K] [--bind core|none] [--dry-run] "
+      "-- PROGRAM [ARGS...]");
   // Values are read as strings and checked by parse_count, for messages that name the rule.
   auto add = parser.add_options();
   add("n,np", "number of ranks to start (required, >= 1)", cxxopts::value<std::string>(), "N");
   add("tp", "tensor-parallel size: must divide N; exported to the ranks as MESHTRAIN_TP",
       cxxopts::value<std::string>()->default_value("1"), "T");
+  add("cp",
+      "context-parallel size (ring attention over the sequence): cp x tp must divide N; "
+      "exported to the ranks as MESHTRAIN_CP",
+      cxxopts::value<std::string>()->default_value("1"), "C");
   add("hostfile", "OpenMPI hostfile naming the hosts (and slots) to run on; not with SLURM",
       cxxopts::value<std::string>(), "F");
   add("threads",
@@ -78,11 +83,12 @@ std::string launch_usage() {
   std::string text = make_parser().help();
   text += "\nEnvironment given to every rank:\n"
           "  MESHTRAIN_TP=T           the --tp value (programs use it as their default --tp)\n"
+          "  MESHTRAIN_CP=C           the --cp value (programs use it as their default --cp)\n"
           "  MESHTRAIN_WORLD_SIZE=N   the number of ranks\n"
           "  MESHTRAIN_THREADS=K      torch intra-op threads per rank (read by Runtime)\n"
           "  OMP_NUM_THREADS=K        the same, for OpenMP/BLAS\n"
           "\nInside a SLURM allocation (SLURM_JOB_ID set) the ranks start with\n"
-          "  srun -n N --export=ALL,MESHTRAIN_TP=T,... PROGRAM ARGS\n"
+          "  srun -n N --export=ALL,MESHTRAIN_TP=T,MESHTRAIN_CP=C,... PROGRAM ARGS\n"
           "otherwise with mpirun (adding --allow-run-as-root as root and --oversubscribe when\n"
           "the ranks per node exceed the cores).\n"
           "\nExit status: the job's exit status; 2 for a bad flag or layout (nothing is started);\n"
@@ -130,6 +136,7 @@ ParsedArgs parse_launch_args(const std::vector<std::string>& args) {
   }
   options.ranks = parse_count("n", result["n"].as<std::string>());
   options.tp = parse_count("tp", result["tp"].as<std::string>());
+  options.cp = parse_count("cp", result["cp"].as<std::string>());
   if (result.count("threads") != 0) {
     options.threads = parse_count("threads", result["threads"].as<std::string>());
   }
@@ -161,14 +168,19 @@ void check_launch_options(const LaunchOptions& options) {
   if (options.tp < 1) {
     throw UsageError("--tp must be an integer >= 1, got '" + std::to_string(options.tp) + "'");
   }
+  if (options.cp < 1) {
+    throw UsageError("--cp must be an integer >= 1, got '" + std::to_string(options.cp) + "'");
+  }
   // The layout as far as it is known before launch, checked by the one layout validator
   // (the program checks the rest against its model and batch).
   ParallelPlan plan;
   plan.dims.tp = options.tp;
+  plan.dims.cp = options.cp;
   try {
     plan.validate(options.ranks);
   } catch (const LayoutError& e) {
     throw UsageError("-n " + std::to_string(options.ranks) + " --tp " + std::to_string(options.tp) +
+                     (options.cp > 1 ? " --cp " + std::to_string(options.cp) : std::string()) +
                      ": " + e.what());
   }
   if (options.threads < 0) {
@@ -286,6 +298,7 @@ std::vector<std::string> build_launch_command(const LaunchOptions& options,
   const std::string k = std::to_string(share.threads);
   const std::vector<std::pair<std::string, std::string>> rank_env = {
       {"MESHTRAIN_TP", std::to_string(options.tp)},
+      {"MESHTRAIN_CP", std::to_string(options.cp)},
       {"MESHTRAIN_WORLD_SIZE", n},
       {"MESHTRAIN_THREADS", k},
       {"OMP_NUM_THREADS", k}};

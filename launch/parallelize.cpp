@@ -3,6 +3,8 @@
 
 #include "meshtrain/core/errors.h"
 #include "meshtrain/memory/recompute.h"
+#include "meshtrain/parallel/context_parallel.h"
+#include "meshtrain/parallel/ring_attention.h"
 #include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <utility>
@@ -23,30 +25,49 @@ void check_mesh(const Mesh& mesh, const ParallelPlan& plan) {
   }
 }
 
-// Step 4, selective: the [B, h, T, T] scores and probabilities of every attention core are
-// recomputed in backward instead of kept.
-void wrap_attention_cores(ParallelModel& model, RngTracker* rng) {
+// Steps 2b and 4: the core every AttentionCore runs. Context parallelism replaces the layer's
+// core by ring attention over the cp group; selective recomputation wraps whichever core runs
+// (so its backward re-runs the ring: the forward's exchanges again, then the backward's).
+void wrap_attention_cores(ParallelModel& model, AttentionCoreWrapper context_core, bool selective,
+                          RngTracker* rng) {
+  AttentionCoreWrapper wrapper = context_core;
+  if (selective) {
+    // Without context parallelism the [B, h, T, T] scores and probabilities are recomputed
+    // in backward instead of kept.
+    wrapper = [rng, inner = std::move(context_core)](const AttentionCoreFn& core,
+                                                     const torch::Tensor& q, const torch::Tensor& k,
+                                                     const torch::Tensor& v) {
+      return recompute(
+          [core, inner](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
+            return {inner ? inner(core, in[0], in[1], in[2]) : core(in[0], in[1], in[2])};
+          },
+          {q, k, v}, rng)[0];
+    };
+  }
+  if (!wrapper) {
+    return;
+  }
   for (const auto& module : model.modules(/*include_self=*/false)) {
     if (auto* attention = dynamic_cast<AttentionCore*>(module.get())) {
-      attention->set_core_wrapper([rng](const AttentionCoreFn& core, const torch::Tensor& q,
-                                        const torch::Tensor& k, const torch::Tensor& v) {
-        return recompute(
-            [core](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
-              return {core(in[0], in[1], in[2])};
-            },
-            {q, k, v}, rng)[0];
-      });
+      attention->set_core_wrapper(wrapper);
     }
   }
 }
 
 // The library's composition of the model's parts (parallel_model.h); under full
-// recomputation every block keeps only its input.
-LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMode mode) {
+// recomputation every block keeps only its input. Under context parallelism the model sees
+// this rank's two chunks of every sequence (inputs and targets alike).
+LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMode mode,
+                       const ContextParallelism& cp) {
   auto blocks = parallel_blocks(*model);
   const bool full = mode == RecomputeMode::kFull;
-  return [model, blocks = std::move(blocks), full](const MicroBatch& mb) {
-    auto x = model->embed(mb.inputs); // [b, T, C] (sequence parallel: [b, T/tp, C])
+  return [model, blocks = std::move(blocks), full, cp](const MicroBatch& whole) {
+    const MicroBatch mb =
+        cp.size() == 1
+            ? whole
+            : MicroBatch{take_context_chunks(whole.inputs, 1, cp.size(), cp.rank(), cp.split),
+                         take_context_chunks(whole.targets, 1, cp.size(), cp.rank(), cp.split)};
+    auto x = model->embed(mb.inputs); // [b, T/cp, C] (sequence parallel: [b, T/(cp tp), C])
     RngTracker* rng = model->rng_tracker().get();
     for (ParallelBlock* block : blocks) {
       if (full) {
@@ -86,19 +107,26 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
 
   // 2. Tensor (and sequence) parallelism: every layer keeps its shard.
   apply_tensor_parallel(*model, TensorParallelism{mesh.group("tp"), resolved.sequence_parallel});
+  // 2b. Context parallelism: position-dependent layers learn their chunks; attention becomes
+  //     ring attention (installed with step 4's wrapper).
+  const ContextParallelism cp{mesh.group("cp")};
+  AttentionCoreWrapper context_core;
+  if (cp.size() > 1) {
+    apply_context_parallel(*model, cp);
+    context_core = ring_attention_core(cp.group, RingAttentionOptions().split(cp.split));
+  }
 
-  // 3. Dropout streams: one seed per data-parallel replica.
+  // 3. Dropout streams: one seed per data-parallel replica and cp rank (their tokens differ).
   const RngTrackerPtr rng = model->rng_tracker();
   if (rng) {
     rng->reseed(rng->options().seed() +
-                    kReplicaSeedStride * static_cast<uint64_t>(mesh.index("dp")),
+                    kReplicaSeedStride * static_cast<uint64_t>(mesh.index("dp_cp")),
                 mesh.group("tp"));
   }
 
-  // 4. Recomputation.
-  if (resolved.recompute == RecomputeMode::kSelective) {
-    wrap_attention_cores(*model, rng.get());
-  }
+  // 4. Recomputation (and the ring attention core of 2b).
+  wrap_attention_cores(*model, std::move(context_core),
+                       resolved.recompute == RecomputeMode::kSelective, rng.get());
 
   // 5. Precision: after the fp32 init (or loaded weights), so every layout rounds the same
   //    weights; the optimizer keeps fp32 masters of them.
@@ -107,13 +135,14 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   }
 
   Parallelized out{
-      model, mesh, resolved, nullptr, nullptr, nullptr, make_loss(model, resolved.recompute)};
+      model, mesh, resolved, nullptr, nullptr, nullptr, make_loss(model, resolved.recompute, cp)};
   if (!options.training()) {
     return out;
   }
-  // 6. The data-parallel reducer (fp32 reduction) and 7. the optimizer, on one bucket layout.
+  // 6. The data-parallel reducer (fp32 reduction) and 7. the optimizer, on one bucket layout,
+  //    over the dp x cp ranks: every one of them computed gradients of its own tokens.
   out.buckets = std::make_shared<const BucketLayout>(
-      *model, mesh.group("dp")->size(),
+      *model, mesh.group("dp_cp")->size(),
       BucketLayoutOptions().bucket_bytes(resolved.bucket_bytes).zero_stage(resolved.zero_stage));
   out.reducer = std::make_shared<DataParallelReducer>(*model, mesh, out.buckets);
   out.optimizer = std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer());

@@ -6,16 +6,20 @@
 //   1. validate   plan.validate(world, model->shape()): the layout fits the ranks and model
 //   2. TP + SP    apply_tensor_parallel: each layer keeps its shard of the full weights and
 //                 talks over mesh.group("tp"); sequence parallelism between the TP regions
-//   3. dropout    the model's RngTracker reseeded per dp replica and tp rank
-//   4. recompute  selective: every AttentionCore's core wrapped in memory/recompute;
-//                 full: every block's forward recomputed in backward (in loss())
+//   2b. CP        cp > 1 (parallel/context_parallel.h): apply_context_parallel (positions of
+//                 this rank's chunks), ring attention (parallel/ring_attention.h) as every
+//                 AttentionCore's core, and loss() cuts each micro-batch to this rank's chunks
+//   3. dropout    the model's RngTracker reseeded per dp x cp rank and tp rank
+//   4. recompute  selective: every AttentionCore's core (the ring under cp) wrapped in
+//                 memory/recompute; full: every block's forward recomputed in backward
 //   5. precision  bf16: parameters and compute in bf16 (fp32 masters stay in the optimizer)
 //   6. reducer    one BucketLayout (bucket bytes, fp32 reduction, ZeRO stage) and the
-//                 DataParallelReducer over mesh.group("dp") (parameters broadcast from dp 0)
+//                 DataParallelReducer over mesh.group("dp_cp") (the dp group when cp = 1;
+//                 parameters broadcast from its rank 0)
 //   7. optimizer  ZeroOptimizer on the same BucketLayout: AdamW/SGD state sharded per stage
 //
-// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2), context
-// parallelism (with 2) and full sharding (instead of 6-7) will slot into this order.
+// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2) and full
+// sharding (instead of 6-7) will slot into this order.
 //
 //   torch::manual_seed(seed);                     // every rank draws the same full weights
 //   auto model = std::make_shared<MyModelImpl>(config);
@@ -39,7 +43,9 @@
 namespace meshtrain {
 
 // The SUM of the token cross-entropies of one micro-batch ([] tensor, differentiable) over its
-// b*T targets, identical on the ranks of a TP group.
+// b*T targets, identical on the ranks of a TP group. The micro-batch holds whole sequences
+// ([b, T]); under context parallelism the sum is over this rank's b*T/cp tokens of them, and
+// the cp ranks' sums add up to the micro-batch's.
 using LossFunction = std::function<torch::Tensor(const MicroBatch&)>;
 
 struct ParallelizeOptions {

@@ -3,6 +3,7 @@
 //
 //   meshtrain-plan --dp 2 --zero 1                       one layout: the table of bytes
 //   meshtrain-plan --world 4 --budget 64MiB              every layout of 4 ranks that fits
+//   meshtrain-plan --cp 4 --block-size 1024              one context-parallel layout
 //   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257
 //                  --block-size 1024 --batch-size 32 --world 8 --budget 40GiB --precision bf16
 //
@@ -78,19 +79,20 @@ int print_fitting(const PlanModel& model, int64_t world, const ParallelPlan& fix
               << " MiB per rank (try recompute, ZeRO, more ranks or a smaller micro-batch)\n";
     return 1;
   }
-  std::cout << ranked.size() << " layouts of " << world << " ranks fit " << mib(budget)
-            << " MiB per rank; the " << std::min<int64_t>(top, ranked.size())
-            << " fastest by the cost model:\n\n"
-            << "| # | dp | tp | ZeRO | seq par | recompute | micro-batch | peak MiB | state MiB "
-               "| activations MiB | est. step ms | comm MiB |\n"
-            << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::cout
+      << ranked.size() << " layouts of " << world << " ranks fit " << mib(budget)
+      << " MiB per rank; the " << std::min<int64_t>(top, ranked.size())
+      << " fastest by the cost model:\n\n"
+      << "| # | dp | cp | tp | ZeRO | seq par | recompute | micro-batch | peak MiB | state MiB "
+         "| activations MiB | est. step ms | comm MiB |\n"
+      << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (int64_t i = 0; i < static_cast<int64_t>(ranked.size()) && i < top; ++i) {
     const auto& r = ranked[i];
     const auto& l = r.layout;
     char ms[32];
     std::snprintf(ms, sizeof ms, "%.1f", r.cost.step_s * 1e3);
-    std::cout << "| " << i + 1 << " | " << l.dims.dp << " | " << l.dims.tp << " | " << l.zero_stage
-              << " | " << (l.sequence_parallel ? "yes" : "no") << " | "
+    std::cout << "| " << i + 1 << " | " << l.dims.dp << " | " << l.dims.cp << " | " << l.dims.tp
+              << " | " << l.zero_stage << " | " << (l.sequence_parallel ? "yes" : "no") << " | "
               << meshtrain::to_string(l.recompute) << " | " << l.micro_batch << " | "
               << mib(r.memory.peak) << " | " << mib(r.memory.state) << " | "
               << mib(r.memory.activation_peak) << " | " << ms << " | " << mib(r.cost.comm_bytes)

@@ -282,8 +282,8 @@ StepStats Trainer::train_step() {
       }
     }
   }
-  // The shares of all micro-steps and DP ranks add up to the global-batch mean.
-  mesh.group("dp")->all_reduce(loss, ReduceOp::kSum);
+  // The shares of all micro-steps and dp x cp ranks add up to the global-batch mean.
+  mesh.group("dp_cp")->all_reduce(loss, ReduceOp::kSum);
   ++step_;
 
   StepStats stats;
@@ -323,13 +323,15 @@ double Trainer::validate() {
   auto& model = *parallel_.model;
   model.eval();
   auto totals = torch::zeros({2}, torch::kDouble); // {loss sum, tokens}
+  // Under context parallelism each cp rank's loss covers its 1/cp of every sequence's tokens.
+  const int64_t cp = parallel_.mesh.group("cp")->size();
   for (int64_t k = 0; k < options_.val_batches(); ++k) {
     for (const auto& mb : val_loader_->step_batches(k)) {
       totals[0] += parallel_.loss(mb).to(torch::kDouble);
-      totals[1] += static_cast<double>(mb.targets.numel());
+      totals[1] += static_cast<double>(mb.targets.numel() / cp);
     }
   }
-  parallel_.mesh.group("dp")->all_reduce(totals, ReduceOp::kSum);
+  parallel_.mesh.group("dp_cp")->all_reduce(totals, ReduceOp::kSum);
   model.train();
   return totals[0].item<double>() / totals[1].item<double>();
 }

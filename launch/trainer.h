@@ -17,7 +17,9 @@
 // micro-batch by the step's global token count B*T makes the summed gradient that of the
 // mean token loss over the whole global batch (DESIGN §3 "Loss"), whatever D, M and b are.
 // The reported loss is the same quantity: the sum over micro-steps and DP ranks (one
-// all-reduce over dp per step).
+// all-reduce over dp per step). Under context parallelism (cp > 1) the cp ranks of a group
+// take the same sequences, loss() sums each rank's chunks of them (launch/parallelize.h),
+// and the gradients and the loss are summed over the dp x cp ranks ("dp_cp").
 //
 // Validation: the first val_batches global batches of the validation file in DESIGN §3
 // order (step k takes samples k*B .. k*B+B-1, each DP rank its micro-batches, wrapping around

@@ -15,10 +15,10 @@ constexpr int64_t kFp32 = 4;
 // A validated plan under the short names the formulas use.
 struct Layout {
   explicit Layout(const ParallelPlan& p)
-      : dp(p.dims.dp), tp(p.dims.tp), zero(p.zero_stage), sequence_parallel(p.sequence_parallel),
-        recompute(p.recompute), precision(p.precision), global_batch(p.global_batch),
-        micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes) {}
-  int64_t dp, tp;
+      : dp(p.dims.dp), cp(p.dims.cp), tp(p.dims.tp), zero(p.zero_stage),
+        sequence_parallel(p.sequence_parallel), recompute(p.recompute), precision(p.precision),
+        global_batch(p.global_batch), micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes) {}
+  int64_t dp, cp, tp;
   int zero;
   bool sequence_parallel;
   RecomputeMode recompute;
@@ -48,6 +48,7 @@ ModelShape shape_of(const PlanModel& m) {
   shape.n_layer = m.n_layer;
   shape.n_head = m.n_head;
   shape.seq_len = m.block_size;
+  shape.attention_dropout = m.dropout;
   return shape;
 }
 
@@ -81,7 +82,8 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   const int64_t sigma = l.sequence_parallel ? t : 1; // the residual stream is [b, T/sigma, C]
   const int64_t b = l.micro_batch;
   const int64_t T = m.block_size, C = m.n_embd, a = m.n_head, L = m.n_layer;
-  const int64_t n = b * T;               // tokens of one micro-batch
+  const bool ring = l.cp > 1;     // context parallelism: ring attention over this rank's T/cp
+  const int64_t n = b * T / l.cp; // tokens of one micro-batch on this rank
   const int64_t vp = padded_vocab(m, t); // the logits of this rank: [n, vp / t]
   const bool dropout = m.dropout > 0.0;
   const bool padded_columns = vp > m.vocab_size; // the last rank masks its padding columns
@@ -91,16 +93,19 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   r.parameters_per_rank = psi;
   r.parameters = psi * e;
   // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
-  r.gradients = (l.zero >= 2 ? psi / l.dp : psi) * kFp32;
+  // Gradients and optimizer state are sharded over the dp x cp ranks.
+  const int64_t shards = l.dp * l.cp;
+  r.gradients = (l.zero >= 2 ? psi / shards : psi) * kFp32;
   // fp32 master weights and the two AdamW moments of the owned elements.
-  r.optimizer = 3 * (l.zero >= 1 ? psi / l.dp : psi) * kFp32;
+  r.optimizer = 3 * (l.zero >= 1 ? psi / shards : psi) * kFp32;
   // Inputs and targets of every micro-batch of the step, int64 [b, T] each.
   r.data = 2 * (l.global_batch / l.dp) * T * 8;
   r.state = r.parameters + r.gradients + r.optimizer + r.data;
 
   // ---- saved for backward, one transformer block (elements in the activation dtype) ----
   const int64_t stream = n * C / sigma; // the residual stream of this rank
-  const int64_t scores = a / t * b * T * T;
+  // The standard core keeps the [b, a/t, T, T] probabilities; ring attention never forms them.
+  const int64_t scores = ring ? 0 : a / t * b * T * T;
   // ln_1 and ln_2 inputs (the residual stream); the c_attn and c_fc inputs, full [n, C]
   // (gathered under sequence parallelism); contiguous copies of q, k, v that the batched
   // matmuls keep; the attention output (c_proj's input); GELU's input and output.
@@ -110,12 +115,17 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     if (dropout) {
       block += 2 * scores; // its dropout mask, and the dropped probabilities matmul keeps
     }
+    if (ring) {
+      block += n * C / t; // ring attention's own copy of its output (for rowsum(dout * out))
+    }
   }
   if (dropout) {
     block += 2 * stream; // masks of the attention and MLP residual dropouts
   }
-  // LayerNorm means and reciprocal std (fp32), the causal mask (bool [T, T]).
-  const int64_t block_bytes = block * e + 2 * 2 * (n / sigma) * kFp32 + T * T;
+  // LayerNorm means and reciprocal std (fp32), the causal mask (bool [T, T]); the ring keeps
+  // instead its fp32 log-sum-exp [b, a/t, T/cp] (recomputation replays it).
+  const int64_t mask = ring ? (l.recompute == RecomputeMode::kNone ? n * a / t * kFp32 : 0) : T * T;
+  const int64_t block_bytes = block * e + 2 * 2 * (n / sigma) * kFp32 + mask;
   const int64_t kept_input = stream * e; // full recomputation keeps only the block input
   r.saved_layers = L * (l.recompute == RecomputeMode::kFull ? kept_input : block_bytes);
 
@@ -146,14 +156,30 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     replay = replayed_block + (2 * 4 * n * C / t + 2 * stream) * e + vp / t * C * e + staging -
              r.saved_head;
   }
-  r.transient = std::max({loss_end, backward_start, replay, int64_t{0}});
+  // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
+  // the block's MLP part (ln_2 and c_fc inputs, GELU's input and output) are freed by then;
+  // alive are one block pair's fp32 probabilities and their gradient [b, a/t, c, c]
+  // (c = T / (2 cp)), the fp32 dq, the pair's dk/dv and the dk/dv accumulators arriving and
+  // leaving ([n, C/t] each: 1 + 2 + 2 + 2), the k/v blocks held and arriving and the chunked
+  // output gradient (2 + 2 + 1, activation dtype), and the stream's gradient flowing in.
+  // Under full recomputation the block is being replayed: its saved tensors are alive too.
+  int64_t ring_backward = 0;
+  if (ring) {
+    const int64_t c = T / (2 * l.cp);
+    const int64_t local = n * C / t; // [b, a/t, T/cp, D]: this rank's q (or k, or v)
+    const int64_t mlp_saved = (stream + n * C + 2 * 4 * n * C / t) * e;
+    const int64_t replayed = l.recompute == RecomputeMode::kFull ? block * e : 0;
+    ring_backward = replayed + 2 * b * (a / t) * c * c * kFp32 + 7 * local * kFp32 + 5 * local * e +
+                    2 * stream * e - mlp_saved - r.saved_head;
+  }
+  r.transient = std::max({loss_end, backward_start, replay, ring_backward, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient;
   // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
   // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
   // optim/adamw.cpp). With small micro-batches this, not the activations, is the peak.
   const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
   const int64_t owned_per_bucket =
-      l.zero >= 1 ? std::min(psi, bucket_elements) / l.dp : std::min(psi, bucket_elements);
+      l.zero >= 1 ? std::min(psi, bucket_elements) / shards : std::min(psi, bucket_elements);
   r.optimizer_transient = 2 * owned_per_bucket * kFp32;
   r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
   return r;
@@ -167,15 +193,20 @@ PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanH
   const int64_t b = l.micro_batch;
   const double T = static_cast<double>(m.block_size), C = static_cast<double>(m.n_embd);
   const double L = static_cast<double>(m.n_layer);
-  const double tokens = static_cast<double>(l.global_batch) * T / dp; // per dp rank
+  const double cp = static_cast<double>(l.cp);
+  const double tokens = static_cast<double>(l.global_batch) * T / dp / cp; // per dp x cp rank
   const double vp = static_cast<double>(padded_vocab(m, l.tp));
 
   // Forward matmul FLOPs per token of one rank: the block's linears, q k^T and att v, the
-  // logits; backward doubles it; recomputation adds the forward part it replays.
+  // logits; backward doubles it; recomputation adds the forward part it replays. Ring
+  // attention (cp > 1) computes 2cp+1 of the (2cp)^2 chunk pairs of a sequence on each rank
+  // (parallel/ring_attention.h): (2cp+1) T / (4 cp) keys per local query; its backward runs
+  // five products per pair against forward's two.
   const double linear = 2.0 * 12.0 * C * C / t * L;
-  const double attention = 2.0 * 2.0 * T * C / t * L;
+  const double keys = l.cp > 1 ? (2.0 * cp + 1.0) * T / (4.0 * cp) : T;
+  const double attention = 2.0 * 2.0 * keys * C / t * L;
   const double head = 2.0 * C * vp / t;
-  double flops = 3.0 * (linear + attention + head);
+  double flops = 3.0 * (linear + head) + (l.cp > 1 ? 3.5 : 3.0) * attention;
   if (l.recompute == RecomputeMode::kFull) {
     flops += linear + attention;
   } else if (l.recompute == RecomputeMode::kSelective) {
@@ -187,7 +218,7 @@ PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanH
   // Bytes each rank moves (ring algorithms): all-reduce 2 (n-1)/n S, all-gather and
   // reduce-scatter (n-1)/n S of the full size S.
   const int64_t micro_steps = l.global_batch / l.dp / b;
-  const double stream = static_cast<double>(b) * T * C * static_cast<double>(e);
+  const double stream = static_cast<double>(b) * T / cp * C * static_cast<double>(e);
   double bytes = 0;
   if (l.tp > 1) {
     // Per block and micro-step: forward 2 all-reduces (or 2 all-gathers + 2 reduce-scatters
@@ -197,12 +228,23 @@ PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanH
         (l.recompute == RecomputeMode::kFull ? 6.0 : 4.0) * 2.0 * (t - 1) / t * stream;
     bytes += static_cast<double>(micro_steps) * (L * per_block + 2.0 * 2.0 * (t - 1) / t * stream);
   }
-  if (l.dp > 1) {
+  if (l.cp > 1) {
+    // Ring attention per block and micro-step: forward passes cp-1 key/value blocks
+    // (2 [b, T/cp, C/t] in the activation dtype); backward passes them again plus cp fp32
+    // dk/dv accumulators; recomputation replays the forward's.
+    const double kv = 2.0 * static_cast<double>(b) * T / cp * C / t;
+    const double forward = (cp - 1.0) * kv * static_cast<double>(e);
+    const double backward = forward + cp * kv * kFp32;
+    const double replay = l.recompute == RecomputeMode::kNone ? 0.0 : forward;
+    bytes += static_cast<double>(micro_steps) * L * (forward + backward + replay);
+  }
+  const double shards = dp * cp; // gradients are reduced over dp x cp
+  if (shards > 1) {
     const double psi = static_cast<double>(parameters_per_rank(m, l.tp));
     const double grads = psi * kFp32;
-    bytes += (l.zero >= 2 ? 1.0 : 2.0) * (dp - 1) / dp * grads; // all-reduce or reduce-scatter
+    bytes += (l.zero >= 2 ? 1.0 : 2.0) * (shards - 1) / shards * grads; // all-reduce or r-s
     if (l.zero >= 1) {
-      bytes += (dp - 1) / dp * psi * static_cast<double>(e); // parameter all-gather
+      bytes += (shards - 1) / shards * psi * static_cast<double>(e); // parameter all-gather
     }
   }
   cost.comm_bytes = static_cast<int64_t>(bytes);
@@ -217,29 +259,32 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
     throw LayoutError("planner: world size (" + std::to_string(world) + ") must be >= 1");
   }
   std::vector<RankedLayout> out;
-  for (int tp = 1; tp <= world; ++tp) {
-    for (int zero = 0; zero <= 2; ++zero) {
-      for (bool sp : {false, true}) {
-        for (auto mode : {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
-          for (int64_t b = 1; b <= fixed.global_batch; ++b) {
-            ParallelPlan candidate = fixed;
-            candidate.dims = ParallelDims{-1, 1, tp, 1};
-            candidate.zero_stage = zero;
-            candidate.sequence_parallel = sp;
-            candidate.recompute = mode;
-            candidate.micro_batch = b;
-            ParallelPlan plan;
-            try {
-              plan = candidate.validate(static_cast<int>(world), shape_of(m));
-            } catch (const LayoutError&) {
-              continue; // not a layout of this world and model
-            }
-            if (zero > 0 && plan.dims.dp == 1) {
-              continue; // the same layout as stage 0
-            }
-            const auto memory = estimate_memory(m, plan);
-            if (memory.peak <= budget_bytes) {
-              out.push_back({plan, memory, estimate_cost(m, plan, hw)});
+  for (int cp = 1; cp <= world; ++cp) {
+    for (int tp = 1; tp <= world; ++tp) {
+      for (int zero = 0; zero <= 2; ++zero) {
+        for (bool sp : {false, true}) {
+          for (auto mode :
+               {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
+            for (int64_t b = 1; b <= fixed.global_batch; ++b) {
+              ParallelPlan candidate = fixed;
+              candidate.dims = ParallelDims{-1, cp, tp, 1};
+              candidate.zero_stage = zero;
+              candidate.sequence_parallel = sp;
+              candidate.recompute = mode;
+              candidate.micro_batch = b;
+              ParallelPlan plan;
+              try {
+                plan = candidate.validate(static_cast<int>(world), shape_of(m));
+              } catch (const LayoutError&) {
+                continue; // not a layout of this world and model
+              }
+              if (zero > 0 && plan.dims.dp * plan.dims.cp == 1) {
+                continue; // the same layout as stage 0
+              }
+              const auto memory = estimate_memory(m, plan);
+              if (memory.peak <= budget_bytes) {
+                out.push_back({plan, memory, estimate_cost(m, plan, hw)});
+              }
             }
           }
         }

@@ -84,7 +84,7 @@ struct RankedLayout {
   MemoryEstimate memory;
   PlanCost cost;
 };
-// Every layout of `world` ranks (dp x tp, ZeRO 0-2, sequence parallel, recompute modes,
+// Every layout of `world` ranks (dp x cp x tp, ZeRO 0-2, sequence parallel, recompute modes,
 // micro-batch sizes dividing B / dp) with the precision and global batch of `fixed` whose estimated
 // peak fits `budget_bytes`, fastest first (ties: smaller peak).
 std::vector<RankedLayout> plan_layouts(const PlanModel& model, int64_t world,

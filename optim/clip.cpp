@@ -49,7 +49,7 @@ double global_grad_norm(const GradNormParts& local, const CommunicatorPtr& tp,
 }
 
 double global_grad_norm(const GradNormParts& local, const Mesh& mesh, bool dp_sharded) {
-  return global_grad_norm(local, mesh.group("tp"), dp_sharded ? mesh.group("dp") : nullptr);
+  return global_grad_norm(local, mesh.group("tp"), dp_sharded ? mesh.group("dp_cp") : nullptr);
 }
 
 double clip_coefficient(double total_norm, double max_norm) {

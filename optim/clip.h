@@ -40,7 +40,8 @@ private:
 // (when given) and `tp`; free on groups of one.
 double global_grad_norm(const GradNormParts& local, const CommunicatorPtr& tp,
                         const CommunicatorPtr& dp_sharded);
-// The same with the mesh's "tp" and (when dp_sharded) "dp" groups.
+// The same with the mesh's "tp" and (when dp_sharded) "dp_cp" groups (gradients are sharded
+// over the dp x cp ranks).
 double global_grad_norm(const GradNormParts& local, const Mesh& mesh, bool dp_sharded);
 
 // torch's clip coefficient: min(1, max_norm / (total_norm + 1e-6)); 1 when max_norm <= 0

@@ -16,11 +16,11 @@ int64_t nbytes(const torch::Tensor& t) {
 
 ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh,
                              BucketLayoutPtr layout, ZeroOptions options)
-    : layout_(std::move(layout)), options_(std::move(options)), dp_(mesh.group("dp")),
+    : layout_(std::move(layout)), options_(std::move(options)), dp_(mesh.group("dp_cp")),
       tp_(mesh.group("tp")) {
   MT_CHECK(layout_ != nullptr, "ZeroOptimizer: the bucket layout is null");
   MT_CHECK(layout_->dp() == dp_->size(), "ZeroOptimizer: the bucket layout is for dp ",
-           layout_->dp(), ", the mesh's dp group has ", dp_->size(), " ranks");
+           layout_->dp(), ", the mesh's dp x cp group has ", dp_->size(), " ranks");
   layout_->check_model(model, "ZeroOptimizer");
   std::visit([](const auto& rule) { rule.validate(); }, options_.rule());
   lr_ = std::visit([](const auto& rule) { return rule.lr(); }, options_.rule());

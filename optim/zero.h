@@ -1,8 +1,9 @@
 // defines: ZeroOptions, ZeroStateDict, OwnedRange, ZeroOptimizer — AdamW or SGD on flat fp32
 // buffers, with optimizer state sharded over the data-parallel group (ZeRO stages 0-2,
 // Rajbhandari et al. 2020; DESIGN §3). Composes with tensor parallelism: it works on this
-// rank's (TP-local) parameters and shards within the mesh's "dp" group; the gradient norm
-// also spans the "tp" group.
+// rank's (TP-local) parameters and shards within the mesh's "dp_cp" group (the dp group; with
+// context parallelism the dp x cp ranks, which all hold the same parameters); the gradient
+// norm also spans the "tp" group.
 //
 // Layout: the BucketLayout (parallel/bucket_layout.h) the reducer uses, which also says the
 // ZeRO stage and which range of every bucket this rank owns. The parameters become views into
@@ -84,7 +85,7 @@ struct OwnedRange {
 class ZeroOptimizer {
 public:
   // Packs the parameters of `model` into `layout`'s buckets (the reducer's) and keeps the
-  // state of the ranges this rank of mesh.group("dp") owns at the layout's ZeRO stage.
+  // state of the ranges this rank of mesh.group("dp_cp") owns at the layout's ZeRO stage.
   // Turns the parameters into views of the flat parameter buffers (set_data): construct it
   // after loading weights, or call sync_master_from_params() after changing them.
   ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,

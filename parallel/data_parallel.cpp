@@ -19,13 +19,13 @@ NoSyncGuard::~NoSyncGuard() {
 
 DataParallelReducer::DataParallelReducer(const torch::nn::Module& model, const Mesh& mesh,
                                          BucketLayoutPtr layout, DataParallelOptions options)
-    : layout_(std::move(layout)), options_(options), dp_(mesh.group("dp")) {
+    : layout_(std::move(layout)), options_(options), dp_(mesh.group("dp_cp")) {
   MT_CHECK(layout_ != nullptr, "DataParallelReducer: the bucket layout is null");
   MT_CHECK(options_.op() == ReduceOp::kSum || options_.op() == ReduceOp::kAvg,
            "DataParallelReducer: op must be sum or avg, got ", to_string(options_.op()));
   const int64_t dp = dp_->size();
   MT_CHECK(layout_->dp() == dp, "DataParallelReducer: the bucket layout is for dp ", layout_->dp(),
-           ", the mesh's dp group has ", dp, " ranks");
+           ", the mesh's dp x cp group has ", dp, " ranks");
   layout_->check_model(model, "DataParallelReducer");
 
   const auto params = unique_trainable_parameters(model);
@@ -341,7 +341,7 @@ torch::Tensor global_mean_loss(const torch::Tensor& token_loss_sum, int64_t glob
 int64_t global_token_count(int64_t local_tokens, const Mesh& mesh) {
   MT_CHECK(local_tokens >= 0, "global_token_count: local_tokens must be >= 0, got ", local_tokens);
   auto count = torch::tensor({local_tokens}, torch::kLong);
-  mesh.group("dp")->all_reduce(count, ReduceOp::kSum);
+  mesh.group("dp_cp")->all_reduce(count, ReduceOp::kSum);
   return count.item<int64_t>();
 }
 

@@ -1,5 +1,7 @@
 // defines: DataParallelOptions, DataParallelReducer, NoSyncGuard, global_mean_loss,
-// global_token_count — data parallelism: gradients reduced over the mesh's "dp" group in the
+// global_token_count — data parallelism: gradients reduced over the mesh's "dp_cp" group (the
+// dp group; with context parallelism every dp x cp rank, each holding gradients of its own
+// tokens) in the
 // flat buckets of a BucketLayout (parallel/bucket_layout.h), launched from autograd hooks
 // while backward still runs.
 //
@@ -91,7 +93,7 @@ private:
 class DataParallelReducer {
 public:
   // Hooks every trainable parameter of `model` (a tied weight once, under its first name)
-  // and reduces its gradients over mesh.group("dp") in `layout`'s buckets (built for this
+  // and reduces its gradients over mesh.group("dp_cp") in `layout`'s buckets (built for this
   // model and that group's size). Collective over dp when broadcast_parameters.
   DataParallelReducer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,
                       DataParallelOptions options = {});
@@ -182,7 +184,8 @@ private:
 torch::Tensor global_mean_loss(const torch::Tensor& token_loss_sum, int64_t global_tokens);
 
 // Global token count of a step when it varies (ignored targets, packed sequences): the sum
-// over the dp group of each rank's count. Collective over mesh.group("dp").
+// over the dp x cp ranks of each rank's count (under context parallelism: of its own tokens).
+// Collective over mesh.group("dp_cp").
 int64_t global_token_count(int64_t local_tokens, const Mesh& mesh);
 
 } // namespace meshtrain

@@ -36,7 +36,9 @@ public:
 };
 
 // The attention core: q, k, v [B, h, T, D] -> softmax(q k^T / sqrt(D), causal) v, with its
-// dropout -> [B, h, T, D]. No parameters, no communication.
+// dropout -> [B, h, T, D]. No parameters, no communication. (Grouped-query attention may pass
+// k, v with hkv | h heads, query head i using kv head i / (h / hkv): ring attention, the core
+// parallelize installs under context parallelism, takes them so, without repeating them.)
 using AttentionCoreFn = std::function<torch::Tensor(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v)>;
 // Runs a core in forward (selective recomputation installs one).

@@ -101,9 +101,6 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
   ParallelPlan plan = *this;
   plan.dims = MeshGrid::create(dims, world_size).dims();
   const auto& d = plan.dims;
-  if (d.cp > 1) {
-    refuse(cat("context parallelism (cp ", d.cp, ") is not available yet; use cp 1"));
-  }
   if (d.pp > 1) {
     refuse(cat("pipeline parallelism (pp ", d.pp, ") is not available yet; use pp 1"));
   }
@@ -149,9 +146,24 @@ ParallelPlan ParallelPlan::validate(int world_size, const ModelShape& model) con
                "): each tp rank takes whole key/value heads; with ", kv,
                " key/value heads tp may be ", divisors_text(kv)));
   }
-  if (plan.sequence_parallel && model.seq_len % tp != 0) {
+  const int64_t cp = plan.dims.cp;
+  if (cp > 1 && model.seq_len % (2 * cp) != 0) {
+    refuse(cat("context parallelism cp (", cp, ") needs the sequence length (", model.seq_len,
+               ") divisible by 2 x cp = ", 2 * cp,
+               ": the sequence is cut into 2 x cp chunks, 2 per cp rank; cp may be ",
+               model.seq_len % 2 == 0 ? divisors_text(model.seq_len / 2) : std::string("1"),
+               model.seq_len % 2 == 0 ? "" : " (the sequence length is odd)"));
+  }
+  if (plan.sequence_parallel && (model.seq_len / cp) % tp != 0) {
     refuse(cat("with sequence parallelism tp (", tp, ") must divide the sequence length (",
-               model.seq_len, "); tp may be ", divisors_text(model.seq_len)));
+               model.seq_len, cp > 1 ? cat(") / cp (", cp, ") = ", model.seq_len / cp) : ")",
+               "; tp may be ", divisors_text(model.seq_len / cp)));
+  }
+  if (cp > 1 && model.attention_dropout > 0.0) {
+    refuse(cat("context parallelism (cp ", cp,
+               ") computes attention without dropout; the model "
+               "has attention dropout ",
+               model.attention_dropout, ": use dropout 0 or cp 1"));
   }
   return plan;
 }

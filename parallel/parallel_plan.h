@@ -44,10 +44,15 @@ struct ModelShape {
   int64_t n_head = 0;    // attention heads (split over tp)
   int64_t n_kv_head = 0; // key/value heads of grouped-query attention; 0: n_head
   int64_t seq_len = 0;   // T of a training sample (split over tp under sequence parallelism)
+  // Dropout on the attention probabilities: context parallelism (ring attention) has none.
+  double attention_dropout = 0.0;
 };
 
 struct ParallelPlan {
   // Mesh dims; one may be -1 (inferred from the world size). Rank order: core/mesh_grid.h.
+  // cp > 1: context parallelism (parallel/context_parallel.h): each cp rank holds 2 of the
+  // 2 cp chunks of every sequence; attention is ring attention over the cp group; gradients
+  // are reduced (and ZeRO shards) over the dp x cp ranks ("dp_cp").
   ParallelDims dims;
   // Activations between the tensor-parallel regions are sequence shards [b, T/tp, C].
   bool sequence_parallel = false;
@@ -74,7 +79,8 @@ struct ParallelPlan {
   ParallelPlan validate(int world_size, const ModelShape& model) const;
   ParallelPlan validate(int world_size) const;
 
-  // Of a validated plan: dp x cp ranks share one model replica's data.
+  // Of a validated plan: micro-steps per optimizer step (B / (b x dp); the cp ranks of a
+  // group take their chunks of the same sequences).
   int64_t accumulation_steps() const;
   // One line for banners and messages: "dp 2 x tp 2, ZeRO 1, sequence parallel, recompute
   // none, fp32, batch 16 (micro-batch 4 x 2 micro-steps)".

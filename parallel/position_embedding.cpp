@@ -2,6 +2,7 @@
 #include "meshtrain/parallel/position_embedding.h"
 
 #include "meshtrain/core/errors.h"
+#include "meshtrain/core/text.h"
 #include "meshtrain/parallel/mappings.h"
 
 namespace meshtrain {
@@ -30,6 +31,11 @@ void PositionEmbeddingImpl::apply_tensor_parallel(const TensorParallelism& tp) {
   tp_group_ = tp.group;
 }
 
+void PositionEmbeddingImpl::apply_context_parallel(const ContextParallelism& cp) {
+  MT_CHECK(cp.group != nullptr, "PositionEmbedding: the cp communicator is null");
+  cp_ = cp;
+}
+
 void PositionEmbeddingImpl::pretty_print(std::ostream& stream) const {
   stream << "meshtrain::PositionEmbedding(num_positions=" << options_.num_positions()
          << ", embedding_dim=" << options_.embedding_dim()
@@ -37,9 +43,18 @@ void PositionEmbeddingImpl::pretty_print(std::ostream& stream) const {
 }
 
 torch::Tensor PositionEmbeddingImpl::forward(int64_t t) {
-  MT_CHECK(t >= 1 && t <= options_.num_positions(), "PositionEmbedding: sequence length ", t,
+  const int64_t cp = cp_.size();
+  MT_CHECK(t >= 1 && t * cp <= options_.num_positions(), "PositionEmbedding: sequence length ",
+           t * cp, cp > 1 ? cat(" (", t, " local tokens x cp ", cp, ")") : std::string(),
            " must be in [1, num_positions = ", options_.num_positions(), "]");
-  auto pos = weight.narrow(0, 0, t).unsqueeze(0); // [1, t, C]
+  torch::Tensor pos;
+  if (cp > 1) {
+    // The rows of this rank's two chunks of the t x cp positions.
+    pos = weight.index_select(0, context_positions(t, cp, cp_.rank(), cp_.split))
+              .unsqueeze(0); // [1, t, C]
+  } else {
+    pos = weight.narrow(0, 0, t).unsqueeze(0); // [1, t, C]
+  }
   if (options_.sequence_parallel()) {
     MT_CHECK(t % tp_group_->size() == 0, "PositionEmbedding: with sequence parallelism tp (",
              tp_group_->size(), ") must divide the sequence length (", t, ")");

@@ -1,6 +1,7 @@
 // Tests of distributed checkpoints (launch/checkpoint.h): resume in the same layout is bit
 // for bit the straight run; a checkpoint of one layout loads into another (tp 2->1, 1->2,
-// dp 4->2, ZeRO 1->0 and 0->1/2) and continues within 1e-5 of the serial run; consolidated
+// dp 4->2, ZeRO 1->0 and 0->1/2, context parallelism cp 2/4 <-> cp 1) and continues within
+// 1e-5 of the serial run; consolidated
 // weights give the trainer's validation loss; corrupted, truncated, mismatched and partial
 // checkpoints are refused or skipped with messages naming the file and the value.
 #include <catch2/catch.hpp>
@@ -54,6 +55,7 @@ struct Layout {
   int tp;
   int zero;
   bool sp = false;
+  int cp = 1;
 };
 
 struct Job {
@@ -75,7 +77,7 @@ Job make_job(const Layout& l, const TokenFiles& files, uint64_t seed = kSeed,
   Job job;
   job.color = world->rank() / ranks;
   const auto group = world->split(job.color, world->rank(), "job");
-  job.mesh = std::make_unique<Mesh>(ParallelDims{-1, 1, l.tp, 1}, group);
+  job.mesh = std::make_unique<Mesh>(ParallelDims{-1, l.cp, l.tp, 1}, group);
   torch::manual_seed(seed);
   job.model = std::make_shared<gpt::GPTImpl>(tiny_config());
   job.trainer = std::make_unique<Trainer>(
@@ -155,12 +157,18 @@ TEST_CASE("Checkpoint: a checkpoint of one layout continues in another within 1e
     pairs = {{{"tp2", 0, 2, 0}, {"dp2 zero1", 0, 1, 1}},
              {{"dp2 zero1", 0, 1, 1}, {"tp2 sequence parallel", 0, 2, 0, true}},
              {{"tp2 zero0", 0, 2, 0}, {"serial", 1, 1, 0}},
-             {{"serial", 1, 1, 0}, {"dp2 zero2", 0, 1, 2}}};
+             {{"serial", 1, 1, 0}, {"dp2 zero2", 0, 1, 2}},
+             {{"cp2 zero1", 0, 1, 1, false, 2}, {"serial", 1, 1, 0}},
+             {{"dp2 zero2", 0, 1, 2}, {"cp2 zero2", 0, 1, 2, false, 2}},
+             {{"cp2 zero2", 0, 1, 2, false, 2}, {"cp2 zero2", 0, 1, 2, false, 2}}};
   } else if (world == 4) {
     pairs = {{{"dp4 zero1", 0, 1, 1}, {"dp2 x tp2 zero0", 0, 2, 0}},
              {{"dp2 x tp2 zero2", 0, 2, 2, true}, {"dp4 zero1", 0, 1, 1}},
              {{"dp4 zero2", 0, 1, 2}, {"dp2 zero1", 2, 1, 1}},
-             {{"tp4", 0, 4, 0}, {"serial", 1, 1, 0}}};
+             {{"tp4", 0, 4, 0}, {"serial", 1, 1, 0}},
+             {{"cp2 x dp2 zero1", 0, 1, 1, false, 2}, {"cp4 zero2", 0, 1, 2, false, 4}},
+             {{"cp4 zero1", 0, 1, 1, false, 4}, {"dp2 x tp2 zero1 sp", 0, 2, 1, true}},
+             {{"serial", 1, 1, 0}, {"cp2 x tp2 sp", 0, 2, 0, true, 2}}};
   }
   for (const auto& [from, to] : pairs) {
     const SharedDir dir;

@@ -89,6 +89,15 @@ TEST_CASE("cli: training flags, a lowered warmup, the layout as a plan", "[cli]"
   REQUIRE_THROWS_AS(
       cli::validate_layout(training({"--zero", "7"}).plan, 2, ModelShape{4, 4, 0, 64}),
       cli::UsageError);
+  // --cp: context parallelism, checked by the same validator against the sequence length.
+  CHECK(training({"--cp", "2"}).plan.dims.cp == 2);
+  CHECK(training({}).plan.dims.cp == 1);
+  CHECK(cli::validate_layout(training({"--cp", "2"}).plan, 4, ModelShape{4, 4, 0, 64}).dims.dp ==
+        2);
+  REQUIRE_THROWS_WITH(
+      cli::validate_layout(training({"--cp", "4"}).plan, 4, ModelShape{4, 4, 0, 36}),
+      Catch::Contains("layout on 4 ranks: context parallelism cp (4) needs the sequence length "
+                      "(36) divisible by 2 x cp = 8"));
   REQUIRE_THROWS_WITH(training({"--recompute", "some"}),
                       Catch::Contains("--recompute some: recompute mode 'some'"));
   REQUIRE_THROWS_WITH(training({"--precision", "fp16"}), Catch::Contains("needs a CUDA build"));

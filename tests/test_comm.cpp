@@ -409,6 +409,61 @@ TEST_CASE("send/recv around a ring delivers each rank's tensor to its right neig
   }
 }
 
+TEST_CASE("send_recv around a ring: every rank sends right and receives from the left at once",
+          "[mpi][comm]") {
+  const auto comm = fresh_world();
+  const int n = comm->size();
+  const int me = comm->rank();
+  const int left = (me + n - 1) % n;
+  const int right = (me + 1) % n;
+  for (std::size_t d = 0; d < kAllDtypes.size(); ++d) {
+    const auto dtype = kAllDtypes[d];
+    for (const auto m : kCounts) {
+      // All ranks exchange at the same moment: with blocking send then recv this is the
+      // pattern that deadlocks once a message is too large to be buffered.
+      auto in = at::zeros({m}, dtype);
+      comm->send_recv(payload(dtype, me, m), right, in, left, static_cast<int>(d) + 31);
+      check_elements(in, payload(dtype, left, m),
+                     "send_recv " + describe(dtype) + " [" + std::to_string(m) + "] from rank " +
+                         std::to_string(left));
+    }
+  }
+  // Asynchronous, twice in flight (ring attention's block and gradient exchanges), with
+  // compute in between: each completes with its own payload, in issue order.
+  const int64_t m = 1 << 18;
+  auto a_in = at::zeros({m}, at::kFloat);
+  auto b_in = at::zeros({m}, at::kDouble);
+  const auto a_out = payload(at::kFloat, me, m);
+  const auto b_out = payload(at::kDouble, me, m);
+  auto a = comm->send_recv_async(a_out, right, a_in, left);
+  auto b = comm->send_recv_async(b_out, right, b_in, left);
+  const auto busy = at::randn({256, 256}).matmul(at::randn({256, 256}));
+  CHECK(busy.size(0) == 256);
+  b->wait();
+  CHECK(a->is_completed());
+  a->wait();
+  check_elements(a_in, payload(at::kFloat, left, m), "async send_recv float");
+  check_elements(b_in, payload(at::kDouble, left, m), "async send_recv double");
+  // Counted as one send_recv of the bytes sent (a group of one records nothing).
+  if (n > 1) {
+    auto log = std::make_shared<CommLog>();
+    comm->set_log(log);
+    log->enable();
+    comm->send_recv(a_out, right, a_in, left);
+    comm->set_log(nullptr);
+    CHECK(log->count(CollectiveKind::kSendRecv) == 1);
+    CHECK(log->bytes(CollectiveKind::kSendRecv) == m * 4);
+  }
+  REQUIRE_THROWS_WITH(comm->send_recv(at::zeros({4}), right, at::zeros({5}), left),
+                      Catch::Contains("send_recv on group 'test': the send tensor (Float, 4 "
+                                      "elements) and the receive tensor (Float, 5 elements) must "
+                                      "have the same dtype and size"));
+  REQUIRE_THROWS_WITH(comm->send_recv(a_in, n, b_in, left),
+                      Catch::Contains("destination " + std::to_string(n) + " is not a rank"));
+  REQUIRE_THROWS_WITH(comm->send_recv(a_in, right, a_in, left),
+                      Catch::Contains("must not share memory"));
+}
+
 TEST_CASE("barrier lets no rank leave before every rank has arrived", "[mpi][comm]") {
   const auto comm = fresh_world();
   const int n = comm->size();

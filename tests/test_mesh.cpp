@@ -92,6 +92,7 @@ TEST_CASE("Mesh: sub-communicators hold the grid's groups", "[mpi][mesh]") {
   REQUIRE(mesh.group("dp")->size() == world / tp);
   REQUIRE(mesh.group("cp")->size() == 1);
   REQUIRE(mesh.group("dp_cp")->size() == world / tp); // cp = 1: the dp group
+  CHECK(mesh.group("dp_cp") == mesh.group("dp"));     // ... itself: its traffic is "dp"
   CHECK(mesh.group("tp")->rank() == mesh.index("tp"));
   CHECK(mesh.group("dp")->rank() == mesh.index("dp"));
   // Gathering world ranks over each group reproduces the grid's member lists.
@@ -103,5 +104,28 @@ TEST_CASE("Mesh: sub-communicators hold the grid's groups", "[mpi][mesh]") {
     g->all_gather(mine, all);
     std::vector<int> got(all.data_ptr<int>(), all.data_ptr<int>() + g->size());
     CHECK(got == expected);
+  }
+}
+
+TEST_CASE("Mesh: with cp > 1 the cp and dp x cp groups are the grid's", "[mpi][mesh][cp]") {
+  auto& rt = meshtrain::testing::test_runtime();
+  const int world = rt.world_size();
+  if (world % 2 != 0) {
+    return;
+  }
+  meshtrain::Mesh mesh(ParallelDims{-1, 2, 1, 1}, rt.world());
+  CHECK(mesh.group("cp")->size() == 2);
+  CHECK(mesh.group("dp")->size() == world / 2);
+  CHECK(mesh.group("dp_cp")->size() == world);
+  CHECK(mesh.group("dp_cp")->name() == "dp_cp");
+  CHECK(mesh.group("dp_cp")->rank() == mesh.index("dp_cp"));
+  for (const std::string dim : {"cp", "dp_cp"}) {
+    const auto& g = mesh.group(dim);
+    auto mine = torch::tensor({rt.rank()}, torch::kInt);
+    auto all = torch::empty({g->size()}, torch::kInt);
+    g->all_gather(mine, all);
+    std::vector<int> got(all.data_ptr<int>(), all.data_ptr<int>() + g->size());
+    INFO(dim);
+    CHECK(got == mesh.grid().group_ranks(dim, rt.rank()));
   }
 }

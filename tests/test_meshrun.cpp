@@ -63,8 +63,8 @@ TEST_CASE("meshrun: mpirun command for 2 ranks on 2 cores", "[meshrun]") {
   const auto options = options_for(2, 2);
   CHECK(build_launch_command(options, machine(2, /*root=*/true)) ==
         Words{"mpirun", "--allow-run-as-root", "-np", "2", "--bind-to", "core", "-x",
-              "MESHTRAIN_TP=2", "-x", "MESHTRAIN_WORLD_SIZE=2", "-x", "MESHTRAIN_THREADS=1", "-x",
-              "OMP_NUM_THREADS=1", "./train", "--steps", "10"});
+              "MESHTRAIN_TP=2", "-x", "MESHTRAIN_CP=1", "-x", "MESHTRAIN_WORLD_SIZE=2", "-x",
+              "MESHTRAIN_THREADS=1", "-x", "OMP_NUM_THREADS=1", "./train", "--steps", "10"});
   // Not root: OpenMPI needs no permission flag.
   CHECK_FALSE(has(build_launch_command(options, machine(2, false)), "--allow-run-as-root"));
 }
@@ -72,9 +72,9 @@ TEST_CASE("meshrun: mpirun command for 2 ranks on 2 cores", "[meshrun]") {
 TEST_CASE("meshrun: more ranks than cores oversubscribes, unbinds, one thread each", "[meshrun]") {
   const auto command = build_launch_command(options_for(4), machine(2, false));
   CHECK(command == Words{"mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none", "-x",
-                         "MESHTRAIN_TP=1", "-x", "MESHTRAIN_WORLD_SIZE=4", "-x",
-                         "MESHTRAIN_THREADS=1", "-x", "OMP_NUM_THREADS=1", "./train", "--steps",
-                         "10"});
+                         "MESHTRAIN_TP=1", "-x", "MESHTRAIN_CP=1", "-x", "MESHTRAIN_WORLD_SIZE=4",
+                         "-x", "MESHTRAIN_THREADS=1", "-x", "OMP_NUM_THREADS=1", "./train",
+                         "--steps", "10"});
   // Exactly as many ranks as cores still fits without oversubscribing.
   const auto fits = build_launch_command(options_for(2), machine(2, false));
   CHECK_FALSE(has(fits, "--oversubscribe"));
@@ -155,15 +155,16 @@ TEST_CASE("meshrun: inside SLURM the ranks start with srun", "[meshrun]") {
   context.env = {{"SLURM_JOB_ID", "42"}};
   CHECK(build_launch_command(options_for(4, 2), context) ==
         Words{"srun", "-n", "4", "--cpu-bind=none",
-              "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=1,"
-              "OMP_NUM_THREADS=1",
+              "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_WORLD_SIZE=4,"
+              "MESHTRAIN_THREADS=1,OMP_NUM_THREADS=1",
               "./train", "--steps", "10"});
   // The allocation's nodes and CPUs decide the share, not the machine meshrun runs on.
   context.env = {{"SLURM_JOB_ID", "42"}, {"SLURM_JOB_NUM_NODES", "2"}, {"SLURM_CPUS_ON_NODE", "8"}};
   const auto multi = build_launch_command(options_for(4, 2), context);
   CHECK(multi[3] == "--cpu-bind=cores");
   CHECK(multi[4] ==
-        "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=4,OMP_NUM_THREADS=4");
+        "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=4,"
+        "OMP_NUM_THREADS=4");
   CHECK_FALSE(has(multi, "--allow-run-as-root"));
 
   auto options = options_for(4);
@@ -177,13 +178,15 @@ TEST_CASE("meshrun: inside SLURM the ranks start with srun", "[meshrun]") {
 }
 
 TEST_CASE("meshrun: flags before '--', the program untouched after it", "[meshrun]") {
-  const auto parsed =
-      parse_launch_args({"-n", "4", "--tp", "2", "--hostfile", "hosts", "--dry-run", "--threads",
-                         "3", "--bind", "none", "--", "./train", "-n", "7", "--tp", "5", "--"});
+  const auto parsed = parse_launch_args({"-n", "8",          "--tp",  "2",         "--cp",
+                                         "2",  "--hostfile", "hosts", "--dry-run", "--threads",
+                                         "3",  "--bind",     "none",  "--",        "./train",
+                                         "-n", "7",          "--tp",  "5",         "--"});
   REQUIRE_FALSE(parsed.help);
   const auto& options = parsed.options;
-  CHECK(options.ranks == 4);
+  CHECK(options.ranks == 8);
   CHECK(options.tp == 2);
+  CHECK(options.cp == 2);
   CHECK(options.hostfile == "hosts");
   CHECK(options.dry_run);
   CHECK(options.threads == 3);
@@ -193,6 +196,7 @@ TEST_CASE("meshrun: flags before '--', the program untouched after it", "[meshru
   const auto defaults = parse_launch_args({"--np", "2", "--", "true"}).options;
   CHECK(defaults.ranks == 2);
   CHECK(defaults.tp == 1);
+  CHECK(defaults.cp == 1);
   CHECK(defaults.threads == 0);
   CHECK(defaults.bind == Binding::kAuto);
   CHECK_FALSE(defaults.dry_run);
@@ -213,6 +217,12 @@ TEST_CASE("meshrun: bad flags name the value and what is allowed", "[meshrun]") 
                           Catch::Contains("may be 1 or 3"));
   REQUIRE_THROWS_WITH(parse_launch_args({"-n", "12", "--tp", "5", "--", "true"}),
                       Catch::Contains("may be 1, 2, 3, 4, 6 or 12"));
+  // --cp goes through the same validator (cp x tp must divide -n).
+  REQUIRE_THROWS_WITH(parse_launch_args({"-n", "4", "--tp", "2", "--cp", "3", "--", "true"}),
+                      Catch::Contains("-n 4 --tp 2 --cp 3: cannot infer dp: the world size 4 is "
+                                      "not divisible by cp x tp x pp = 6"));
+  REQUIRE_THROWS_WITH(parse_launch_args({"-n", "2", "--cp", "0", "--", "true"}),
+                      Catch::Equals("--cp 0: must be in [1, 2147483647]"));
   REQUIRE_THROWS_WITH(parse_launch_args({"-n", "0", "--", "true"}),
                       Catch::Equals("-n 0: must be in [1, 2147483647]"));
   REQUIRE_THROWS_WITH(parse_launch_args({"-n", "two", "--", "true"}),

@@ -96,9 +96,11 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
   cases.push_back({"dims not matching the world", dims, 4,
                    "dp (3) x cp (1) x tp (2) x pp (1) = 6 must equal the world size 4"});
   auto cp = plan_with(1);
-  cp.dims.cp = 2;
-  cases.push_back(
-      {"context parallelism", cp, 2, "context parallelism (cp 2) is not available yet; use cp 1"});
+  cp.dims.cp = 5; // gpt_shape's T = 64 is not divisible by 2 x 5
+  cases.push_back({"context parallelism not cutting the sequence", cp, 5,
+                   "context parallelism cp (5) needs the sequence length (64) divisible by 2 x "
+                   "cp = 10: the sequence is cut into 2 x cp chunks, 2 per cp rank; cp may be "
+                   "1, 2, 4, 8, 16 or 32"});
   auto pp = plan_with(1);
   pp.dims.pp = 2;
   cases.push_back({"pipeline parallelism", pp, 2,
@@ -119,6 +121,17 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
   REQUIRE_THROWS_WITH(sp_t.validate(2, odd),
                       Catch::Contains("with sequence parallelism tp (2) must divide the sequence "
                                       "length (63); tp may be 1, 3, 7, 9, 21 or 63"));
+  // Context parallelism with sequence parallelism: tp divides the T / cp local tokens.
+  auto cp_sp = plan_with(4);
+  cp_sp.dims.cp = 2;
+  cp_sp.sequence_parallel = true;
+  auto t20 = gpt_shape();
+  t20.seq_len = 20;
+  REQUIRE_THROWS_WITH(cp_sp.validate(8, t20),
+                      Catch::Contains("with sequence parallelism tp (4) must divide the sequence "
+                                      "length (20) / cp (2) = 10; tp may be 1, 2, 5 or 10"));
+  t20.seq_len = 24; // 12 local tokens: 3 per tp rank
+  CHECK(cp_sp.validate(8, t20).dims.dp == 1);
   auto gqa = gpt_shape();
   gqa.n_kv_head = 1;
   REQUIRE_THROWS_WITH(plan_with(2).validate(2, gqa),

@@ -103,6 +103,37 @@ TEST_CASE("planner: terms follow the layout", "[planner]") {
   CHECK(estimate_memory(m, bf16).saved_layers < plain.saved_layers * 6 / 10);
 }
 
+TEST_CASE("planner: context parallelism cuts the activations, shards the state over dp x cp",
+          "[planner][cp]") {
+  PlanModel m;
+  m.n_layer = 2;
+  m.n_embd = 64;
+  m.n_head = 4;
+  m.block_size = 1024;
+  const auto plan_with = [](int cp) {
+    ParallelPlan p = layout_of();
+    p.dims.cp = cp;
+    return p.validate(cp, ModelShape{2, 4, 0, 1024});
+  };
+  const auto one = estimate_memory(m, plan_with(1));
+  const auto four = estimate_memory(m, plan_with(4));
+  // T = 1024: no [T, T] probabilities under ring attention, and T/4 tokens per rank (the
+  // tracker measures 0.044x, docs/context-parallel.md).
+  INFO("activation peak cp4 / cp1 = " << static_cast<double>(four.activation_peak) /
+                                             static_cast<double>(one.activation_peak));
+  CHECK(four.activation_peak <= 0.3 * static_cast<double>(one.activation_peak));
+  CHECK(four.saved_layers < one.saved_layers / 4);
+  // The state is sharded over the dp x cp ranks like over dp.
+  auto zero1 = plan_with(4);
+  zero1.zero_stage = 1;
+  auto dp4 = layout_of(4);
+  dp4.zero_stage = 1;
+  CHECK(estimate_memory(m, zero1).optimizer == estimate_memory(m, dp4.validate(4)).optimizer);
+  // The ring moves key/value blocks: cp 4 communicates, cp 1 on one rank does not.
+  CHECK(estimate_cost(m, plan_with(4)).comm_bytes > 0);
+  CHECK(estimate_cost(m, plan_with(1)).comm_bytes == 0);
+}
+
 TEST_CASE("planner: bad layouts are refused naming the value", "[planner]") {
   // The planner checks layouts with ParallelPlan::validate: the same messages as train_gpt.
   PlanModel m;
@@ -134,8 +165,11 @@ TEST_CASE("planner: the budget search lists what fits, fastest first", "[planner
   const auto all = plan_layouts(m, 4, fixed, int64_t{1} << 40);
   // dp 4 x tp 1: ZeRO 0-2 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-2 x
   // sequence parallel or not x 3 modes x {1, 2, 4, 8}; dp 1 x tp 4: ZeRO 0 x 2 x 3 x
-  // {1, 2, 4, 8, 16}.
-  CHECK(all.size() == 3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5);
+  // {1, 2, 4, 8, 16}. Context parallelism (ZeRO shards over dp x cp): dp 2 x cp 2: ZeRO 0-2 x
+  // 3 modes x {1, 2, 4, 8}; cp 2 x tp 2: ZeRO 0-2 x 2 x 3 x {1, 2, 4, 8, 16}; cp 4: ZeRO 0-2 x
+  // 3 x {1, 2, 4, 8, 16}.
+  CHECK(all.size() ==
+        3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5 + 3 * 3 * 4 + 3 * 2 * 3 * 5 + 3 * 3 * 5);
   for (size_t i = 1; i < all.size(); ++i) {
     CHECK(all[i - 1].cost.step_s <= all[i].cost.step_s);
   }

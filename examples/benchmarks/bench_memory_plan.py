@@ -9,6 +9,7 @@ activation peak and the total peak (the largest step after the first).
 
   bench_memory_plan.py --build build --data data/fortunes_train.bin            all layouts
   bench_memory_plan.py --build build --data ... --quick --max-error 15         CTest's check
+  bench_memory_plan.py --build build --data ... --match cp                     the cp rows
 
 --max-error P: exit 1 when an activation or total peak is off by more than P percent.
 Memory does not depend on speed, so figures are the same on a busy or oversubscribed machine.
@@ -25,6 +26,7 @@ from bench_peer import parse_mpirun  # noqa: E402
 
 SMALL = ["--n-layer", "4", "--n-embd", "128", "--n-head", "4", "--block-size", "64"]
 DEEP = ["--n-layer", "8", "--n-embd", "128", "--n-head", "8", "--block-size", "128"]
+LONG = ["--n-layer", "2", "--n-embd", "64", "--n-head", "4", "--block-size", "1024"]
 
 # (name, ranks, model flags, layout flags shared by train_gpt and meshtrain-plan)
 LAYOUTS = [
@@ -47,9 +49,17 @@ LAYOUTS = [
     ("L8 T128 dp1 selective", 1, DEEP, ["--recompute", "selective"]),
     ("L8 T128 dp1 full", 1, DEEP, ["--recompute", "full"]),
     ("L8 T128 tp2 sp full", 2, DEEP, ["--tp", "2", "--sequence-parallel", "--recompute", "full"]),
+    # Context parallelism: ring attention keeps no [T, T] scores; its blocks in flight.
+    ("L8 T128 cp2", 2, DEEP, ["--cp", "2"]),
+    ("L8 T128 cp4", 4, DEEP, ["--cp", "4"]),
+    ("L8 T128 cp2 tp2 sp selective", 4, DEEP, ["--cp", "2", "--tp", "2", "--sequence-parallel",
+                                             "--recompute", "selective"]),
+    # The activation peak of a long sequence at cp 4 against cp 1 (docs/context-parallel.md).
+    ("T1024 cp1", 1, LONG, []),
+    ("T1024 cp4", 4, LONG, ["--cp", "4"]),
 ]
 QUICK = {"dp2 zero1", "dp2 zero2", "tp2 sp", "dp2 full", "dp2 bf16", "tp2 dropout 0.1",
-         "dp4 bf16 micro-batch 2"}
+         "dp4 bf16 micro-batch 2", "L8 T128 cp2"}
 
 
 def measure(args, ranks, model, layout, work):
@@ -84,6 +94,8 @@ def main():
     parser.add_argument("--build", default="build", help="the build directory")
     parser.add_argument("--data", default="data/fortunes_train.bin", help="training token file")
     parser.add_argument("--quick", action="store_true", help=f"only {len(QUICK)} layouts")
+    parser.add_argument("--match", default="",
+                        help="only layouts whose name contains this text (e.g. cp)")
     parser.add_argument("--max-error", type=float, default=0,
                         help="exit 1 if an activation or total peak is off by more (percent)")
     parser.add_argument("--mpirun", help="the MPI launcher and its options (default: mpirun "
@@ -101,7 +113,7 @@ def main():
     worst = 0.0
     with tempfile.TemporaryDirectory() as work:
         for name, ranks, model, layout in LAYOUTS:
-            if args.quick and name not in QUICK:
+            if (args.quick and name not in QUICK) or args.match not in name:
                 continue
             m = measure(args, ranks, model, layout, work)
             p = plan(args, model, layout)

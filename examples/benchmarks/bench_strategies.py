@@ -3,7 +3,7 @@
 
 Runs train_gpt over a matrix of layouts on 2 and 4 real mpirun ranks (dp, tp, dp x tp, ZeRO
 0/1/2, sequence parallel, recompute none/selective/full, fp32/bf16, micro-batches with
-accumulation), a few steps each after warm-up, in --repeats passes over the matrix of which
+accumulation, context parallelism cp 2/4 with ring attention), a few steps each after warm-up, in --repeats passes over the matrix of which
 each layout keeps its fastest (a slow moment of a shared machine then hits no layout alone),
 and writes into --out:
 
@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_theory  # noqa: E402
 from bench_peer import add_gpt_arguments, model_flags, parse_mpirun  # noqa: E402
 
-# (name, ranks, train_gpt flags). dp = ranks / tp.
+# (name, ranks, train_gpt flags). dp = ranks / (cp x tp).
 LAYOUTS = [
     ("dp2", 2, []),
     ("tp2", 2, ["--tp", "2"]),
@@ -65,11 +65,16 @@ LAYOUTS = [
     ("dp2 tp2 zero2 sp", 4, ["--tp", "2", "--zero", "2", "--sequence-parallel"]),
     ("dp2 tp2 selective", 4, ["--tp", "2", "--recompute", "selective"]),
     ("dp4 bf16 micro-batch 2", 4, ["--precision", "bf16", "--micro-batch-size", "2"]),
+    ("cp2", 2, ["--cp", "2"]),
+    ("cp2 selective", 2, ["--cp", "2", "--recompute", "selective"]),
+    ("cp4", 4, ["--cp", "4"]),
+    ("cp2 tp2 sp", 4, ["--cp", "2", "--tp", "2", "--sequence-parallel"]),
+    ("dp2 cp2 zero1", 4, ["--cp", "2", "--zero", "1"]),
 ]
 QUICK = ["dp2", "tp2 sp", "dp2 zero2", "dp2 full", "dp2 bf16", "dp2 micro-batch 2", "dp2 tp2",
-         "dp4 zero1"]
+         "dp4 zero1", "cp2"]
 
-CSV_FIELDS = ["layout", "ranks", "dp", "tp", "tokens_per_s", "step_ms", "forward_ms",
+CSV_FIELDS = ["layout", "ranks", "dp", "cp", "tp", "tokens_per_s", "step_ms", "forward_ms",
               "backward_ms", "optimizer_ms", "comm_ms", "other_ms", "peak_bytes",
               "planned_bytes", "comm_bytes", "theory_bytes", "comm_error_pct", "flags"]
 
@@ -80,7 +85,8 @@ def flag_value(flags, name, default):
 
 def theory(a, ranks, flags):
     tp = int(flag_value(flags, "--tp", "1"))
-    dp = ranks // tp
+    cp = int(flag_value(flags, "--cp", "1"))
+    dp = ranks // (tp * cp)
     micro = int(flag_value(flags, "--micro-batch-size", "0")) or a.batch_size // dp
     return comm_theory.theory_bytes(
         vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer, n_head=a.n_head,
@@ -88,15 +94,15 @@ def theory(a, ranks, flags):
         zero=int(flag_value(flags, "--zero", "0")),
         sequence_parallel="--sequence-parallel" in flags,
         recompute=flag_value(flags, "--recompute", "none"),
-        bf16=flag_value(flags, "--precision", "fp32") == "bf16")
+        bf16=flag_value(flags, "--precision", "fp32") == "bf16", cp=cp)
 
 
 def plan(a, ranks, flags):
     """meshtrain-plan's estimate of the layout's peak tensor bytes per rank (docs/memory.md:
     Korthikanti et al.'s activation terms plus parameters, gradients and optimizer state)."""
-    tp = int(flag_value(flags, "--tp", "1"))
+    dims = int(flag_value(flags, "--tp", "1")) * int(flag_value(flags, "--cp", "1"))
     cmd = ([os.path.join(a.build, "launch/meshtrain-plan"), "--json", "--batch-size",
-            str(a.batch_size), "--dp", str(ranks // tp)] + model_flags(a) + flags)
+            str(a.batch_size), "--dp", str(ranks // dims)] + model_flags(a) + flags)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit("meshtrain-plan failed:\n" + " ".join(cmd) + "\n" + done.stderr)
@@ -122,9 +128,11 @@ def run_layout(a, name, ranks, flags, work):
 
 def summarize(a, name, ranks, flags, steps):
     tp = int(flag_value(flags, "--tp", "1"))
+    cp = int(flag_value(flags, "--cp", "1"))
     n = len(steps)
     mean = lambda key: sum(s[key] for s in steps) / n  # noqa: E731
-    row = {"layout": name, "ranks": ranks, "dp": ranks // tp, "tp": tp, "flags": " ".join(flags)}
+    row = {"layout": name, "ranks": ranks, "dp": ranks // (tp * cp), "cp": cp, "tp": tp,
+           "flags": " ".join(flags)}
     row["step_ms"] = mean("step_ms")
     row["tokens_per_s"] = n * a.batch_size * a.block_size / (sum(s["step_ms"] for s in steps) / 1e3)
     for key in ("forward_ms", "backward_ms", "optimizer_ms", "comm_ms"):

@@ -87,6 +87,22 @@ no_sync for all micro-steps but the last):
   whole gradient although each rank reads only its 1/D, then gathers: 2*4P(D-1)/D +
   e*P(D-1)/D, 1.5x DDP in fp32 (the paper's stage 1 costs 2*Psi, as a reduce-scatter would).
 
+Context parallelism (cp > 1; parallel/ring_attention.h, launch/parallelize.h): the cp ranks of
+a group take the same b sequences, each its T/cp tokens (two chunks), so every per-token term
+above uses N = b*T/cp, and wpe's gathered gradient rows under sequence parallelism are
+e*(T/cp)*C. Ring attention exchanges blocks with the neighbours in the cp ring (group "cp",
+kind "send_recv", counted as the bytes sent), per block and micro-step, with
+kv = 2*b*(T/cp)*C/t (k and v of the local heads):
+    forward   (cp-1) * e*kv       the key/value blocks travel once around the ring
+    backward  (cp-1) * e*kv       again, overlapped with the backward compute
+              + cp * 4*kv         the fp32 dk/dv accumulators, one hop per step and a last
+                                  one home
+    recompute (selective or full) + (cp-1) * e*kv: the ring's forward is replayed.
+  The gradients (and ZeRO's shards, its parameter all-gather, the gradient norm at ZeRO 2 and
+  the loss share) are reduced over the dp x cp ranks: group "dp_cp" with D = dp*cp in every
+  dp formula above (the buckets are padded to a multiple of dp*cp). With cp = 1 that group
+  is the "dp" communicator itself and keeps its name.
+
 No "world" collective runs inside train_step in train_gpt (the fp16 GradScaler, whose found-inf
 agreement is a world all_reduce, is not used: bf16 and fp32 need no loss scaling); the
 stop-agreement (world all_reduce) and validation (dp all_reduce) run between steps and are not
@@ -94,6 +110,7 @@ counted.
 
 Command line (train_gpt's flag names; --dp since train_gpt infers dp = world / tp):
   comm_theory.py --dp 2 --tp 2 --zero 1 --sequence-parallel [--terms]
+  comm_theory.py --dp 1 --cp 2 --tp 2 --sequence-parallel
 """
 import argparse
 import json
@@ -147,7 +164,7 @@ def round_up(n, multiple):
 
 
 def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
-                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16):
+                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1):
     """[(key, what, bytes)] of one step on one rank; theory_bytes sums them per key."""
     L, C, T, D, t = n_layer, n_embd, block_size, dp, tp
     b = micro_batch_size or batch_size // D
@@ -155,15 +172,17 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
         raise ValueError(f"batch_size {batch_size} is not a multiple of dp {D} x micro-batch {b}")
     if n_embd % n_head or n_head % t:
         raise ValueError(f"n_head {n_head} must divide n_embd {n_embd} and be divisible by tp {t}")
-    if sequence_parallel and (t == 1 or T % t):
-        raise ValueError("sequence parallelism needs tp > 1 dividing block_size")
+    if cp < 1 or (cp > 1 and T % (2 * cp)):
+        raise ValueError(f"cp {cp}: 2 x cp must divide block_size {T}")
+    if sequence_parallel and (t == 1 or (T // cp) % t):
+        raise ValueError("sequence parallelism needs tp > 1 dividing block_size / cp")
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute {recompute!r}: none, selective or full")
     if zero not in (0, 1, 2):
         raise ValueError(f"zero {zero}: 0, 1 or 2")
     A = batch_size // (D * b)
     e = 2 if bf16 else FP32
-    N = b * T
+    N = b * T // cp  # this rank's tokens of a micro-batch
     act = e * N * C  # one [b, T, C] activation
     full = recompute == "full"
     terms = []
@@ -191,7 +210,8 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
                 A * 2 * L * act)
             add("tp all_gather", "grad of the embedding reduce-scatter, backward: e*N*C" + per,
                 A * act)
-            add("tp all_gather", "wpe gradient rows, backward: e*T*C" + per, A * e * T * C)
+            add("tp all_gather", "wpe gradient rows, backward: e*(T/cp)*C" + per,
+                A * e * T // cp * C)
             add("tp reduce_scatter", "row-parallel c_proj outputs, forward: 2L*e*N*C" + per,
                 A * 2 * L * act)
             add("tp reduce_scatter", "embedding partial sums, forward: e*N*C" + per, A * act)
@@ -210,33 +230,47 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
             "fp32: 12N" + per, A * 12 * N)
         add("tp all_reduce", "gradient norm: partitioned squared sum, one double", DOUBLE)
 
-    if D > 1:
+    if cp > 1:
+        per = f" (x{A} micro-steps)" if A > 1 else ""
+        kv = 2 * b * (T // cp) * (C // t)  # elements of one k|v block of the local heads
+        add("cp send_recv", f"ring attention forward: (cp-1)*e*kv per block, L={L}" + per,
+            A * L * (cp - 1) * e * kv)
+        add("cp send_recv", "ring attention backward: (cp-1)*e*kv + cp*4*kv (fp32 dk/dv) per "
+            "block" + per, A * L * ((cp - 1) * e * kv + cp * FP32 * kv))
+        if recompute != "none":
+            add("cp send_recv", f"{recompute} recompute replays the ring's forward: "
+                "(cp-1)*e*kv per block" + per, A * L * (cp - 1) * e * kv)
+
+    G = D * cp  # the gradients are reduced over dp x cp
+    g = "dp_cp" if cp > 1 else "dp"
+    if G > 1:
         numels = [n for _, n in local_parameters(vocab_size=vocab_size, block_size=T,
                                                  n_layer=L, n_embd=C, tp=t)]
-        padded = [round_up(max(n, 1), D) for n in bucket_numels(numels)]
+        padded = [round_up(max(n, 1), G) for n in bucket_numels(numels)]
         flat = sum(padded)
         nb = f"{len(padded)} bucket(s), P_pad = {flat}"
         if zero == 2:
-            add("dp reduce_scatter", f"padded fp32 gradient buckets: 4*P_pad ({nb})", FP32 * flat)
-            add("dp all_reduce", "gradient norm over the dp shards: two doubles", 2 * DOUBLE)
+            add(f"{g} reduce_scatter", f"padded fp32 gradient buckets: 4*P_pad ({nb})",
+                FP32 * flat)
+            add(f"{g} all_reduce", "gradient norm over the shards: two doubles", 2 * DOUBLE)
         else:
-            add("dp all_reduce", f"padded fp32 gradient buckets: 4*P_pad ({nb})", FP32 * flat)
+            add(f"{g} all_reduce", f"padded fp32 gradient buckets: 4*P_pad ({nb})", FP32 * flat)
         if zero >= 1:
-            add("dp all_gather", f"updated parameter shards, param dtype: e*P_pad ({nb})",
+            add(f"{g} all_gather", f"updated parameter shards, param dtype: e*P_pad ({nb})",
                 e * flat)
-        add("dp all_reduce", "loss share (a double)", DOUBLE)
+        add(f"{g} all_reduce", "loss share (a double)", DOUBLE)
     return terms
 
 
 def theory_bytes(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
-                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16):
+                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1):
     """{"<group> <kind>": bytes} of one optimizer step on one rank, as the Trainer reports."""
     out = {}
     for key, _, nbytes in theory_terms(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
             n_embd=n_embd, batch_size=batch_size, micro_batch_size=micro_batch_size, dp=dp,
             tp=tp, zero=zero, sequence_parallel=sequence_parallel, recompute=recompute,
-            bf16=bf16):
+            bf16=bf16, cp=cp):
         out[key] = out.get(key, 0) + nbytes
     return dict(sorted(out.items()))
 
@@ -250,8 +284,10 @@ def main(argv=None):
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=0, help="0: batch-size / dp")
-    p.add_argument("--dp", type=int, default=1, help="DP ranks (train_gpt: world size / tp)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="DP ranks (train_gpt: world size / (cp x tp))")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (ring attention)")
     p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2))
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
@@ -260,7 +296,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     kw = dict(vocab_size=a.vocab_size, block_size=a.block_size, n_layer=a.n_layer,
               n_head=a.n_head, n_embd=a.n_embd, batch_size=a.batch_size,
-              micro_batch_size=a.micro_batch_size, dp=a.dp, tp=a.tp, zero=a.zero,
+              micro_batch_size=a.micro_batch_size, dp=a.dp, tp=a.tp, cp=a.cp, zero=a.zero,
               sequence_parallel=a.sequence_parallel, recompute=a.recompute,
               bf16=a.precision == "bf16")
     predicted = theory_bytes(**kw)
