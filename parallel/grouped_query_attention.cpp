@@ -96,8 +96,8 @@ torch::Tensor GroupedQueryAttentionImpl::forward(const torch::Tensor& x) {
   const auto heads = [&](const torch::Tensor& m, int64_t n) {
     return m.view({b, t, n, d}).transpose(1, 2); // [B, n, T, D]
   };
-  const auto [cos, sin] = rotary->cos_sin(
-      torch::arange(t, torch::TensorOptions().dtype(torch::kLong).device(x.device())));
+  // This rank's positions (under context parallelism its two chunks of the sequence).
+  const auto [cos, sin] = rotary->cos_sin(rotary->positions(t, x.device()));
   const auto q = apply_rotary(heads(qkv[0], h), cos, sin);   // [B, h, T, D]
   const auto k = apply_rotary(heads(qkv[1], hkv), cos, sin); // [B, hkv, T, D]
   const auto v = heads(qkv[2], hkv);                         // [B, hkv, T, D]

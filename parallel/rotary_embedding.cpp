@@ -17,6 +17,18 @@ void RotaryEmbeddingImpl::pretty_print(std::ostream& stream) const {
          << ", theta=" << options_.theta() << ")";
 }
 
+void RotaryEmbeddingImpl::apply_context_parallel(const ContextParallelism& cp) {
+  MT_CHECK(cp.group != nullptr, "RotaryEmbedding: the cp communicator is null");
+  cp_ = cp;
+}
+
+torch::Tensor RotaryEmbeddingImpl::positions(int64_t t, const torch::Device& device) const {
+  if (cp_.size() == 1) {
+    return torch::arange(t, torch::TensorOptions().dtype(torch::kLong).device(device));
+  }
+  return context_positions(t, cp_.size(), cp_.rank(), cp_.split).to(device);
+}
+
 std::pair<torch::Tensor, torch::Tensor>
 RotaryEmbeddingImpl::cos_sin(const torch::Tensor& positions) const {
   MT_CHECK(positions.dim() == 1 && !positions.is_floating_point(),
@@ -35,11 +47,7 @@ RotaryEmbeddingImpl::cos_sin(const torch::Tensor& positions) const {
 torch::Tensor RotaryEmbeddingImpl::forward(const torch::Tensor& x, const torch::Tensor& positions) {
   MT_CHECK(x.dim() >= 2 && x.size(-1) == options_.head_dim(), "RotaryEmbedding: input has sizes ",
            x.sizes(), "; expected [.., T, D = ", options_.head_dim(), "]");
-  const auto pos =
-      positions.defined()
-          ? positions
-          : torch::arange(x.size(-2),
-                          torch::TensorOptions().dtype(torch::kLong).device(x.device()));
+  const auto pos = positions.defined() ? positions : this->positions(x.size(-2), x.device());
   MT_CHECK(pos.dim() == 1 && pos.size(0) == x.size(-2), "RotaryEmbedding: ", pos.numel(),
            " positions for a sequence of ", x.size(-2));
   const auto [cos, sin] = cos_sin(pos);

@@ -11,9 +11,13 @@
 //
 // No parameters, no buffers (nothing to checkpoint, shard or convert to bf16) and no
 // communication: a head never spans ranks, so tensor and sequence parallelism leave it alone
-// (under sequence parallelism attention gathers the full sequence before it). Positions are
-// explicit so a caller holding a part of the sequence passes that part's positions.
+// (under sequence parallelism attention gathers the full sequence before it). Under context
+// parallelism (parallel/context_parallel.h) a rank holds two chunks of every sequence:
+// positions() then gives the global positions of those chunks, so the angles are those of the
+// cp = 1 model.
 #pragma once
+
+#include "meshtrain/parallel/context_parallel.h"
 
 #include <torch/torch.h>
 
@@ -25,16 +29,24 @@ struct RotaryEmbeddingOptions {
   TORCH_ARG(double, theta) = 10000.0;
 };
 
-class RotaryEmbeddingImpl : public torch::nn::Cloneable<RotaryEmbeddingImpl> {
+class RotaryEmbeddingImpl : public torch::nn::Cloneable<RotaryEmbeddingImpl>,
+                            public ContextParallelLayer {
 public:
   explicit RotaryEmbeddingImpl(RotaryEmbeddingOptions options);
+
+  // From now on a sequence of t local tokens is this cp rank's two chunks of t x cp.
+  void apply_context_parallel(const ContextParallelism& cp) override;
 
   void reset() override {}
   void pretty_print(std::ostream& stream) const override;
 
   // x [.., T, D] with positions [T] int64 -> [.., T, D], x's dtype. Without positions (an
-  // undefined tensor): 0 .. T-1, a whole sequence.
+  // undefined tensor): positions(T), this rank's tokens.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& positions = {});
+
+  // The global positions of a local sequence of t tokens, int64 [t]: 0 .. t-1, or under
+  // context parallelism those of this rank's two chunks of t x cp (context_positions).
+  torch::Tensor positions(int64_t t, const torch::Device& device) const;
 
   // cos and sin of the angles, [T, D] fp32 each, for positions [T].
   std::pair<torch::Tensor, torch::Tensor> cos_sin(const torch::Tensor& positions) const;
@@ -43,6 +55,7 @@ public:
 
 private:
   RotaryEmbeddingOptions options_;
+  ContextParallelism cp_{make_self_communicator()};
 };
 
 TORCH_MODULE(RotaryEmbedding);

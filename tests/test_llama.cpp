@@ -260,6 +260,7 @@ TEST_CASE("Llama + Trainer: 20 fp32 steps of every layout equal the serial run",
 
   struct Layout {
     std::string name;
+    int cp;
     int tp;
     bool sp;
     int zero;
@@ -268,29 +269,35 @@ TEST_CASE("Llama + Trainer: 20 fp32 steps of every layout equal the serial run",
   };
   const auto none = RecomputeMode::kNone;
   std::vector<Layout> layouts = {
-      {"dp", 1, false, 0, 1, none},
-      {"dp, ZeRO-2", 1, false, 2, 1, none},
-      {"tp2", 2, false, 0, 1, none},
-      {"tp2 + sequence parallel", 2, true, 0, 1, none},
-      {"dp, accumulation 4", 1, false, 0, 4, none},
-      {"tp2 + sequence parallel, full recompute", 2, true, 0, 1, RecomputeMode::kFull},
-      {"tp2, selective recompute", 2, false, 1, 1, RecomputeMode::kSelective},
+      {"dp", 1, 1, false, 0, 1, none},
+      {"dp, ZeRO-2", 1, 1, false, 2, 1, none},
+      {"tp2", 1, 2, false, 0, 1, none},
+      {"tp2 + sequence parallel", 1, 2, true, 0, 1, none},
+      {"dp, accumulation 4", 1, 1, false, 0, 4, none},
+      {"tp2 + sequence parallel, full recompute", 1, 2, true, 0, 1, RecomputeMode::kFull},
+      {"tp2, selective recompute", 1, 2, false, 1, 1, RecomputeMode::kSelective},
+      {"cp2", 2, 1, false, 0, 1, none},
+      {"cp2, selective recompute", 2, 1, false, 1, 1, RecomputeMode::kSelective},
   };
   if (world % 4 == 0) {
-    layouts.push_back({"dp2 x tp2, ZeRO-2", 2, false, 2, 1, none});
-    layouts.push_back({"dp2 x tp2 + sequence parallel, ZeRO-2, accumulation 2, selective", 2, true,
-                       2, 2, RecomputeMode::kSelective});
+    layouts.push_back({"dp2 x tp2, ZeRO-2", 1, 2, false, 2, 1, none});
+    layouts.push_back({"dp2 x tp2 + sequence parallel, ZeRO-2, accumulation 2, selective", 1, 2,
+                       true, 2, 2, RecomputeMode::kSelective});
+    // Context parallelism: the rotary angles of each rank's two chunks, ring attention with
+    // grouped-query kv heads.
+    layouts.push_back({"cp2 x tp2 + sequence parallel", 2, 2, true, 0, 1, none});
   }
   for (const auto& l : layouts) {
-    const Mesh mesh(ParallelDims{-1, 1, l.tp, 1}, rt.world());
+    const Mesh mesh(ParallelDims{-1, l.cp, l.tp, 1}, rt.world());
     const int64_t dp = mesh.group("dp")->size();
     auto plan = test_plan(mesh, l.zero, l.sp, kGlobalBatch / (dp * l.accumulation));
     plan.recompute = l.recompute;
     const auto run = train_run(mesh, files, plan);
     for (int s = 0; s < kSteps; ++s) {
-      INFO(rank_tag() << l.name << " (dp " << dp << " x tp " << l.tp << "), step " << s + 1
-                      << ": loss " << run.losses[s] << " vs serial " << serial.losses[s]
-                      << ", grad norm " << run.norms[s] << " vs " << serial.norms[s]);
+      INFO(rank_tag() << l.name << " (dp " << dp << " x cp " << l.cp << " x tp " << l.tp
+                      << "), step " << s + 1 << ": loss " << run.losses[s] << " vs serial "
+                      << serial.losses[s] << ", grad norm " << run.norms[s] << " vs "
+                      << serial.norms[s]);
       CHECK(std::abs(run.losses[s] - serial.losses[s]) <= 1e-5 * std::abs(serial.losses[s]));
       // The gradient norm (a sum of squares over every parameter, reduced in another order
       // by each layout) is checked less tightly than the losses: measured up to 1.1e-5

@@ -15,10 +15,17 @@
 #include <limits>
 
 using namespace meshtrain;
+using meshtrain::testing::all_close;
+using meshtrain::testing::Closeness;
 using meshtrain::testing::rank_tag;
-using meshtrain::testing::relative_error;
 
 namespace {
+
+// Within `tol` relative per element, with an absolute floor of `tol` times the largest element
+// of `expected` (an element near zero is a difference of O(max) terms in fp32).
+Closeness close_to(const torch::Tensor& actual, const torch::Tensor& expected, double tol) {
+  return all_close(actual, expected, tol, tol * expected.abs().max().item<double>());
+}
 
 // softmax(q k^T / sqrt(D), causal) v with k, v repeated to q's heads (grouped-query attention
 // as Hugging Face's repeat_kv does it): q [B, h, T, D], k, v [B, hkv, T, D].
@@ -149,17 +156,14 @@ TEST_CASE("Ring attention: outputs and q/k/v gradients equal full causal attenti
         };
         const std::string what = rank_tag() + "cp " + std::to_string(cp) + " " + to_string(split) +
                                  ", kv heads " + std::to_string(hkv);
-        INFO(what << ": out " << relative_error(out, mine(want)) << ", dq "
-                  << relative_error(lq.grad(), mine(fq.grad())) << ", dk "
-                  << relative_error(lk.grad(), mine(fk.grad())) << ", dv "
-                  << relative_error(lv.grad(), mine(fv.grad())));
+        INFO(what);
         CHECK(out.scalar_type() == torch::kFloat);
-        CHECK(relative_error(out, mine(want)) <= 1e-6);
-        CHECK(relative_error(lq.grad(), mine(fq.grad())) <= 1e-6);
-        CHECK(relative_error(lk.grad(), mine(fk.grad())) <= 1e-6);
-        CHECK(relative_error(lv.grad(), mine(fv.grad())) <= 1e-6);
+        CHECK(close_to(out, mine(want), 1e-6));
+        CHECK(close_to(lq.grad(), mine(fq.grad()), 1e-6));
+        CHECK(close_to(lk.grad(), mine(fk.grad()), 1e-6));
+        CHECK(close_to(lv.grad(), mine(fv.grad()), 1e-6));
         // The cp ranks' outputs put back in sequence order are the full output.
-        CHECK(relative_error(gather_context_chunks(out, 2, group, split), want) <= 1e-6);
+        CHECK(close_to(gather_context_chunks(out, 2, group, split), want, 1e-6));
         // The pairs the ring computed are the closed form's.
         const auto expect = ring_attention_work(B * H, T, D, cp, rank, split);
         CHECK(work->full_pairs == expect.full_pairs);
@@ -181,11 +185,10 @@ TEST_CASE("Ring attention: outputs and q/k/v gradients equal full causal attenti
     const auto lq = low(q), lk = low(k), lv = low(v);
     const auto out = ring_attention(lq, lk, lv, group);
     out.sum().backward();
-    INFO(rank_tag() << "cp " << cp << " bf16: relative error "
-                    << relative_error(out.to(torch::kFloat), want));
+    INFO(rank_tag() << "cp " << cp << " bf16");
     CHECK(out.scalar_type() == torch::kBFloat16);
     CHECK(lk.grad().scalar_type() == torch::kBFloat16);
-    CHECK(relative_error(out.to(torch::kFloat), want) <= 2e-2);
+    CHECK(close_to(out.to(torch::kFloat), want, 2e-2));
   }
 }
 
@@ -201,5 +204,5 @@ TEST_CASE("Ring attention: bad shapes are named", "[cp]") {
   // A group of one: plain causal attention, chunk by chunk.
   const auto k = torch::randn({1, 4, 8, 4});
   const auto v = torch::randn({1, 4, 8, 4});
-  CHECK(relative_error(ring_attention(q, k, v, group), full_causal_attention(q, k, v)) <= 1e-6);
+  CHECK(close_to(ring_attention(q, k, v, group), full_causal_attention(q, k, v), 1e-6));
 }
