@@ -785,7 +785,9 @@ std::string CheckpointManager::save(Trainer& trainer) {
 
   // 2. Every rank writes its optimizer shard; DP rank 0 of each TP rank its model shard.
   //    Sizes and checksums: [optim bytes, optim hash, model bytes, model hash] per rank.
+  //    ZeRO-3 gathers the parameters for it (collective: every rank is here).
   auto sums = torch::zeros({4}, torch::kLong);
+  const GatheredParameters whole(trainer.shards());
   error = error_of([&] {
     const ZeroStateDict state = trainer.optimizer().state_dict();
     NamedTensors tensors;

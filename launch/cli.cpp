@@ -194,7 +194,12 @@ void add_layout_flags(cxxopts::Options& options, int64_t default_batch) {
     ("cp", "context-parallel ranks: each holds 2 of 2 cp chunks of every sequence, attention "
            "is ring attention (2 cp must divide --block-size); default: MESHTRAIN_CP (set by "
            "meshrun --cp) or 1", text(default_from_env("MESHTRAIN_CP")))
-    ("zero", "ZeRO stage: 0, 1 (optimizer state sharded over dp), 2 (+ gradients)", text("0"))
+    ("zero", "ZeRO stage: 0, 1 (optimizer state sharded over dp), 2 (+ gradients), 3 (+ "
+             "parameters, gathered a block at a time)", text("0"))
+    ("reshard-after-forward", "ZeRO-3: free a block's gathered parameters after its forward "
+                              "and gather them again for backward (=false: keep them)",
+     boolean(true))
+    ("prefetch", "ZeRO-3: blocks gathered ahead of the running one", text("1"))
     ("sequence-parallel", "sequence parallelism between the TP regions (tp > 1)", boolean())
     ("recompute", "activation recomputation: none, selective (the attention core) or full "
                   "(every transformer block)", text("none"))
@@ -210,6 +215,8 @@ ParallelPlan read_layout_flags(const ParsedFlags& flags) {
   plan.dims.tp = static_cast<int>(flags.integer("tp", 1, 1 << 16));
   plan.dims.cp = static_cast<int>(flags.integer("cp", 1, 1 << 16));
   plan.zero_stage = static_cast<int>(flags.integer("zero", 0, 1 << 16));
+  plan.reshard_after_forward = flags.flag("reshard-after-forward");
+  plan.prefetch = static_cast<int>(flags.integer("prefetch", 0, 1 << 16));
   plan.sequence_parallel = flags.flag("sequence-parallel");
   plan.recompute =
       parse_choice<RecomputeMode>("recompute", flags.str("recompute"), parse_recompute_mode);

@@ -4,6 +4,7 @@
 #include "meshtrain/core/errors.h"
 #include "meshtrain/memory/recompute.h"
 #include "meshtrain/parallel/context_parallel.h"
+#include "meshtrain/parallel/parameter_shards.h"
 #include "meshtrain/parallel/ring_attention.h"
 #include "meshtrain/parallel/tensor_parallel_layer.h"
 
@@ -56,31 +57,46 @@ void wrap_attention_cores(ParallelModel& model, AttentionCoreWrapper context_cor
 
 // The library's composition of the model's parts (parallel_model.h); under full
 // recomputation every block keeps only its input. Under context parallelism the model sees
-// this rank's two chunks of every sequence (inputs and targets alike).
+// this rank's two chunks of every sequence (inputs and targets alike). Under ZeRO-3 each part
+// runs with its parameters gathered (parallel/parameter_shards.h); a recomputed block makes
+// sure of its gather again in backward (its backward hook has done it already).
 LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMode mode,
-                       const ContextParallelism& cp) {
+                       const ContextParallelism& cp, std::shared_ptr<ParameterShards> shards) {
   auto blocks = parallel_blocks(*model);
   const bool full = mode == RecomputeMode::kFull;
-  return [model, blocks = std::move(blocks), full, cp](const MicroBatch& whole) {
+  return [model, blocks = std::move(blocks), full, cp, shards](const MicroBatch& whole) {
     const MicroBatch mb =
         cp.size() == 1
             ? whole
             : MicroBatch{take_context_chunks(whole.inputs, 1, cp.size(), cp.rank(), cp.split),
                          take_context_chunks(whole.targets, 1, cp.size(), cp.rank(), cp.split)};
-    auto x = model->embed(mb.inputs); // [b, T/cp, C] (sequence parallel: [b, T/(cp tp), C])
+    const auto embed = [&] { return model->embed(mb.inputs); };
+    // [b, T/cp, C] (sequence parallel: [b, T/(cp tp), C])
+    auto x = shards ? shards->run_embedding(embed) : embed();
     RngTracker* rng = model->rng_tracker().get();
-    for (ParallelBlock* block : blocks) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      ParallelBlock* block = blocks[i];
+      const auto index = static_cast<int64_t>(i);
+      ParameterShards::BlockFn run = [block](const torch::Tensor& in) {
+        return block->forward(in);
+      };
       if (full) {
-        x = recompute(
-            [block](const std::vector<torch::Tensor>& in) -> std::vector<torch::Tensor> {
-              return {block->forward(in[0])};
-            },
-            {x}, rng)[0];
-      } else {
-        x = block->forward(x);
+        run = [block, rng, shards, index](const torch::Tensor& in) {
+          return recompute(
+              [block, shards,
+               index](const std::vector<torch::Tensor>& inputs) -> std::vector<torch::Tensor> {
+                if (shards) {
+                  shards->ensure_gathered(index);
+                }
+                return {block->forward(inputs[0])};
+              },
+              {in}, rng)[0];
+        };
       }
+      x = shards ? shards->run_block(index, run, x) : run(x);
     }
-    return model->head_loss(x, mb.targets);
+    const auto head = [&] { return model->head_loss(x, mb.targets); };
+    return shards ? shards->run_head(head) : head();
   };
 }
 
@@ -134,18 +150,33 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
     model->to(compute_dtype(resolved.precision));
   }
 
-  Parallelized out{
-      model, mesh, resolved, nullptr, nullptr, nullptr, make_loss(model, resolved.recompute, cp)};
+  Parallelized out{model, mesh, resolved};
   if (!options.training()) {
+    out.loss = make_loss(model, resolved.recompute, cp, nullptr);
     return out;
   }
   // 6. The data-parallel reducer (fp32 reduction) and 7. the optimizer, on one bucket layout,
   //    over the dp x cp ranks: every one of them computed gradients of its own tokens.
-  out.buckets = std::make_shared<const BucketLayout>(
-      *model, mesh.group("dp_cp")->size(),
-      BucketLayoutOptions().bucket_bytes(resolved.bucket_bytes).zero_stage(resolved.zero_stage));
+  //    ZeRO-3: one bucket per block (and one for the rest), the parameters cut into shards
+  //    after the reducer's broadcast made them equal.
+  auto bucket_options =
+      BucketLayoutOptions().bucket_bytes(resolved.bucket_bytes).zero_stage(resolved.zero_stage);
+  if (resolved.zero_stage == 3) {
+    bucket_options.units(full_sharding_units(*model, model->blocks()));
+  }
+  out.buckets =
+      std::make_shared<const BucketLayout>(*model, mesh.group("dp_cp")->size(), bucket_options);
   out.reducer = std::make_shared<DataParallelReducer>(*model, mesh, out.buckets);
-  out.optimizer = std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer());
+  if (resolved.zero_stage == 3) {
+    out.shards =
+        std::make_shared<ParameterShards>(*model, model->blocks(), mesh, out.buckets,
+                                          ParameterShardsOptions()
+                                              .reshard_after_forward(resolved.reshard_after_forward)
+                                              .prefetch(resolved.prefetch));
+  }
+  out.optimizer =
+      std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer(), out.shards);
+  out.loss = make_loss(model, resolved.recompute, cp, out.shards);
   return out;
 }
 

@@ -13,13 +13,16 @@
 //   4. recompute  selective: every AttentionCore's core (the ring under cp) wrapped in
 //                 memory/recompute; full: every block's forward recomputed in backward
 //   5. precision  bf16: parameters and compute in bf16 (fp32 masters stay in the optimizer)
-//   6. reducer    one BucketLayout (bucket bytes, fp32 reduction, ZeRO stage) and the
-//                 DataParallelReducer over mesh.group("dp_cp") (the dp group when cp = 1;
-//                 parameters broadcast from its rank 0)
+//   6. reducer    one BucketLayout (bucket bytes, fp32 reduction, ZeRO stage; at stage 3 one
+//                 bucket per block and one for the rest) and the DataParallelReducer over
+//                 mesh.group("dp_cp") (the dp group when cp = 1; parameters broadcast from
+//                 its rank 0)
+//   6b. ZeRO-3    ParameterShards (parallel/parameter_shards.h): every parameter kept as a
+//                 1/D shard, gathered per block around its forward and backward
 //   7. optimizer  ZeroOptimizer on the same BucketLayout: AdamW/SGD state sharded per stage
 //
-// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2) and full
-// sharding (instead of 6-7) will slot into this order.
+// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2) will slot
+// into this order.
 //
 //   torch::manual_seed(seed);                     // every rank draws the same full weights
 //   auto model = std::make_shared<MyModelImpl>(config);
@@ -34,6 +37,7 @@
 #include "meshtrain/parallel/data_parallel.h"
 #include "meshtrain/parallel/parallel_model.h"
 #include "meshtrain/parallel/parallel_plan.h"
+#include "meshtrain/parallel/parameter_shards.h"
 
 #include <torch/torch.h>
 
@@ -65,6 +69,9 @@ struct Parallelized {
   std::shared_ptr<ZeroOptimizer> optimizer;
   // A micro-batch through the applied layout (recomputed blocks included).
   LossFunction loss;
+  // ZeRO-3 only: the parameters' shards (the model's parameters are unset between uses;
+  // GatheredParameters makes them whole, e.g. to read them).
+  std::shared_ptr<ParameterShards> shards;
 };
 
 // Applies `plan` to `model` on `mesh` (see above). `model` must be freshly built (serial, not

@@ -42,6 +42,7 @@ nlohmann::json to_json(const MemoryEstimate& m) {
           {"saved_layers", m.saved_layers},
           {"saved_head", m.saved_head},
           {"transient", m.transient},
+          {"gathered", m.gathered},
           {"activation_peak", m.activation_peak},
           {"optimizer_transient", m.optimizer_transient},
           {"peak", m.peak},
@@ -56,14 +57,16 @@ void print_estimate(const PlanModel& model, const ParallelPlan& layout) {
             << meshtrain::validate_plan(model, layout).describe() << "\n\n"
             << "per rank                      MiB\n"
             << "  parameters           " << mib(m.parameters) << "   (" << m.parameters_per_rank
-            << " elements)\n"
+            << " elements" << (layout.zero_stage == 3 ? "; ZeRO-3: this rank's shards" : "")
+            << ")\n"
             << "  gradients            " << mib(m.gradients) << "   (fp32 reducer buckets)\n"
             << "  optimizer state      " << mib(m.optimizer) << "   (fp32 master + AdamW moments)\n"
             << "  token batches        " << mib(m.data) << "\n"
             << "  = between steps      " << mib(m.state) << "\n"
             << "  activations, peak    " << mib(m.activation_peak) << "   (blocks "
             << mib(m.saved_layers) << ", head " << mib(m.saved_head) << ", transient "
-            << mib(m.transient) << ")\n"
+            << mib(m.transient)
+            << (m.gathered > 0 ? ", gathered parameters " + mib(m.gathered) : "") << ")\n"
             << "  optimizer step       " << mib(m.optimizer_transient) << "   (AdamW temporaries)\n"
             << "  = peak               " << mib(m.peak) << "   (state + the larger of the two)\n\n"
             << "estimated step: " << cost.step_s * 1e3 << " ms (compute " << cost.compute_s * 1e3

@@ -234,9 +234,15 @@ StepStats Trainer::train_step() {
   const int64_t blocked_before = comm_blocked_ns();
   auto loss = torch::zeros({}, torch::kDouble); // this rank's share of the global mean
   const auto m_count = static_cast<int64_t>(batches.size());
+  // ZeRO-3 reduce-scatters every micro-step into the gradient shards (its point is that no
+  // rank holds a whole gradient; FSDP does the same); the other stages reduce once per step.
+  ParameterShards* shards = parallel_.shards.get();
+  if (shards != nullptr) {
+    shards->reset_peak();
+  }
   for (int64_t m = 0; m < m_count; ++m) {
     std::optional<NoSyncGuard> guard;
-    if (m + 1 < m_count) {
+    if (m + 1 < m_count && shards == nullptr) {
       guard.emplace(reducer.no_sync()); // accumulate locally; the last micro-step reduces
     }
     torch::Tensor share;
@@ -256,11 +262,18 @@ StepStats Trainer::train_step() {
       }
     }
     loss += share.detach().to(torch::kDouble);
+    if (shards != nullptr && m + 1 < m_count) {
+      const TraceSpan span("reduce gradients", "step");
+      reducer.finish();
+    }
   }
   std::vector<torch::Tensor> grads;
   {
     const TraceSpan span("reduce gradients", "step");
     grads = reducer.finish();
+  }
+  if (shards != nullptr) {
+    shards->release_all(); // units whose gradients all arrived are freed already
   }
   const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
   const double scale = scaler_ ? scaler_->scale() : 0;

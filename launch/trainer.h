@@ -16,6 +16,8 @@
 // The loss returns the SUM of the token cross-entropies of its micro-batch; dividing every
 // micro-batch by the step's global token count B*T makes the summed gradient that of the
 // mean token loss over the whole global batch (DESIGN §3 "Loss"), whatever D, M and b are.
+// ZeRO-3 (parallel/parameter_shards.h) synchronises every micro-step instead (no no_sync:
+// backward + finish() each time, the reduce-scatters adding into the gradient shards).
 // The reported loss is the same quantity: the sum over micro-steps and DP ranks (one
 // all-reduce over dp per step). Under context parallelism (cp > 1) the cp ranks of a group
 // take the same sequences, loss() sums each rank's chunks of them (launch/parallelize.h),
@@ -166,6 +168,8 @@ public:
   ParallelModel& model() { return *parallel_.model; }
   DataParallelReducer& reducer() { return *parallel_.reducer; }
   ZeroOptimizer& optimizer() { return *parallel_.optimizer; }
+  // ZeRO-3's parameter shards; null at stages 0-2.
+  ParameterShards* shards() { return parallel_.shards.get(); }
   // Null without options.loss_scaling.
   GradScaler* scaler() { return scaler_.get(); }
   const WarmupCosineSchedule& schedule() const { return schedule_; }

@@ -17,13 +17,16 @@ struct Layout {
   explicit Layout(const ParallelPlan& p)
       : dp(p.dims.dp), cp(p.dims.cp), tp(p.dims.tp), zero(p.zero_stage),
         sequence_parallel(p.sequence_parallel), recompute(p.recompute), precision(p.precision),
-        global_batch(p.global_batch), micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes) {}
+        global_batch(p.global_batch), micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes),
+        reshard_after_forward(p.reshard_after_forward), prefetch(p.prefetch) {}
   int64_t dp, cp, tp;
   int zero;
   bool sequence_parallel;
   RecomputeMode recompute;
   Precision precision;
   int64_t global_batch, micro_batch, bucket_bytes;
+  bool reshard_after_forward;
+  int64_t prefetch;
 };
 
 // Vp: the vocab padded to a multiple of lcm(pad, tp) (VocabParallelEmbedding).
@@ -32,13 +35,22 @@ int64_t padded_vocab(const PlanModel& m, int64_t tp) {
   return (m.vocab_size + multiple - 1) / multiple * multiple;
 }
 
-// Elements of this rank's parameters (gpt_model.h's table, sharded by tp).
-int64_t parameters_per_rank(const PlanModel& m, int64_t tp) {
+// Elements of one block's parameters on this rank (gpt_model.h's table, sharded by tp).
+int64_t block_parameters(const PlanModel& m, int64_t tp) {
   const int64_t c = m.n_embd;
-  const int64_t per_block = 12 * c * c / tp // c_attn, attn.c_proj, c_fc, mlp.c_proj weights
-                            + 7 * c / tp    // c_attn (3C) and c_fc (4C) biases
-                            + 6 * c;        // ln_1, ln_2, both c_proj biases (replicated)
-  return padded_vocab(m, tp) * c / tp + m.block_size * c + m.n_layer * per_block + 2 * c;
+  return 12 * c * c / tp // c_attn, attn.c_proj, c_fc, mlp.c_proj weights
+         + 7 * c / tp    // c_attn (3C) and c_fc (4C) biases
+         + 6 * c;        // ln_1, ln_2, both c_proj biases (replicated)
+}
+
+// Elements of this rank's parameters outside the blocks: wte (tied to the head), wpe, ln_f.
+int64_t root_parameters(const PlanModel& m, int64_t tp) {
+  return padded_vocab(m, tp) * m.n_embd / tp + m.block_size * m.n_embd + 2 * m.n_embd;
+}
+
+// Elements of this rank's parameters.
+int64_t parameters_per_rank(const PlanModel& m, int64_t tp) {
+  return root_parameters(m, tp) + m.n_layer * block_parameters(m, tp);
 }
 
 } // namespace
@@ -91,10 +103,11 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   MemoryEstimate r;
   const int64_t psi = parameters_per_rank(m, t);
   r.parameters_per_rank = psi;
-  r.parameters = psi * e;
-  // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
-  // Gradients and optimizer state are sharded over the dp x cp ranks.
+  // Gradients and optimizer state (and at ZeRO-3 the parameters) are sharded over the dp x cp
+  // ranks.
   const int64_t shards = l.dp * l.cp;
+  r.parameters = (l.zero == 3 ? psi / shards : psi) * e;
+  // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
   r.gradients = (l.zero >= 2 ? psi / shards : psi) * kFp32;
   // fp32 master weights and the two AdamW moments of the owned elements.
   r.optimizer = 3 * (l.zero >= 1 ? psi / shards : psi) * kFp32;
@@ -135,10 +148,24 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   r.saved_head = (dropout ? stream * e : 0) + stream * e + 2 * (n / sigma) * kFp32 + n * C * e +
                  logits * kFp32;
 
+  // ---- ZeRO-3 (parallel/parameter_shards.h): the units gathered at the activation peak, the
+  // start of backward: the root (embedding and head, kept since the head ran), the last
+  // block gathered again and the prefetched ones; every block without resharding.
+  const int64_t block_params = block_parameters(m, t);
+  const int64_t root_params = root_parameters(m, t);
+  if (l.zero == 3) {
+    const int64_t blocks = l.reshard_after_forward ? std::min(1 + l.prefetch, L) : L;
+    r.gathered = (root_params + blocks * block_params) * e;
+  }
+
   // ---- transients on top of what is saved; the largest of three moments.
   // ZeRO-2: a bucket's full-size fp32 staging lives from its first gradient to its
-  // reduce-scatter; the wte gradient arrives first, so one bucket is already there.
-  const int64_t staging = l.zero >= 2 ? std::min(psi * kFp32, l.bucket_bytes) : 0;
+  // reduce-scatter; the wte gradient arrives first, so one bucket is already there. ZeRO-3:
+  // the buckets are the units: the root's (from ln_f's gradient to the end of backward) and
+  // the running block's.
+  const int64_t staging = l.zero == 3   ? (root_params + block_params) * kFp32
+                          : l.zero == 2 ? std::min(psi * kFp32, l.bucket_bytes)
+                                        : 0;
   // (1) the end of the loss: the logits (model dtype), the fp32 copy of bf16 logits, the
   // padding-masked copy, and the shifted logits.
   const int64_t loss_end =
@@ -149,12 +176,20 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   // (3) full recomputation: the last block runs again with everything it saves, while the
   // inputs of all blocks are still kept; plus the gradients flowing through it (the MLP's
   // [n, 4C/t] and the stream's) and wte's gradient.
+  const int64_t replayed_block =
+      (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
   int64_t replay = 0;
   if (l.recompute == RecomputeMode::kFull) {
-    const int64_t replayed_block =
-        (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
     replay = replayed_block + (2 * 4 * n * C / t + 2 * stream) * e + vp / t * C * e + staging -
              r.saved_head;
+  }
+  // (5) ZeRO-3 in the middle of backward (the head freed): autograd's gradients of two blocks
+  // (the finished unit's are dropped only when the next one finishes) and the staging; under
+  // full recomputation the replayed block besides. What dominates when activations are small.
+  int64_t sharded_backward = 0;
+  if (l.zero == 3) {
+    sharded_backward = (l.recompute == RecomputeMode::kFull ? replayed_block : 0) +
+                       2 * block_params * e + staging - r.saved_head;
   }
   // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
   // the block's MLP part (ln_2 and c_fc inputs, GELU's input and output) are freed by then;
@@ -172,14 +207,16 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     ring_backward = replayed + 2 * b * (a / t) * c * c * kFp32 + 7 * local * kFp32 + 5 * local * e +
                     2 * stream * e - mlp_saved - r.saved_head;
   }
-  r.transient = std::max({loss_end, backward_start, replay, ring_backward, int64_t{0}});
-  r.activation_peak = r.saved_layers + r.saved_head + r.transient;
+  r.transient =
+      std::max({loss_end, backward_start, replay, ring_backward, sharded_backward, int64_t{0}});
+  r.activation_peak = r.saved_layers + r.saved_head + r.transient + r.gathered;
   // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
   // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
   // optim/adamw.cpp). With small micro-batches this, not the activations, is the peak.
   const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
-  const int64_t owned_per_bucket =
-      l.zero >= 1 ? std::min(psi, bucket_elements) / shards : std::min(psi, bucket_elements);
+  const int64_t largest_bucket =
+      l.zero == 3 ? std::max(root_params, block_params) : std::min(psi, bucket_elements);
+  const int64_t owned_per_bucket = l.zero >= 1 ? largest_bucket / shards : largest_bucket;
   r.optimizer_transient = 2 * owned_per_bucket * kFp32;
   r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
   return r;
@@ -242,9 +279,18 @@ PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanH
   if (shards > 1) {
     const double psi = static_cast<double>(parameters_per_rank(m, l.tp));
     const double grads = psi * kFp32;
-    bytes += (l.zero >= 2 ? 1.0 : 2.0) * (shards - 1) / shards * grads; // all-reduce or r-s
-    if (l.zero >= 1) {
-      bytes += (shards - 1) / shards * psi * static_cast<double>(e); // parameter all-gather
+    const double gather = (shards - 1) / shards * psi * static_cast<double>(e);
+    if (l.zero == 3) {
+      // Every micro-step: the gradients reduce-scattered, the parameters gathered for forward
+      // and (resharded after it) again for backward.
+      const double gathers = l.reshard_after_forward ? 2.0 : 1.0;
+      bytes +=
+          static_cast<double>(micro_steps) * ((shards - 1) / shards * grads + gathers * gather);
+    } else {
+      bytes += (l.zero >= 2 ? 1.0 : 2.0) * (shards - 1) / shards * grads; // all-reduce or r-s
+      if (l.zero >= 1) {
+        bytes += gather; // parameter all-gather after the update
+      }
     }
   }
   cost.comm_bytes = static_cast<int64_t>(bytes);
@@ -261,7 +307,7 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
   std::vector<RankedLayout> out;
   for (int cp = 1; cp <= world; ++cp) {
     for (int tp = 1; tp <= world; ++tp) {
-      for (int zero = 0; zero <= 2; ++zero) {
+      for (int zero = 0; zero <= 3; ++zero) {
         for (bool sp : {false, true}) {
           for (auto mode :
                {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {

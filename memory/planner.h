@@ -46,16 +46,17 @@ ParallelPlan validate_plan(const PlanModel& model, const ParallelPlan& plan);
 // update rises above it, after backward. `peak` = state + the larger of the two (the
 // Trainer's mem_tensor_peak_bytes).
 struct MemoryEstimate {
-  int64_t parameters = 0;
-  int64_t gradients = 0; // the reducer's persistent buffer (fp32)
-  int64_t optimizer = 0; // fp32 master weights + AdamW moments of the owned shard
-  int64_t data = 0;      // the step's token batches (int64 inputs and targets)
+  int64_t parameters = 0; // ZeRO-3: this rank's shards
+  int64_t gradients = 0;  // the reducer's persistent buffer (fp32)
+  int64_t optimizer = 0;  // fp32 master weights + AdamW moments of the owned shard
+  int64_t data = 0;       // the step's token batches (int64 inputs and targets)
   int64_t state = 0;
   // Parts of activation_peak: saved for backward at the end of forward (layers, then the
   // embedding / final LayerNorm / loss head), and the largest transient on top of them.
   int64_t saved_layers = 0;
   int64_t saved_head = 0;
   int64_t transient = 0;
+  int64_t gathered = 0; // ZeRO-3: parameters gathered at the activation peak
   int64_t activation_peak = 0;
   int64_t optimizer_transient = 0;
   int64_t peak = 0;
@@ -84,7 +85,7 @@ struct RankedLayout {
   MemoryEstimate memory;
   PlanCost cost;
 };
-// Every layout of `world` ranks (dp x cp x tp, ZeRO 0-2, sequence parallel, recompute modes,
+// Every layout of `world` ranks (dp x cp x tp, ZeRO 0-3, sequence parallel, recompute modes,
 // micro-batch sizes dividing B / dp) with the precision and global batch of `fixed` whose estimated
 // peak fits `budget_bytes`, fastest first (ties: smaller peak).
 std::vector<RankedLayout> plan_layouts(const PlanModel& model, int64_t world,

@@ -4,6 +4,7 @@
 #include "meshtrain/core/errors.h"
 #include "meshtrain/optim/clip.h"
 #include "meshtrain/optim/param_groups.h"
+#include "meshtrain/parallel/parameter_shards.h"
 
 namespace meshtrain {
 namespace {
@@ -15,10 +16,18 @@ int64_t nbytes(const torch::Tensor& t) {
 } // namespace
 
 ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh,
-                             BucketLayoutPtr layout, ZeroOptions options)
+                             BucketLayoutPtr layout, ZeroOptions options,
+                             std::shared_ptr<ParameterShards> shards)
     : layout_(std::move(layout)), options_(std::move(options)), dp_(mesh.group("dp_cp")),
-      tp_(mesh.group("tp")) {
+      tp_(mesh.group("tp")), shards_(std::move(shards)) {
   MT_CHECK(layout_ != nullptr, "ZeroOptimizer: the bucket layout is null");
+  MT_CHECK(layout_->shards_parameters() == (shards_ != nullptr), "ZeroOptimizer: ZeRO stage ",
+           layout_->zero_stage(),
+           layout_->shards_parameters()
+               ? " needs the ParameterShards that hold the parameters"
+               : " keeps whole parameters; a ParameterShards is for ZeRO stage 3");
+  MT_CHECK(shards_ == nullptr || &shards_->layout() == layout_.get(),
+           "ZeroOptimizer: the ParameterShards were built on another bucket layout");
   MT_CHECK(layout_->dp() == dp_->size(), "ZeroOptimizer: the bucket layout is for dp ",
            layout_->dp(), ", the mesh's dp x cp group has ", dp_->size(), " ranks");
   layout_->check_model(model, "ZeroOptimizer");
@@ -61,16 +70,23 @@ ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh,
   num_parameters_ = layout_->numel();
   padded_numel_ = layout_->padded_numel();
 
-  // Flat parameter buffers; the parameters become views of them. Padding stays zero.
+  // Flat parameter buffers; the parameters become views of them. Padding stays zero. At
+  // stage 3 the shards hold them already.
   torch::NoGradGuard no_grad;
   int64_t owned = 0;
-  for (auto& bucket : buckets_) {
-    const auto& first = bucket.slots.front().param;
-    bucket.params = torch::zeros({bucket.padded}, first.options().requires_grad(false));
-    for (auto& slot : bucket.slots) {
-      auto view = bucket.params.narrow(0, slot.offset, slot.numel).view(slot.param.sizes());
-      view.copy_(slot.param.detach());
-      slot.param.set_data(view);
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    auto& bucket = buckets_[b];
+    if (shards_) {
+      bucket.own = shards_->shard(static_cast<int64_t>(b));
+    } else {
+      const auto& first = bucket.slots.front().param;
+      bucket.params = torch::zeros({bucket.padded}, first.options().requires_grad(false));
+      for (auto& slot : bucket.slots) {
+        auto view = bucket.params.narrow(0, slot.offset, slot.numel).view(slot.param.sizes());
+        view.copy_(slot.param.detach());
+        slot.param.set_data(view);
+      }
+      bucket.own = bucket.params.narrow(0, bucket.own_begin, bucket.own_size);
     }
     const int64_t own_end = bucket.own_begin + bucket.own_size;
     for (size_t s = 0; s < bucket.slots.size(); ++s) {
@@ -85,8 +101,7 @@ ZeroOptimizer::ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh,
     owned += bucket.own_size;
   }
   master_ = torch::zeros(
-      {owned},
-      torch::TensorOptions().dtype(torch::kFloat).device(buckets_.front().params.device()));
+      {owned}, torch::TensorOptions().dtype(torch::kFloat).device(buckets_.front().own.device()));
   for (const auto& name : state_names()) {
     state_[name] = torch::zeros_like(master_);
   }
@@ -114,7 +129,7 @@ std::vector<std::string> ZeroOptimizer::state_names() const {
 void ZeroOptimizer::sync_master_from_params() {
   torch::NoGradGuard no_grad;
   for (auto& bucket : buckets_) {
-    bucket.master.copy_(bucket.params.narrow(0, bucket.own_begin, bucket.own_size));
+    bucket.master.copy_(bucket.own);
   }
 }
 
@@ -195,6 +210,9 @@ double ZeroOptimizer::clip_grad_norm(const std::vector<torch::Tensor>& grads, do
 }
 
 void ZeroOptimizer::check_params_in_place() const {
+  if (shards_) {
+    return; // the shards own the parameters' storage
+  }
   for (const auto& bucket : buckets_) {
     const auto* base = static_cast<const char*>(bucket.params.data_ptr());
     for (const auto& slot : bucket.slots) {
@@ -248,11 +266,11 @@ void ZeroOptimizer::write_params_and_gather() {
   torch::NoGradGuard no_grad;
   std::vector<WorkPtr> works;
   for (auto& bucket : buckets_) {
-    auto own = bucket.params.narrow(0, bucket.own_begin, bucket.own_size);
-    own.copy_(bucket.master);
-    if (stage() >= 1) {
-      // In place: the input is this rank's chunk of the output.
-      works.push_back(dp_->all_gather_async(own, bucket.params));
+    bucket.own.copy_(bucket.master);
+    if (stage() == 1 || stage() == 2) {
+      // In place: the input is this rank's chunk of the output. (Stage 3: the next forward
+      // gathers the shard.)
+      works.push_back(dp_->all_gather_async(bucket.own, bucket.params));
     }
   }
   for (auto& work : works) {

@@ -1,5 +1,5 @@
 // defines: ZeroOptions, ZeroStateDict, OwnedRange, ZeroOptimizer — AdamW or SGD on flat fp32
-// buffers, with optimizer state sharded over the data-parallel group (ZeRO stages 0-2,
+// buffers, with optimizer state sharded over the data-parallel group (ZeRO stages 0-3,
 // Rajbhandari et al. 2020; DESIGN §3). Composes with tensor parallelism: it works on this
 // rank's (TP-local) parameters and shards within the mesh's "dp_cp" group (the dp group; with
 // context parallelism the dp x cp ranks, which all hold the same parameters); the gradient
@@ -17,7 +17,11 @@
 //   stage 0: state K*P        gradients (reducer) r*P
 //   stage 1: state K*P/D      gradients          r*P
 //   stage 2: state K*P/D      gradients          r*P/D   (+ transient staging, see reducer)
-// with r the reduce dtype's size. Stage 3 (parameter sharding) is not implemented.
+//   stage 3: state K*P/D      gradients          r*P/D   parameters p*P/D (+ gathered units)
+// with r the reduce dtype's size and p the parameters'. At stage 3 the parameters are
+// parallel/parameter_shards.h's: the buckets are its units, the owned range of each is its
+// persistent shard, and a step writes the shard (the next forward gathers it) instead of
+// all-gathering the whole bucket.
 //
 // A step, given the reduced gradients of DataParallelReducer::finish() (stage 0/1: full
 // buckets [padded_b]; stage 2: this rank's shards [padded_b / D]):
@@ -82,22 +86,26 @@ struct OwnedRange {
   int64_t end = 0;
 };
 
+class ParameterShards;
+
 class ZeroOptimizer {
 public:
   // Packs the parameters of `model` into `layout`'s buckets (the reducer's) and keeps the
   // state of the ranges this rank of mesh.group("dp_cp") owns at the layout's ZeRO stage.
   // Turns the parameters into views of the flat parameter buffers (set_data): construct it
   // after loading weights, or call sync_master_from_params() after changing them.
+  // Stage 3: `shards` (required there, refused below) holds the parameters; the optimizer
+  // keeps the master weights and moments of its shards.
   ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,
-                ZeroOptions options = {});
+                ZeroOptions options = {}, std::shared_ptr<ParameterShards> shards = nullptr);
 
   // Global L2 norm of the gradients (whole model, all tp partitions, replicated parameters
   // once) before clipping; scales `grads` in place by clip_coefficient(norm, max_norm).
   // max_norm <= 0 only measures. Collective over tp, and over dp at stage 2.
   double clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm);
   // One update with the current lr. grads: per bucket, [padded_b] at stage 0/1 or
-  // [padded_b / dp] at stage 2 (any floating dtype; read as fp32). Collective over dp at
-  // stage >= 1 (all-gather of the updated parameters).
+  // [padded_b / dp] at stage 2/3 (any floating dtype; read as fp32). Collective over dp at
+  // stage 1/2 (all-gather of the updated parameters).
   void step(const std::vector<torch::Tensor>& grads);
 
   void set_lr(double lr);
@@ -148,7 +156,8 @@ private:
     int64_t padded = 0;
     int64_t own_begin = 0;
     int64_t own_size = 0;
-    torch::Tensor params; // [padded], param dtype; the parameters are views of it
+    torch::Tensor params; // [padded], param dtype; the parameters are views of it (stage < 3)
+    torch::Tensor own;    // [own_size], param dtype: params' owned range, or the stage-3 shard
     torch::Tensor master; // [own_size] fp32, view of master_
     std::map<std::string, torch::Tensor> state; // [own_size] fp32 views
   };
@@ -162,6 +171,7 @@ private:
   ZeroOptions options_;
   CommunicatorPtr dp_;
   CommunicatorPtr tp_;
+  std::shared_ptr<ParameterShards> shards_;
   std::vector<Bucket> buckets_;
   torch::Tensor master_;                       // [sum own_size] fp32
   std::map<std::string, torch::Tensor> state_; // [sum own_size] fp32 each

@@ -6,6 +6,7 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <map>
 #include <unordered_set>
 
 namespace meshtrain {
@@ -53,8 +54,13 @@ BucketLayout::BucketLayout(const torch::nn::Module& model, int dp, BucketLayoutO
     : options_(options), dp_(dp) {
   const auto dtype = options_.reduce_dtype();
   MT_CHECK(dp >= 1, "BucketLayout: dp (", dp, ") must be >= 1");
-  MT_CHECK(options_.zero_stage() >= 0 && options_.zero_stage() <= 2, "BucketLayout: ZeRO stage (",
-           options_.zero_stage(), ") must be 0, 1 or 2");
+  MT_CHECK(options_.zero_stage() >= 0 && options_.zero_stage() <= 3, "BucketLayout: ZeRO stage (",
+           options_.zero_stage(), ") must be 0, 1, 2 or 3");
+  MT_CHECK(options_.zero_stage() == 3 || options_.units().empty(),
+           "BucketLayout: units are for ZeRO stage 3; got them at stage ", options_.zero_stage());
+  MT_CHECK(options_.zero_stage() != 3 || !options_.units().empty(),
+           "BucketLayout: ZeRO stage 3 packs one bucket per block (the units parameters are "
+           "gathered by); give BucketLayoutOptions::units");
   MT_CHECK(c10::isFloatingType(dtype), "BucketLayout: reduce_dtype must be a floating dtype ",
            "(Float, BFloat16, Half, Double), got ", dtype);
   MT_CHECK(options_.bucket_bytes() > 0, "BucketLayout: bucket_bytes must be > 0, got ",
@@ -67,8 +73,10 @@ BucketLayout::BucketLayout(const torch::nn::Module& model, int dp, BucketLayoutO
     names_.push_back(name);
     numels_.push_back(p.numel());
   }
-  const auto packing = assign_buckets(numels_, static_cast<int64_t>(c10::elementSize(dtype)),
-                                      options_.bucket_bytes());
+  const auto packing = options_.units().empty()
+                           ? assign_buckets(numels_, static_cast<int64_t>(c10::elementSize(dtype)),
+                                            options_.bucket_bytes())
+                           : unit_packing(options_.units());
   for (const auto& indices : packing) {
     Bucket bucket;
     for (const int64_t i : indices) {
@@ -81,6 +89,37 @@ BucketLayout::BucketLayout(const torch::nn::Module& model, int dp, BucketLayoutO
     padded_numel_ += bucket.padded;
     buckets_.push_back(std::move(bucket));
   }
+}
+
+// Bucket b holds units[b]'s parameters, in reverse registration order (as assign_buckets
+// packs them). Returns indices into names_, like assign_buckets.
+std::vector<std::vector<int64_t>>
+BucketLayout::unit_packing(const std::vector<std::vector<std::string>>& units) const {
+  std::map<std::string, int64_t> index;
+  for (size_t i = 0; i < names_.size(); ++i) {
+    index.emplace(names_[i], static_cast<int64_t>(i));
+  }
+  std::vector<int64_t> unit_of(names_.size(), -1);
+  for (size_t u = 0; u < units.size(); ++u) {
+    MT_CHECK(!units[u].empty(), "BucketLayout: unit ", u, " has no parameters");
+    for (const auto& name : units[u]) {
+      const auto it = index.find(name);
+      MT_CHECK(it != index.end(), "BucketLayout: unit ", u, " names '", name,
+               "', which is not a trainable parameter of the model (a tied weight counts under "
+               "its first name)");
+      MT_CHECK(unit_of[it->second] < 0, "BucketLayout: '", name, "' is in units ",
+               unit_of[it->second], " and ", u, "; every parameter belongs to one unit");
+      unit_of[it->second] = static_cast<int64_t>(u);
+    }
+  }
+  for (size_t i = 0; i < names_.size(); ++i) {
+    MT_CHECK(unit_of[i] >= 0, "BucketLayout: parameter '", names_[i], "' is in no unit");
+  }
+  std::vector<std::vector<int64_t>> packing(units.size());
+  for (auto i = static_cast<int64_t>(names_.size()) - 1; i >= 0; --i) {
+    packing[unit_of[i]].push_back(i);
+  }
+  return packing;
 }
 
 int64_t BucketLayout::owned_size(int64_t b) const {

@@ -12,8 +12,11 @@
 // Ownership (ZeRO, Rajbhandari et al. 2020). Rank r of the dp group owns
 //   stage 0:   all of every bucket (nothing sharded)
 //   stage >=1: elements [r * padded_b / dp, (r + 1) * padded_b / dp) of every bucket
-// and at stage 2 the gradients themselves are reduce-scattered to that range
-// (shards_gradients()). Stage 3 is not implemented.
+// and at stage >= 2 the gradients themselves are reduce-scattered to that range
+// (shards_gradients()). At stage 3 the parameters are sharded too (parallel/parameter_shards.h)
+// and gathered a unit at a time (a block, or the parameters outside every block), so each
+// bucket is one such unit, given by BucketLayoutOptions::units instead of packed by size:
+// reduce-scatters then free a block's gradients as soon as its backward is done.
 #pragma once
 
 #include <torch/torch.h>
@@ -32,8 +35,13 @@ struct BucketLayoutOptions {
   // Dtype of the gradient buckets: gradients are accumulated, summed and sent in it.
   // kBFloat16 halves the traffic; the MPI backend still sums in fp32 and rounds once.
   TORCH_ARG(torch::Dtype, reduce_dtype) = torch::kFloat;
-  // 0: nothing sharded; 1: optimizer state sharded over dp; 2: also the gradients.
+  // 0: nothing sharded; 1: optimizer state sharded over dp; 2: also the gradients; 3: also
+  // the parameters.
   TORCH_ARG(int, zero_stage) = 0;
+  // Stage 3 only (and required there): the parameter names of each bucket, in bucket order;
+  // every trainable parameter in exactly one. Within a bucket they are packed in reverse
+  // registration order, as by size.
+  TORCH_ARG(std::vector<std::vector<std::string>>, units);
 };
 
 // One parameter's place in its bucket.
@@ -59,7 +67,8 @@ std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& num
 class BucketLayout {
 public:
   // Packs the trainable parameters of `model` for a dp group of `dp` ranks. No
-  // communication. Throws naming the value on a bad option (zero_stage outside 0..2, ...).
+  // communication. Throws naming the value on a bad option (zero_stage outside 0..3, units
+  // missing at stage 3 or not covering the parameters exactly once, ...).
   BucketLayout(const torch::nn::Module& model, int dp, BucketLayoutOptions options = {});
 
   const BucketLayoutOptions& options() const { return options_; }
@@ -67,8 +76,10 @@ public:
   int zero_stage() const { return options_.zero_stage(); }
   // Stage >= 1: the optimizer keeps master weights and moments of its owned ranges only.
   bool shards_optimizer_state() const { return zero_stage() >= 1; }
-  // Stage 2: gradients are reduce-scattered; each rank keeps its owned ranges only.
-  bool shards_gradients() const { return zero_stage() == 2; }
+  // Stage >= 2: gradients are reduce-scattered; each rank keeps its owned ranges only.
+  bool shards_gradients() const { return zero_stage() >= 2; }
+  // Stage 3: the parameters themselves are kept as the owned ranges (parameter_shards.h).
+  bool shards_parameters() const { return zero_stage() == 3; }
 
   const std::vector<Bucket>& buckets() const { return buckets_; }
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }
@@ -86,6 +97,9 @@ public:
   void check_model(const torch::nn::Module& model, const char* who) const;
 
 private:
+  std::vector<std::vector<int64_t>>
+  unit_packing(const std::vector<std::vector<std::string>>& units) const;
+
   BucketLayoutOptions options_;
   int dp_ = 1;
   std::vector<std::string> names_;

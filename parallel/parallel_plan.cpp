@@ -110,11 +110,15 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
   if (d.pp == 1 && (plan.virtual_stages != 1 || !plan.pp_layout.empty())) {
     refuse("virtual stages and a pipeline layout need pp > 1");
   }
-  if (plan.zero_stage == 3) {
-    refuse("ZeRO stage 3 (full parameter sharding) is not available yet; use 0, 1 or 2");
-  }
   if (plan.zero_stage < 0 || plan.zero_stage > 3) {
-    refuse(cat("ZeRO stage (", plan.zero_stage, ") must be 0, 1 or 2"));
+    refuse(cat("ZeRO stage (", plan.zero_stage, ") must be 0, 1, 2 or 3"));
+  }
+  if (plan.prefetch < 0 || plan.prefetch > 64) {
+    refuse(cat("the ZeRO-3 prefetch depth (", plan.prefetch, " blocks) must be in 0..64"));
+  }
+  if (plan.zero_stage != 3 && (!plan.reshard_after_forward || plan.prefetch != 1)) {
+    refuse(cat("reshard-after-forward and the prefetch depth are ZeRO-3 settings; got ZeRO ",
+               plan.zero_stage, " (use --zero 3, or leave them at their defaults)"));
   }
   if (plan.sequence_parallel && d.tp == 1) {
     refuse("sequence parallelism needs tp > 1 (it splits the sequence over the tp ranks); "
@@ -175,6 +179,9 @@ int64_t ParallelPlan::accumulation_steps() const {
 
 std::string ParallelPlan::describe() const {
   std::string out = describe_dims(dims) + ", ZeRO " + std::to_string(zero_stage);
+  if (zero_stage == 3) {
+    out += cat(" (prefetch ", prefetch, reshard_after_forward ? ", reshard after forward)" : ")");
+  }
   if (sequence_parallel) {
     out += ", sequence parallel";
   }
@@ -200,6 +207,8 @@ std::vector<std::pair<std::string, std::string>> ParallelPlan::fields() const {
           {"virtual_stages", std::to_string(virtual_stages)},
           {"pp_layout", layout},
           {"zero", std::to_string(zero_stage)},
+          {"reshard_after_forward", reshard_after_forward ? "true" : "false"},
+          {"prefetch", std::to_string(prefetch)},
           {"recompute", to_string(recompute)},
           {"precision", to_string(precision)},
           {"global_batch", std::to_string(global_batch)},

@@ -61,8 +61,15 @@ struct ParallelPlan {
   PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
   int virtual_stages = 1;
   std::vector<int64_t> pp_layout;
-  // 0: replicated state; 1: optimizer state sharded over dp; 2: also the gradients.
+  // 0: replicated state; 1: optimizer state sharded over dp; 2: also the gradients; 3: also
+  // the parameters (parallel/parameter_shards.h: gathered per block, freed after use).
   int zero_stage = 0;
+  // ZeRO-3 only. Free a block's gathered parameters after its forward and gather them again
+  // for its backward (false: keep them until the backward; one gather per micro-batch fewer,
+  // every block's parameters alive at the end of forward). And how many blocks ahead of the
+  // running one are gathered (0: none; each one more costs a block's parameters in memory).
+  bool reshard_after_forward = true;
+  int prefetch = 1;
   RecomputeMode recompute = RecomputeMode::kNone;
   Precision precision = Precision::kFp32;
   // Sequences per optimizer step over all dp ranks (B) and per forward on one dp rank (b;

@@ -160,7 +160,10 @@ TEST_CASE("Checkpoint: a checkpoint of one layout continues in another within 1e
              {{"serial", 1, 1, 0}, {"dp2 zero2", 0, 1, 2}},
              {{"cp2 zero1", 0, 1, 1, false, 2}, {"serial", 1, 1, 0}},
              {{"dp2 zero2", 0, 1, 2}, {"cp2 zero2", 0, 1, 2, false, 2}},
-             {{"cp2 zero2", 0, 1, 2, false, 2}, {"cp2 zero2", 0, 1, 2, false, 2}}};
+             {{"cp2 zero2", 0, 1, 2, false, 2}, {"cp2 zero2", 0, 1, 2, false, 2}},
+             {{"dp2 zero3", 0, 1, 3}, {"serial", 1, 1, 0}},
+             {{"dp2 zero3", 0, 1, 3}, {"dp2 zero3", 0, 1, 3}},
+             {{"tp2 zero0", 0, 2, 0}, {"dp2 zero3", 0, 1, 3}}};
   } else if (world == 4) {
     pairs = {{{"dp4 zero1", 0, 1, 1}, {"dp2 x tp2 zero0", 0, 2, 0}},
              {{"dp2 x tp2 zero2", 0, 2, 2, true}, {"dp4 zero1", 0, 1, 1}},
@@ -168,7 +171,10 @@ TEST_CASE("Checkpoint: a checkpoint of one layout continues in another within 1e
              {{"tp4", 0, 4, 0}, {"serial", 1, 1, 0}},
              {{"cp2 x dp2 zero1", 0, 1, 1, false, 2}, {"cp4 zero2", 0, 1, 2, false, 4}},
              {{"cp4 zero1", 0, 1, 1, false, 4}, {"dp2 x tp2 zero1 sp", 0, 2, 1, true}},
-             {{"serial", 1, 1, 0}, {"cp2 x tp2 sp", 0, 2, 0, true, 2}}};
+             {{"serial", 1, 1, 0}, {"cp2 x tp2 sp", 0, 2, 0, true, 2}},
+             {{"dp4 zero3", 0, 1, 3}, {"dp2 zero1", 2, 1, 1}},
+             {{"serial", 1, 1, 0}, {"dp2 x tp2 zero3", 0, 2, 3}},
+             {{"dp2 x tp2 zero3 sp", 0, 2, 3, true}, {"tp4", 0, 4, 0}}};
   }
   for (const auto& [from, to] : pairs) {
     const SharedDir dir;

@@ -73,11 +73,17 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
                    "tp may be 1, 2 or 4"});
   auto zero4 = plan_with(1);
   zero4.zero_stage = 4;
-  cases.push_back({"ZeRO 4", zero4, 2, "ZeRO stage (4) must be 0, 1 or 2"});
-  auto zero3 = plan_with(1);
-  zero3.zero_stage = 3;
-  cases.push_back(
-      {"ZeRO 3", zero3, 2, "ZeRO stage 3 (full parameter sharding) is not available yet"});
+  cases.push_back({"ZeRO 4", zero4, 2, "ZeRO stage (4) must be 0, 1, 2 or 3"});
+  auto prefetch = plan_with(1);
+  prefetch.zero_stage = 3;
+  prefetch.prefetch = -1;
+  cases.push_back({"a negative prefetch", prefetch, 2,
+                   "the ZeRO-3 prefetch depth (-1 blocks) must be in 0..64"});
+  auto keep = plan_with(1);
+  keep.zero_stage = 2;
+  keep.reshard_after_forward = false;
+  cases.push_back({"a ZeRO-3 setting at ZeRO 2", keep, 2,
+                   "reshard-after-forward and the prefetch depth are ZeRO-3 settings; got ZeRO 2"});
   auto micro = plan_with(1);
   micro.micro_batch = 3;
   cases.push_back({"a micro-batch not dividing", micro, 2,

@@ -83,6 +83,18 @@ TEST_CASE("planner: terms follow the layout", "[planner]") {
   auto zero2 = base;
   zero2.zero_stage = 2;
   CHECK(estimate_memory(m, zero2).gradients == plain.gradients / 2);
+  // ZeRO-3 shards the parameters too, and gathers the root and 1 + prefetch blocks.
+  auto zero3 = base;
+  zero3.zero_stage = 3;
+  const auto sharded = estimate_memory(m, zero3);
+  CHECK(sharded.parameters == plain.parameters_per_rank / 2 * 4);
+  CHECK(sharded.gradients == plain.gradients / 2);
+  zero3.prefetch = 2;
+  const int64_t block = (12 * m.n_embd * m.n_embd + 13 * m.n_embd) * 4; // one block's bytes
+  CHECK(estimate_memory(m, zero3).gathered - sharded.gathered == block);
+  zero3.reshard_after_forward = false;
+  CHECK(estimate_memory(m, zero3).gathered - sharded.gathered == (m.n_layer - 2) * block);
+  CHECK(plain.gathered == 0);
 
   auto selective = base;
   selective.recompute = RecomputeMode::kSelective;
@@ -141,7 +153,8 @@ TEST_CASE("planner: bad layouts are refused naming the value", "[planner]") {
   REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("tp (3) must divide n_head (4)"));
   l = layout_of();
   l.zero_stage = 4;
-  REQUIRE_THROWS_WITH(estimate_memory(m, l), Catch::Contains("ZeRO stage (4) must be 0, 1 or 2"));
+  REQUIRE_THROWS_WITH(estimate_memory(m, l),
+                      Catch::Contains("ZeRO stage (4) must be 0, 1, 2 or 3"));
   l = layout_of();
   l.sequence_parallel = true;
   REQUIRE_THROWS_WITH(estimate_memory(m, l),
@@ -163,13 +176,13 @@ TEST_CASE("planner: the budget search lists what fits, fastest first", "[planner
   PlanModel m;
   const auto fixed = layout_of();
   const auto all = plan_layouts(m, 4, fixed, int64_t{1} << 40);
-  // dp 4 x tp 1: ZeRO 0-2 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-2 x
+  // dp 4 x tp 1: ZeRO 0-3 x 3 modes x micro-batches {1, 2, 4}; dp 2 x tp 2: ZeRO 0-3 x
   // sequence parallel or not x 3 modes x {1, 2, 4, 8}; dp 1 x tp 4: ZeRO 0 x 2 x 3 x
-  // {1, 2, 4, 8, 16}. Context parallelism (ZeRO shards over dp x cp): dp 2 x cp 2: ZeRO 0-2 x
-  // 3 modes x {1, 2, 4, 8}; cp 2 x tp 2: ZeRO 0-2 x 2 x 3 x {1, 2, 4, 8, 16}; cp 4: ZeRO 0-2 x
+  // {1, 2, 4, 8, 16}. Context parallelism (ZeRO shards over dp x cp): dp 2 x cp 2: ZeRO 0-3 x
+  // 3 modes x {1, 2, 4, 8}; cp 2 x tp 2: ZeRO 0-3 x 2 x 3 x {1, 2, 4, 8, 16}; cp 4: ZeRO 0-3 x
   // 3 x {1, 2, 4, 8, 16}.
   CHECK(all.size() ==
-        3 * 3 * 3 + 3 * 2 * 3 * 4 + 1 * 2 * 3 * 5 + 3 * 3 * 4 + 3 * 2 * 3 * 5 + 3 * 3 * 5);
+        4 * 3 * 3 + 4 * 2 * 3 * 4 + 1 * 2 * 3 * 5 + 4 * 3 * 4 + 4 * 2 * 3 * 5 + 4 * 3 * 5);
   for (size_t i = 1; i < all.size(); ++i) {
     CHECK(all[i - 1].cost.step_s <= all[i].cost.step_s);
   }

@@ -480,8 +480,22 @@ TEST_CASE("ZeroOptimizer: layout and stage errors name the problem", "[zero]") {
   const auto mesh = dp_mesh();
   auto model = make_model();
   const int dp = mesh.group("dp")->size();
+  REQUIRE_THROWS_WITH(BucketLayout(*model, dp, BucketLayoutOptions().zero_stage(4)),
+                      Catch::Contains("ZeRO stage (4) must be 0, 1, 2 or 3"));
   REQUIRE_THROWS_WITH(BucketLayout(*model, dp, BucketLayoutOptions().zero_stage(3)),
-                      Catch::Contains("ZeRO stage (3) must be 0, 1 or 2"));
+                      Catch::Contains("ZeRO stage 3 packs one bucket per block") &&
+                          Catch::Contains("units"));
+  std::vector<std::string> names;
+  for (const auto& [name, p] : unique_trainable_parameters(*model)) {
+    names.push_back(name);
+  }
+  const auto stage3 = std::make_shared<const BucketLayout>(
+      *model, dp, BucketLayoutOptions().zero_stage(3).units({names}));
+  REQUIRE_THROWS_WITH(ZeroOptimizer(*model, mesh, stage3),
+                      Catch::Contains("ZeRO stage 3 needs the ParameterShards"));
+  REQUIRE_THROWS_WITH(
+      BucketLayout(*model, dp, BucketLayoutOptions().zero_stage(3).units({names, {names[0]}})),
+      Catch::Contains("' is in units 0 and 1"));
   // A layout built for another model (or another dp) is refused naming the difference.
   torch::nn::Linear other(3, 3);
   const auto foreign = std::make_shared<const BucketLayout>(*other, dp);

@@ -40,6 +40,14 @@ LAYOUTS = [
     ("dp2 selective", 2, SMALL, ["--dp", "2", "--recompute", "selective"]),
     ("dp2 full", 2, SMALL, ["--dp", "2", "--recompute", "full"]),
     ("dp2 bf16", 2, SMALL, ["--dp", "2", "--precision", "bf16"]),
+    # ZeRO-3: parameter shards, the gathered units in flight, the per-unit gradient staging.
+    ("dp2 zero3", 2, SMALL, ["--dp", "2", "--zero", "3"]),
+    ("dp4 zero3", 4, SMALL, ["--dp", "4", "--zero", "3"]),
+    ("dp2 zero3 full", 2, SMALL, ["--dp", "2", "--zero", "3", "--recompute", "full"]),
+    ("dp2 zero3 no reshard", 2, SMALL, ["--dp", "2", "--zero", "3",
+                                        "--reshard-after-forward=false"]),
+    ("dp2 tp2 zero3 sp", 4, SMALL, ["--dp", "2", "--tp", "2", "--zero", "3",
+                                    "--sequence-parallel"]),
     ("dp1 micro-batch 4", 1, SMALL, ["--micro-batch-size", "4"]),
     # Two micro-steps of 2 sequences: the optimizer step's temporaries are the peak here.
     ("dp4 bf16 micro-batch 2", 4, SMALL, ["--dp", "4", "--precision", "bf16",

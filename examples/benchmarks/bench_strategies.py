@@ -63,6 +63,10 @@ LAYOUTS = [
     ("dp4 zero1", 4, ["--zero", "1"]),
     ("dp4 zero2", 4, ["--zero", "2"]),
     ("dp2 tp2 zero2 sp", 4, ["--tp", "2", "--zero", "2", "--sequence-parallel"]),
+    ("dp2 zero3", 2, ["--zero", "3"]),
+    ("dp2 zero3 no reshard", 2, ["--zero", "3", "--reshard-after-forward=false"]),
+    ("dp4 zero3", 4, ["--zero", "3"]),
+    ("dp2 tp2 zero3 sp", 4, ["--tp", "2", "--zero", "3", "--sequence-parallel"]),
     ("dp2 tp2 selective", 4, ["--tp", "2", "--recompute", "selective"]),
     ("dp4 bf16 micro-batch 2", 4, ["--precision", "bf16", "--micro-batch-size", "2"]),
     ("cp2", 2, ["--cp", "2"]),
@@ -94,7 +98,8 @@ def theory(a, ranks, flags):
         zero=int(flag_value(flags, "--zero", "0")),
         sequence_parallel="--sequence-parallel" in flags,
         recompute=flag_value(flags, "--recompute", "none"),
-        bf16=flag_value(flags, "--precision", "fp32") == "bf16", cp=cp)
+        bf16=flag_value(flags, "--precision", "fp32") == "bf16", cp=cp,
+        reshard_after_forward="--reshard-after-forward=false" not in flags)
 
 
 def plan(a, ranks, flags):

@@ -79,6 +79,14 @@ no_sync for all micro-steps but the last):
                                                       the updated parameter shards, in the
                                                       parameters' dtype, gathered in place
                                                       into the padded flat buffer)
+  ZeRO 3 (parallel/parameter_shards.h): one bucket per block and one of the rest (wte, wpe,
+  ln_f), each padded to a multiple of D; every micro-step (no no_sync):
+                      dp reduce_scatter A * sum_k 4*P_k
+                      dp all_gather     A * g * sum_k e*P_k (g = 2 with reshard-after-forward:
+                                                      forward, and again for backward; 1 without)
+                                      + A * (2 + 2L) * 24 * D (the order agreement before
+                                                      each use: 3 int64 per rank)
+                      dp all_reduce + 16             (gradient norm)
   Loss:               dp all_reduce + 8              (Trainer: the double loss share summed
                                                       over dp after the optimizer step)
   In wire terms (ring algorithms, per rank): an all-reduce of S bytes moves 2S(D-1)/D, a
@@ -164,7 +172,8 @@ def round_up(n, multiple):
 
 
 def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
-                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1):
+                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1,
+                 reshard_after_forward=True):
     """[(key, what, bytes)] of one step on one rank; theory_bytes sums them per key."""
     L, C, T, D, t = n_layer, n_embd, block_size, dp, tp
     b = micro_batch_size or batch_size // D
@@ -178,8 +187,8 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
         raise ValueError("sequence parallelism needs tp > 1 dividing block_size / cp")
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute {recompute!r}: none, selective or full")
-    if zero not in (0, 1, 2):
-        raise ValueError(f"zero {zero}: 0, 1 or 2")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero {zero}: 0, 1, 2 or 3")
     A = batch_size // (D * b)
     e = 2 if bf16 else FP32
     N = b * T // cp  # this rank's tokens of a micro-batch
@@ -246,16 +255,34 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
     if G > 1:
         numels = [n for _, n in local_parameters(vocab_size=vocab_size, block_size=T,
                                                  n_layer=L, n_embd=C, tp=t)]
-        padded = [round_up(max(n, 1), G) for n in bucket_numels(numels)]
+        if zero == 3:
+            # One bucket per block and one of the rest (parallel/parameter_shards.h).
+            per_block = (len(numels) - 4) // L
+            units = [sum(numels[2 + i * per_block:2 + (i + 1) * per_block]) for i in range(L)]
+            units.append(numels[0] + numels[1] + numels[-2] + numels[-1])
+            padded = [round_up(n, G) for n in units]
+        else:
+            padded = [round_up(max(n, 1), G) for n in bucket_numels(numels)]
         flat = sum(padded)
         nb = f"{len(padded)} bucket(s), P_pad = {flat}"
-        if zero == 2:
+        if zero == 3:
+            per = f" (x{A} micro-steps)" if A > 1 else ""
+            gathers = 2 if reshard_after_forward else 1
+            add(f"{g} reduce_scatter", f"padded fp32 gradient units, every micro-step: "
+                f"4*P_pad ({nb})" + per, A * FP32 * flat)
+            add(f"{g} all_gather", f"parameter units gathered {gathers}x per micro-step "
+                f"(forward{', again for backward' if gathers == 2 else ''}): e*P_pad" + per,
+                A * gathers * e * flat)
+            add(f"{g} all_gather", f"order agreement before each use (2 + 2L per micro-step): "
+                f"3 int64 per rank" + per, A * (2 + 2 * L) * 3 * DOUBLE * G)
+            add(f"{g} all_reduce", "gradient norm over the shards: two doubles", 2 * DOUBLE)
+        elif zero == 2:
             add(f"{g} reduce_scatter", f"padded fp32 gradient buckets: 4*P_pad ({nb})",
                 FP32 * flat)
             add(f"{g} all_reduce", "gradient norm over the shards: two doubles", 2 * DOUBLE)
         else:
             add(f"{g} all_reduce", f"padded fp32 gradient buckets: 4*P_pad ({nb})", FP32 * flat)
-        if zero >= 1:
+        if zero in (1, 2):
             add(f"{g} all_gather", f"updated parameter shards, param dtype: e*P_pad ({nb})",
                 e * flat)
         add(f"{g} all_reduce", "loss share (a double)", DOUBLE)
@@ -263,14 +290,15 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
 
 
 def theory_bytes(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
-                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1):
+                 micro_batch_size, dp, tp, zero, sequence_parallel, recompute, bf16, cp=1,
+                 reshard_after_forward=True):
     """{"<group> <kind>": bytes} of one optimizer step on one rank, as the Trainer reports."""
     out = {}
     for key, _, nbytes in theory_terms(
             vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
             n_embd=n_embd, batch_size=batch_size, micro_batch_size=micro_batch_size, dp=dp,
             tp=tp, zero=zero, sequence_parallel=sequence_parallel, recompute=recompute,
-            bf16=bf16, cp=cp):
+            bf16=bf16, cp=cp, reshard_after_forward=reshard_after_forward):
         out[key] = out.get(key, 0) + nbytes
     return dict(sorted(out.items()))
 
@@ -288,7 +316,9 @@ def main(argv=None):
                    help="DP ranks (train_gpt: world size / (cp x tp))")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks (ring attention)")
-    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2))
+    p.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
+    p.add_argument("--reshard-after-forward", default="true", choices=("true", "false"),
+                   help="ZeRO-3: gather each block again for backward")
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--recompute", default="none", choices=("none", "selective", "full"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
@@ -298,7 +328,7 @@ def main(argv=None):
               n_head=a.n_head, n_embd=a.n_embd, batch_size=a.batch_size,
               micro_batch_size=a.micro_batch_size, dp=a.dp, tp=a.tp, cp=a.cp, zero=a.zero,
               sequence_parallel=a.sequence_parallel, recompute=a.recompute,
-              bf16=a.precision == "bf16")
+              bf16=a.precision == "bf16", reshard_after_forward=a.reshard_after_forward == "true")
     predicted = theory_bytes(**kw)
     if a.terms:
         for key, what, nbytes in theory_terms(**kw):
