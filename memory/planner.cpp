@@ -158,14 +158,20 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     r.gathered = (root_params + blocks * block_params) * e;
   }
 
-  // ---- transients on top of what is saved; the largest of three moments.
+  // ---- transients on top of what is saved; the largest of these moments.
   // ZeRO-2: a bucket's full-size fp32 staging lives from its first gradient to its
   // reduce-scatter; the wte gradient arrives first, so one bucket is already there. ZeRO-3:
   // the buckets are the units: the root's (from ln_f's gradient to the end of backward) and
   // the running block's.
-  const int64_t staging = l.zero == 3   ? (root_params + block_params) * kFp32
-                          : l.zero == 2 ? std::min(psi * kFp32, l.bucket_bytes)
-                                        : 0;
+  // Accumulating under no_sync (ZeRO 0-2), every bucket's staging is alive from the first
+  // micro-step's backward on.
+  const bool accumulating = l.global_batch / (l.dp * l.micro_batch) > 1;
+  int64_t staging = 0;
+  if (l.zero == 3) {
+    staging = (root_params + block_params) * kFp32;
+  } else if (l.zero == 2) {
+    staging = accumulating ? psi * kFp32 : std::min(psi * kFp32, l.bucket_bytes);
+  }
   // (1) the end of the loss: the logits (model dtype), the fp32 copy of bf16 logits, the
   // padding-masked copy, and the shifted logits.
   const int64_t loss_end =
@@ -186,10 +192,13 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   // (5) ZeRO-3 in the middle of backward (the head freed): autograd's gradients of two blocks
   // (the finished unit's are dropped only when the next one finishes) and the staging; under
   // full recomputation the replayed block besides. What dominates when activations are small.
+  // Accumulating (every micro-step reduce-scatters), a block's reduce-scatter lands in a
+  // temporary [P / D] that is then added into the shard.
   int64_t sharded_backward = 0;
   if (l.zero == 3) {
     sharded_backward = (l.recompute == RecomputeMode::kFull ? replayed_block : 0) +
-                       2 * block_params * e + staging - r.saved_head;
+                       2 * block_params * e + staging - r.saved_head +
+                       (accumulating ? block_params / shards * kFp32 : 0);
   }
   // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
   // the block's MLP part (ln_2 and c_fc inputs, GELU's input and output) are freed by then;
@@ -207,8 +216,12 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     ring_backward = replayed + 2 * b * (a / t) * c * c * kFp32 + 7 * local * kFp32 + 5 * local * e +
                     2 * stream * e - mlp_saved - r.saved_head;
   }
-  r.transient =
-      std::max({loss_end, backward_start, replay, ring_backward, sharded_backward, int64_t{0}});
+  // (6) the end of a backward (ZeRO 0-2): autograd's own gradient of every parameter is alive
+  // until finish() or the end of no_sync, beside the staging; the activations are freed by
+  // then. The peak when activations are small (full recomputation, small micro-batches).
+  const int64_t backward_end = l.zero == 3 ? 0 : psi * e + staging - r.saved_layers - r.saved_head;
+  r.transient = std::max({loss_end, backward_start, replay, ring_backward, sharded_backward,
+                          backward_end, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient + r.gathered;
   // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
   // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
