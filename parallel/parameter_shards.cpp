@@ -103,6 +103,9 @@ ParameterShards::ParameterShards(const torch::nn::Module& model,
                                  const Mesh& mesh, BucketLayoutPtr layout,
                                  ParameterShardsOptions options)
     : layout_(std::move(layout)), options_(options), dp_(mesh.group("dp_cp")),
+      // Its own communicator: on dp_cp the exchange would queue behind the reduce-scatters
+      // still running and take away their overlap with backward.
+      order_(dp_->split(0, dp_->rank(), dp_->name() + "_order")),
       num_blocks_(static_cast<int64_t>(blocks.size())) {
   MT_CHECK(layout_ != nullptr && layout_->shards_parameters(),
            "ParameterShards: needs a ZeRO stage 3 bucket layout");
@@ -217,7 +220,7 @@ void ParameterShards::agree_on_use(Unit& unit, Phase phase) {
       torch::tensor({index, static_cast<int64_t>(phase), unit.uses[phase]}, torch::kLong);
   unit.uses[phase] += 1;
   auto all = torch::empty({3 * dp_->size()}, torch::kLong);
-  dp_->all_gather(mine, all);
+  order_->all_gather(mine, all);
   const auto* v = all.data_ptr<int64_t>();
   bool same = true;
   for (int r = 1; r < dp_->size(); ++r) {

@@ -33,7 +33,8 @@
 // they are about to run (unit, phase, how many times so far): a rank that runs a block a
 // different number of times than the others (a data-dependent skip in a hand-written loop)
 // makes every rank throw, naming the block and the ranks, instead of gathering another
-// rank's block or waiting forever. The exchange is one all-gather of 3 int64 per rank.
+// rank's block or waiting forever. The exchange is one all-gather of 3 int64 per rank, on a
+// communicator of its own ("<dp_cp name>_order"), so it never waits for the reduce-scatters.
 //
 // Collectives: every call that gathers is collective over dp_cp, in the same order on every
 // rank (forward and backward run the same units in the same order everywhere).
@@ -75,7 +76,8 @@ public:
 
   // Shards the trainable parameters of `model` (already identical on the dp_cp ranks, e.g.
   // after the reducer's broadcast) into `layout`'s buckets (stage 3, units from
-  // full_sharding_units(model, blocks)) and frees their full storage. No communication.
+  // full_sharding_units(model, blocks)) and frees their full storage. Collective over dp_cp
+  // (the order agreement's communicator is split off it).
   ParameterShards(const torch::nn::Module& model,
                   const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, const Mesh& mesh,
                   BucketLayoutPtr layout, ParameterShardsOptions options = {});
@@ -143,6 +145,7 @@ private:
   BucketLayoutPtr layout_;
   ParameterShardsOptions options_;
   CommunicatorPtr dp_;
+  CommunicatorPtr order_;   // the order agreement's (a split of dp_)
   std::vector<Unit> units_; // blocks 0..L-1 in forward order, then the root
   int64_t num_blocks_ = 0;
   int64_t root_ = -1;

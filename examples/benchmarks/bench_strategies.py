@@ -2,7 +2,7 @@
 """Parallel strategies of the GPT side by side: speed, step split, memory, communication.
 
 Runs train_gpt over a matrix of layouts on 2 and 4 real mpirun ranks (dp, tp, dp x tp, ZeRO
-0/1/2, sequence parallel, recompute none/selective/full, fp32/bf16, micro-batches with
+0/1/2/3, sequence parallel, recompute none/selective/full, fp32/bf16, micro-batches with
 accumulation, context parallelism cp 2/4 with ring attention), a few steps each after warm-up, in --repeats passes over the matrix of which
 each layout keeps its fastest (a slow moment of a shared machine then hits no layout alone),
 and writes into --out:
@@ -75,8 +75,8 @@ LAYOUTS = [
     ("cp2 tp2 sp", 4, ["--cp", "2", "--tp", "2", "--sequence-parallel"]),
     ("dp2 cp2 zero1", 4, ["--cp", "2", "--zero", "1"]),
 ]
-QUICK = ["dp2", "tp2 sp", "dp2 zero2", "dp2 full", "dp2 bf16", "dp2 micro-batch 2", "dp2 tp2",
-         "dp4 zero1", "cp2"]
+QUICK = ["dp2", "tp2 sp", "dp2 zero2", "dp2 zero3", "dp2 full", "dp2 bf16", "dp2 micro-batch 2",
+         "dp2 tp2", "dp4 zero1", "cp2"]
 
 CSV_FIELDS = ["layout", "ranks", "dp", "cp", "tp", "tokens_per_s", "step_ms", "forward_ms",
               "backward_ms", "optimizer_ms", "comm_ms", "other_ms", "peak_bytes",

@@ -4,11 +4,12 @@
 #   trace       train_gpt --trace on 2 ranks writes one Chrome trace per rank that parses, with
 #               forward / backward / optimizer spans on the training thread and the dp
 #               all_reduce on the communicator's thread
-#   strategies  bench_strategies.py on three layouts: exit 0 (communication equals theory),
-#               the table, the CSV and four PNG charts; then --compare of those rows (--rows:
-#               nothing is run again) against a baseline doctored from them to be 2x faster and
-#               2x lighter: exactly 0.50x and 2.00x, flagged SLOWER and HEAVIER, exit 1. No
-#               speed is asserted (DESIGN §7): the ratios come from the doctoring alone.
+#   strategies  bench_strategies.py on four layouts (ZeRO-3 among them): exit 0
+#               (communication equals theory), the table, the CSV and four PNG charts; then
+#               --compare of those rows (--rows: nothing is run again) against a baseline
+#               doctored from them to be 2x faster and 2x lighter: exactly 0.50x and 2.00x,
+#               flagged SLOWER and HEAVIER, exit 1. No speed is asserted (DESIGN §7): the
+#               ratios come from the doctoring alone.
 #
 # usage: check_benchmarks.sh CASE BUILD_DIR MPIRUN [MPIRUN OPTIONS...]
 set -euo pipefail
@@ -52,7 +53,7 @@ EOF
   ;;
 strategies)
   run=("$python" "$here/bench_strategies.py" --build "$build" --data "$data" --steps 2 --warmup 1
-    --layouts "dp2,tp2 sp,dp2 zero2" "--mpirun=${mpirun[*]}")
+    --layouts "dp2,tp2 sp,dp2 zero2,dp2 zero3" "--mpirun=${mpirun[*]}")
   "${run[@]}" --out "$work/now" || fail "bench_strategies exited $?"
   for f in results.md results.csv throughput.png step_split.png memory.png comm.png; do
     [[ -s $work/now/$f ]] || fail "no $f"
@@ -78,7 +79,7 @@ EOF
     --compare "$work/baseline.csv" >"$work/compare.txt" || code=$?
   cat "$work/compare.txt"
   [[ $code == 1 ]] || fail "--compare against a faster baseline exited $code, expected 1"
-  for layout in "dp2" "tp2 sp" "dp2 zero2"; do
+  for layout in "dp2" "tp2 sp" "dp2 zero2" "dp2 zero3"; do
     grep -Fqx "| $layout | 0.50x | 2.00x | SLOWER HEAVIER |" "$work/compare.txt" ||
       fail "$layout not flagged at 0.50x / 2.00x, slower and heavier"
   done
