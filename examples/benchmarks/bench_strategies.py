@@ -65,6 +65,8 @@ LAYOUTS = [
     ("dp2 tp2 zero2 sp", 4, ["--tp", "2", "--zero", "2", "--sequence-parallel"]),
     ("dp2 zero3", 2, ["--zero", "3"]),
     ("dp2 zero3 no reshard", 2, ["--zero", "3", "--reshard-after-forward=false"]),
+    ("dp2 zero3 prefetch 0", 2, ["--zero", "3", "--prefetch", "0"]),
+    ("dp2 zero3 prefetch 2", 2, ["--zero", "3", "--prefetch", "2"]),
     ("dp4 zero3", 4, ["--zero", "3"]),
     ("dp2 tp2 zero3 sp", 4, ["--tp", "2", "--zero", "3", "--sequence-parallel"]),
     ("dp2 tp2 selective", 4, ["--tp", "2", "--recompute", "selective"]),
