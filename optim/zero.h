@@ -132,6 +132,7 @@ public:
   void load_state_dict(const ZeroStateDict& state);
   std::vector<OwnedRange> owned_ranges() const;
   // Re-reads this rank's master weights from the parameters (after loading model weights).
+  // Stage 3 reads the parameter shards: load weights into the model before parallelize().
   void sync_master_from_params();
 
 private:
