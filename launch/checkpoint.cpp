@@ -787,8 +787,8 @@ std::string CheckpointManager::save(Trainer& trainer) {
   //    Sizes and checksums: [optim bytes, optim hash, model bytes, model hash] per rank.
   //    ZeRO-3 gathers the parameters for it (collective: every rank is here).
   auto sums = torch::zeros({4}, torch::kLong);
-  const GatheredParameters whole(trainer.shards());
   error = error_of([&] {
+    const GatheredParameters whole(trainer.shards());
     const ZeroStateDict state = trainer.optimizer().state_dict();
     NamedTensors tensors;
     json ranges = json::object();

@@ -265,6 +265,7 @@ StepStats Trainer::train_step() {
     if (shards != nullptr && m + 1 < m_count) {
       const TraceSpan span("reduce gradients", "step");
       reducer.finish();
+      shards->release_all(); // a unit with an unused parameter is still gathered: free it
     }
   }
   std::vector<torch::Tensor> grads;
@@ -273,7 +274,7 @@ StepStats Trainer::train_step() {
     grads = reducer.finish();
   }
   if (shards != nullptr) {
-    shards->release_all(); // units whose gradients all arrived are freed already
+    shards->release_all();
   }
   const int64_t activation_peak = tracker != nullptr ? tracker->peak_bytes() - bytes_before : 0;
   const double scale = scaler_ ? scaler_->scale() : 0;

@@ -190,14 +190,15 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
              r.saved_head;
   }
   // (5) ZeRO-3 in the middle of backward (the head freed): autograd's gradients of two blocks
-  // (the finished unit's are dropped only when the next one finishes) and the staging; under
-  // full recomputation the replayed block besides. What dominates when activations are small.
+  // (the finished unit's are dropped only when the next one finishes) and of wte (alive from
+  // the head's backward to the embedding's), and the staging; under full recomputation the
+  // replayed block besides. What dominates when activations are small.
   // Accumulating (every micro-step reduce-scatters), a block's reduce-scatter lands in a
   // temporary [P / D] that is then added into the shard.
   int64_t sharded_backward = 0;
   if (l.zero == 3) {
     sharded_backward = (l.recompute == RecomputeMode::kFull ? replayed_block : 0) +
-                       2 * block_params * e + staging - r.saved_head +
+                       2 * block_params * e + vp / t * C * e + staging - r.saved_head +
                        (accumulating ? block_params / shards * kFp32 : 0);
   }
   // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
@@ -328,6 +329,10 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
               ParallelPlan candidate = fixed;
               candidate.dims = ParallelDims{-1, cp, tp, 1};
               candidate.zero_stage = zero;
+              if (zero < 3) { // the ZeRO-3 settings of `fixed` do not apply below stage 3
+                candidate.reshard_after_forward = true;
+                candidate.prefetch = 1;
+              }
               candidate.sequence_parallel = sp;
               candidate.recompute = mode;
               candidate.micro_batch = b;

@@ -264,6 +264,9 @@ void ZeroOptimizer::step(const std::vector<torch::Tensor>& grads) {
 
 void ZeroOptimizer::write_params_and_gather() {
   torch::NoGradGuard no_grad;
+  if (shards_) {
+    shards_->release_all(); // a unit still gathered would keep the old values
+  }
   std::vector<WorkPtr> works;
   for (auto& bucket : buckets_) {
     bucket.own.copy_(bucket.master);

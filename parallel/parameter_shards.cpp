@@ -103,9 +103,6 @@ ParameterShards::ParameterShards(const torch::nn::Module& model,
                                  const Mesh& mesh, BucketLayoutPtr layout,
                                  ParameterShardsOptions options)
     : layout_(std::move(layout)), options_(options), dp_(mesh.group("dp_cp")),
-      // Its own communicator: on dp_cp the exchange would queue behind the reduce-scatters
-      // still running and take away their overlap with backward.
-      order_(dp_->split(0, dp_->rank(), dp_->name() + "_order")),
       num_blocks_(static_cast<int64_t>(blocks.size())) {
   MT_CHECK(layout_ != nullptr && layout_->shards_parameters(),
            "ParameterShards: needs a ZeRO stage 3 bucket layout");
@@ -154,7 +151,7 @@ ParameterShards::ParameterShards(const torch::nn::Module& model,
       unit.params.push_back(p);
     }
     unit.shard = unit.full.narrow(0, layout_->owned_begin(b, rank), layout_->owned_size(b)).clone();
-    unit.pending = static_cast<int64_t>(unit.params.size());
+    expect_gradients(unit);
     free_storage(unit.full);
     unit.state = State::kFreed;
   }
@@ -162,8 +159,10 @@ ParameterShards::ParameterShards(const torch::nn::Module& model,
     root_ = num_blocks_;
   }
   for (size_t u = 0; u < units_.size(); ++u) {
-    for (auto& p : units_[u].params) {
-      const unsigned handle = p.register_hook([this, u](const torch::Tensor&) { on_gradient(u); });
+    for (size_t k = 0; k < units_[u].params.size(); ++k) {
+      auto& p = units_[u].params[k];
+      const unsigned handle =
+          p.register_hook([this, u, k](const torch::Tensor&) { on_gradient(u, k); });
       hooks_.emplace_back(p, handle);
     }
   }
@@ -220,7 +219,7 @@ void ParameterShards::agree_on_use(Unit& unit, Phase phase) {
       torch::tensor({index, static_cast<int64_t>(phase), unit.uses[phase]}, torch::kLong);
   unit.uses[phase] += 1;
   auto all = torch::empty({3 * dp_->size()}, torch::kLong);
-  order_->all_gather(mine, all);
+  dp_->all_gather(mine, all);
   const auto* v = all.data_ptr<int64_t>();
   bool same = true;
   for (int r = 1; r < dp_->size(); ++r) {
@@ -283,7 +282,6 @@ void ParameterShards::release(Unit& unit) {
   }
   free_storage(unit.full);
   unit.state = State::kFreed;
-  unit.keep = false;
   if (unit.is_block) {
     gathered_blocks_ -= 1;
   }
@@ -312,6 +310,7 @@ torch::Tensor ParameterShards::run_block(int64_t block, const BlockFn& fn, const
     release(unit);
   }
   if (backward_follows) {
+    expect_gradients(unit);
     y = PreBackwardGather::apply(y, reinterpret_cast<int64_t>(this), block);
   }
   return y;
@@ -328,6 +327,9 @@ torch::Tensor ParameterShards::run_embedding(const RootFn& fn) {
   prefetch_blocks(0, +1);
   auto y = fn();
   const bool backward_follows = torch::GradMode::is_enabled() && y.requires_grad();
+  if (backward_follows) {
+    expect_gradients(*unit);
+  }
   if (!backward_follows || options_.reshard_after_forward()) {
     release(*unit);
   }
@@ -342,9 +344,8 @@ torch::Tensor ParameterShards::run_head(const RootFn& fn) {
   agree_on_use(*unit, kForward);
   wait_gathered(*unit);
   auto y = fn();
-  if (torch::GradMode::is_enabled() && y.requires_grad()) {
-    unit->keep = true; // the head's backward comes next; freed when the root's gradients are in
-  } else {
+  // With gradients the head's backward comes next: kept until the root's gradients are in.
+  if (!torch::GradMode::is_enabled() || !y.requires_grad()) {
     release(*unit);
   }
   return y;
@@ -366,14 +367,17 @@ void ParameterShards::before_backward(int64_t block) {
 // has all of them no node of this backward reads its parameters any more: free them. The
 // reducer has copied each gradient into its bucket, so autograd's own copies of the previous
 // finished unit are dropped too (this unit's last one is stored only after this hook).
-void ParameterShards::on_gradient(size_t u) {
+void ParameterShards::on_gradient(size_t u, size_t param) {
   std::lock_guard<std::mutex> lock(mutex_);
   Unit& unit = units_[u];
+  if (unit.arrived[param]) {
+    return; // a second use of the parameter in this backward (a nested, recomputed one)
+  }
+  unit.arrived[param] = true;
   unit.pending -= 1;
   if (unit.pending > 0) {
     return;
   }
-  unit.pending = static_cast<int64_t>(unit.params.size());
   release(unit);
   if (last_done_ >= 0) {
     for (auto& p : units_[last_done_].params) {
@@ -395,9 +399,16 @@ void ParameterShards::gather_all() {
 void ParameterShards::release_all() {
   for (auto& unit : units_) {
     release(unit);
-    unit.pending = static_cast<int64_t>(unit.params.size());
+    expect_gradients(unit);
   }
   last_done_ = -1;
+}
+
+// A forward with gradients is about to use the unit: its backward delivers every gradient
+// anew.
+void ParameterShards::expect_gradients(Unit& unit) {
+  unit.pending = static_cast<int64_t>(unit.params.size());
+  unit.arrived.assign(unit.params.size(), false);
 }
 
 GatheredParameters::GatheredParameters(ParameterShards* shards) : shards_(shards) {

@@ -33,8 +33,9 @@
 // they are about to run (unit, phase, how many times so far): a rank that runs a block a
 // different number of times than the others (a data-dependent skip in a hand-written loop)
 // makes every rank throw, naming the block and the ranks, instead of gathering another
-// rank's block or waiting forever. The exchange is one all-gather of 3 int64 per rank, on a
-// communicator of its own ("<dp_cp name>_order"), so it never waits for the reduce-scatters.
+// rank's block or waiting forever. The exchange is one all-gather of 3 int64 per rank on
+// dp_cp. (On a communicator of its own it would not wait behind the reduce-scatters, but its
+// extra thread made steps 55% slower on a 2-core CPU: docs/benchmarks.md.)
 //
 // Collectives: every call that gathers is collective over dp_cp, in the same order on every
 // rank (forward and backward run the same units in the same order everywhere).
@@ -76,8 +77,7 @@ public:
 
   // Shards the trainable parameters of `model` (already identical on the dp_cp ranks, e.g.
   // after the reducer's broadcast) into `layout`'s buckets (stage 3, units from
-  // full_sharding_units(model, blocks)) and frees their full storage. Collective over dp_cp
-  // (the order agreement's communicator is split off it).
+  // full_sharding_units(model, blocks)) and frees their full storage. No communication.
   ParameterShards(const torch::nn::Module& model,
                   const std::vector<std::shared_ptr<torch::nn::Module>>& blocks, const Mesh& mesh,
                   BucketLayoutPtr layout, ParameterShardsOptions options = {});
@@ -96,7 +96,10 @@ public:
   void ensure_gathered(int64_t block);
 
   // All units gathered (collective), or freed (local): for checkpoints, which write whole
-  // parameters, and after a step (a unit whose gradients never all arrived stays gathered).
+  // parameters, and after every micro-step's backward (a unit one of whose parameters got
+  // no gradient stays gathered until then; freeing everything keeps the ranks' states equal).
+  // The optimizer frees everything before it writes the shards (a gathered copy would be
+  // stale).
   void gather_all();
   void release_all();
 
@@ -126,9 +129,9 @@ private:
     std::vector<torch::Tensor> params;
     State state = State::kGathered;
     WorkPtr work;
-    int64_t pending = 0;      // parameters whose gradient this backward has not delivered
-    bool keep = false;        // the root after the head: freed when its gradients are in
-    int64_t uses[2] = {0, 0}; // forward and backward uses, for the order agreement
+    int64_t pending = 0;       // parameters whose gradient this backward has not delivered
+    std::vector<bool> arrived; // per parameter: its gradient came (a second one is ignored)
+    int64_t uses[2] = {0, 0};  // forward and backward uses, for the order agreement
   };
   friend class PreBackwardGather;
 
@@ -140,12 +143,12 @@ private:
   void release(Unit& unit);
   void prefetch_blocks(int64_t first, int64_t step);
   void before_backward(int64_t block);
-  void on_gradient(size_t unit);
+  void on_gradient(size_t unit, size_t param);
+  void expect_gradients(Unit& unit);
 
   BucketLayoutPtr layout_;
   ParameterShardsOptions options_;
   CommunicatorPtr dp_;
-  CommunicatorPtr order_;   // the order agreement's (a split of dp_)
   std::vector<Unit> units_; // blocks 0..L-1 in forward order, then the root
   int64_t num_blocks_ = 0;
   int64_t root_ = -1;
@@ -157,7 +160,9 @@ private:
 };
 
 // Every unit gathered while alive (collective at construction); freed again at the end. A
-// null `shards` does nothing (stages 0-2 keep whole parameters).
+// null `shards` does nothing (stages 0-2 keep whole parameters). Writes into the gathered
+// parameters are not kept: the shards are the weights. When the ParameterShards is
+// destroyed the model's parameters stay without memory (gather them first to keep them).
 class GatheredParameters {
 public:
   explicit GatheredParameters(ParameterShards* shards);

@@ -84,9 +84,8 @@ no_sync for all micro-steps but the last):
                       dp reduce_scatter A * sum_k 4*P_k
                       dp all_gather     A * g * sum_k e*P_k (g = 2 with reshard-after-forward:
                                                       forward, and again for backward; 1 without)
-                      dp_order all_gather A * (2 + 2L) * 24 * D (the order agreement before
-                                                      each use, 3 int64 per rank, on a
-                                                      communicator split off dp)
+                                      + A * (2 + 2L) * 24 * D (the order agreement before
+                                                      each use: 3 int64 per rank)
                       dp all_reduce + 16             (gradient norm)
   Loss:               dp all_reduce + 8              (Trainer: the double loss share summed
                                                       over dp after the optimizer step)
@@ -274,7 +273,7 @@ def theory_terms(*, vocab_size, block_size, n_layer, n_head, n_embd, batch_size,
             add(f"{g} all_gather", f"parameter units gathered {gathers}x per micro-step "
                 f"(forward{', again for backward' if gathers == 2 else ''}): e*P_pad" + per,
                 A * gathers * e * flat)
-            add(f"{g}_order all_gather", f"order agreement before each use (2 + 2L per micro-step): "
+            add(f"{g} all_gather", f"order agreement before each use (2 + 2L per micro-step): "
                 f"3 int64 per rank" + per, A * (2 + 2 * L) * 3 * DOUBLE * G)
             add(f"{g} all_reduce", "gradient norm over the shards: two doubles", 2 * DOUBLE)
         elif zero == 2:
