@@ -3,7 +3,9 @@
 // issue order, so they overlap with the caller's compute and the issue order is the
 // execution order (the same contract the NCCL backend keeps with its stream). A blocking call
 // made while nothing is queued or running runs on the caller's thread instead (see enqueue):
-// same order, same result, no thread hand-off.
+// same order, same result, no thread hand-off. Point-to-point is the exception to "runs on the
+// worker": the worker posts it (MPI_Isend / MPI_Irecv) in issue order and goes on; the Work
+// finishes when the request does (see enqueue_request).
 #include "meshtrain/core/backend.h"
 #include "meshtrain/core/errors.h"
 #include "meshtrain/core/trace.h"
@@ -18,6 +20,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #define MT_MPI_CHECK(call)                                                                         \
   do {                                                                                             \
@@ -259,16 +262,20 @@ protected:
   }
 
   WorkPtr do_send(const at::Tensor& tensor, int dst, int tag) override {
-    return enqueue([this, tensor, dst, tag] {
-      MT_MPI_CHECK(MPI_Send(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), dst,
-                            tag, comm_));
+    return enqueue_request("MPI_Isend", tensor, [this, tensor, dst, tag] {
+      MPI_Request request = MPI_REQUEST_NULL;
+      MT_MPI_CHECK(MPI_Isend(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), dst,
+                             tag, comm_, &request));
+      return request;
     });
   }
 
   WorkPtr do_recv(const at::Tensor& tensor, int src, int tag) override {
-    return enqueue([this, tensor, src, tag] {
-      MT_MPI_CHECK(MPI_Recv(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), src,
-                            tag, comm_, MPI_STATUS_IGNORE));
+    return enqueue_request("MPI_Irecv", tensor, [this, tensor, src, tag] {
+      MPI_Request request = MPI_REQUEST_NULL;
+      MT_MPI_CHECK(MPI_Irecv(tensor.data_ptr(), count(tensor), wire_type(tensor.scalar_type()), src,
+                             tag, comm_, &request));
+      return request;
     });
   }
 
@@ -300,6 +307,23 @@ protected:
   }
 
 private:
+  struct QueueItem {
+    std::function<void()> fn;          // a collective (or split) run to completion
+    std::function<MPI_Request()> post; // or a point-to-point request posted and kept pending
+    std::shared_ptr<MpiWork> work;
+    const char* call = nullptr; // point-to-point: the MPI call, for errors
+    at::Tensor buffer;          // point-to-point: alive until the request completes
+  };
+  struct PendingRequest {
+    MPI_Request request;
+    std::shared_ptr<MpiWork> work;
+    const char* call;
+    at::Tensor buffer;
+    int64_t begin_us; // trace
+  };
+  // How often the worker tests pending point-to-point requests while it has nothing queued.
+  static constexpr std::chrono::microseconds kRequestPollInterval{50};
+
   static int comm_rank(MPI_Comm comm) {
     int r = 0;
     MT_MPI_CHECK(MPI_Comm_rank(comm, &r));
@@ -336,7 +360,7 @@ private:
     {
       std::unique_lock<std::mutex> lock(mutex_);
       if (!caller_waits() || busy_ || !queue_.empty()) {
-        queue_.emplace_back(std::move(fn), work);
+        queue_.push_back(QueueItem{std::move(fn), nullptr, work});
         lock.unlock();
         cv_.notify_one();
         return work;
@@ -355,6 +379,24 @@ private:
     if (queued) {
       cv_.notify_one();
     }
+    return work;
+  }
+
+  // Point-to-point: the worker posts the request in issue order, keeps it pending and goes on
+  // with the queue; the Work finishes when the request completes (the worker tests pending
+  // requests between operations). A blocking MPI_Send on the worker would hold every later
+  // operation of this communicator until the peer posted the matching receive, so two ranks
+  // sending to each other before receiving (a pipeline's activations one way and gradients the
+  // other) would deadlock. Never inline: a blocking send/recv waits on the Work like any other.
+  // `call` names the MPI call in errors; `buffer` is kept alive until the request completes.
+  WorkPtr enqueue_request(const char* call, const at::Tensor& buffer,
+                          std::function<MPI_Request()> post) {
+    auto work = std::make_shared<MpiWork>(CollectiveLabelScope::current());
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queue_.push_back(QueueItem{nullptr, std::move(post), work, call, buffer});
+    }
+    cv_.notify_one();
     return work;
   }
 
@@ -378,12 +420,24 @@ private:
     // No at::set_num_threads here: it is process-wide. The worker runs no ATen kernels (see
     // widen / round_into / divide_in_place), so it never starts compute threads of its own.
     for (;;) {
-      std::pair<std::function<void()>, std::shared_ptr<MpiWork>> item;
+      QueueItem item;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock,
-                 [&] { return (stopping_ && queue_.empty()) || (!queue_.empty() && !busy_); });
+        const auto ready = [&] {
+          return (stopping_ && queue_.empty()) || (!queue_.empty() && !busy_);
+        };
+        if (pending_.empty()) {
+          cv_.wait(lock, ready);
+        } else if (!cv_.wait_for(lock, kRequestPollInterval, ready)) {
+          lock.unlock();
+          test_pending();
+          continue;
+        }
         if (queue_.empty()) {
+          lock.unlock();
+          if (!pending_.empty()) {
+            abandon_pending();
+          }
           return; // stopping and drained
         }
         item = std::move(queue_.front());
@@ -394,19 +448,81 @@ private:
         Tracer::get()->name_thread("comm " + name());
         worker_named_ = true;
       }
-      run(item.first, *item.second);
+      if (item.post) {
+        post_request(item);
+      } else {
+        run(item.fn, *item.work);
+      }
       {
         std::lock_guard<std::mutex> lock(mutex_);
         busy_ = false;
       }
+      if (!pending_.empty()) {
+        test_pending();
+      }
     }
+  }
+
+  void post_request(QueueItem& item) {
+    auto* tracer = item.work->label().empty() ? nullptr : Tracer::get();
+    PendingRequest pending{MPI_REQUEST_NULL, std::move(item.work), item.call,
+                           std::move(item.buffer), tracer != nullptr ? tracer->now_us() : 0};
+    try {
+      pending.request = item.post();
+    } catch (...) {
+      pending.work->finish(std::current_exception());
+      return;
+    }
+    pending_.push_back(std::move(pending));
+  }
+
+  // Finishes the Work of every pending request that has completed (worker thread only).
+  void test_pending() {
+    std::vector<PendingRequest> still;
+    for (auto& pending : pending_) {
+      int done = 0;
+      std::exception_ptr error;
+      try {
+        MT_MPI_CHECK(MPI_Test(&pending.request, &done, MPI_STATUS_IGNORE));
+      } catch (const CommError& e) {
+        error = std::make_exception_ptr(CommError(std::string(pending.call) + " of " +
+                                                  std::to_string(pending.buffer.nbytes()) +
+                                                  " bytes failed: " + e.what()));
+        done = 1;
+      }
+      if (done == 0) {
+        still.push_back(std::move(pending));
+        continue;
+      }
+      auto* tracer = pending.work->label().empty() ? nullptr : Tracer::get();
+      if (tracer != nullptr) {
+        tracer->complete(pending.work->label(), "comm", pending.begin_us, tracer->now_us());
+      }
+      pending.work->finish(error);
+    }
+    pending_ = std::move(still);
+  }
+
+  // At destruction: a request nobody matched (its peer gone) must not hold the worker forever.
+  void abandon_pending() {
+    for (auto& pending : pending_) {
+      if (mpi_alive()) {
+        MPI_Cancel(&pending.request);
+        MPI_Request_free(&pending.request);
+      }
+      pending.work->finish(std::make_exception_ptr(
+          CommError("point-to-point operation on group '" + name() +
+                    "' was still pending when its communicator was destroyed")));
+    }
+    pending_.clear();
   }
 
   MPI_Comm comm_;
   std::thread worker_;
   std::mutex mutex_;
   std::condition_variable cv_;
-  std::deque<std::pair<std::function<void()>, std::shared_ptr<MpiWork>>> queue_;
+  std::deque<QueueItem> queue_;
+  std::vector<PendingRequest> pending_; // worker thread only
   bool stopping_ = false;
   bool busy_ = false;         // an operation is running (on the worker or inline on a caller)
   bool worker_named_ = false; // in the trace; touched by the worker thread only

@@ -10,6 +10,9 @@
 #               doctored from them to be 2x faster and 2x lighter: exactly 0.50x and 2.00x,
 #               flagged SLOWER and HEAVIER, exit 1. No speed is asserted (DESIGN §7): the
 #               ratios come from the doctoring alone.
+#   pipeline    bench_pipeline on 4 ranks (stage-cost mode, 2 ms actions): exit 0 and one table
+#               row per schedule with its simulated bubble (3/11, 3/11, 3/19, 3/27); no
+#               measured figure is asserted. A bad --schedules exits 2 naming the value.
 #
 # usage: check_benchmarks.sh CASE BUILD_DIR MPIRUN [MPIRUN OPTIONS...]
 set -euo pipefail
@@ -88,8 +91,23 @@ EOF
     --compare "$work/now/results.csv" >"$work/same.txt" || fail "rows against themselves exited $?"
   grep -Fqx "| dp2 | 1.00x | 1.00x | ok |" "$work/same.txt" || fail "dp2 against itself not ok"
   ;;
+pipeline)
+  "${mpirun[@]}" -np 4 "$build/examples/benchmarks/bench_pipeline" --cost-ms 2 --steps 1 \
+    --message-kib 4 >"$work/out.txt" || fail "bench_pipeline exited $?"
+  for row in "gpipe, pp 4, 8 micro-batches .* 0.273 \|" "1f1b, pp 4, 8 micro-batches .* 0.273 \|" \
+    "interleaved, pp 4, 8 micro-batches, 2 virtual stages .* 0.158 \|" \
+    "zb-h1, pp 4, 8 micro-batches .* 0.111 \|"; do
+    grep -Eq "^\| $row" "$work/out.txt" || fail "no row matching '$row'"
+  done
+  code=0
+  "${mpirun[@]}" -np 2 "$build/examples/benchmarks/bench_pipeline" --schedules 1f1b,2f2b \
+    >/dev/null 2>"$work/err.txt" || code=$?
+  [[ $code == 2 ]] || fail "--schedules 2f2b exited $code, expected 2"
+  grep -q "schedules 2f2b: pipeline schedule '2f2b': must be gpipe, 1f1b, interleaved or zb-h1" \
+    "$work/err.txt" || fail "the message does not name the schedule"
+  ;;
 *)
-  fail "unknown case (trace, strategies)"
+  fail "unknown case (trace, strategies, pipeline)"
   ;;
 esac
 echo "check_benchmarks $case_name: ok"
