@@ -46,7 +46,7 @@ help-lists-every-flag)
   run --help
   expect_rc 0
   for flag in '-n, --np' '--tp' '--cp' '--hostfile' '--dry-run' '--threads' '--bind' '--help' \
-    MESHTRAIN_TP MESHTRAIN_CP MESHTRAIN_WORLD_SIZE MESHTRAIN_THREADS OMP_NUM_THREADS srun; do
+    MESHTRAIN_TP MESHTRAIN_CP MESHTRAIN_PP MESHTRAIN_WORLD_SIZE MESHTRAIN_THREADS OMP_NUM_THREADS srun; do
     grep -qF -e "$flag" <<<"$out" || fail "--help does not mention $flag"
   done
   ;;
@@ -83,13 +83,13 @@ slurm-dry-run-uses-srun)
     run --dry-run -n 4 --tp 2 -- touch "$scratch/marker" 'two words'
   expect_rc 0
   [ ! -e "$scratch/marker" ] || fail "--dry-run ran the job"
-  expect_in "$out" "^srun -n 4 --cpu-bind=cores --export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=4,OMP_NUM_THREADS=4 touch [^ ]+/marker 'two words'\$"
+  expect_in "$out" "^srun -n 4 --cpu-bind=cores --export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_PP=1,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=4,OMP_NUM_THREADS=4 touch [^ ]+/marker 'two words'\$"
   ;;
 mpirun-dry-run)
   run --dry-run -n 2 --tp 2 --threads 3 --bind none -- touch "$scratch/marker"
   expect_rc 0
   [ ! -e "$scratch/marker" ] || fail "--dry-run ran the job"
-  expect_in "$out" "^mpirun (--allow-run-as-root )?-np 2 (--oversubscribe )?--bind-to none -x MESHTRAIN_TP=2 -x MESHTRAIN_CP=1 -x MESHTRAIN_WORLD_SIZE=2 -x MESHTRAIN_THREADS=3 -x OMP_NUM_THREADS=3 touch "
+  expect_in "$out" "^mpirun (--allow-run-as-root )?-np 2 (--oversubscribe )?--bind-to none -x MESHTRAIN_TP=2 -x MESHTRAIN_CP=1 -x MESHTRAIN_PP=1 -x MESHTRAIN_WORLD_SIZE=2 -x MESHTRAIN_THREADS=3 -x OMP_NUM_THREADS=3 touch "
   ;;
 forwards-sigterm)
   # The rank records its pid and sleeps; SIGTERM to meshrun alone must stop the job.

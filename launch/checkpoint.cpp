@@ -765,6 +765,10 @@ std::string CheckpointManager::save(Trainer& trainer) {
   const int tp = mesh.group("tp")->size();
   const int64_t step = trainer.step();
   MT_CHECK(!options_.dir().empty(), "CheckpointManager::save: no checkpoint directory was given");
+  MT_CHECK(trainer.plan().dims.pp == 1,
+           "CheckpointManager::save: checkpoints under pipeline "
+           "parallelism (pp ",
+           trainer.plan().dims.pp, ") are not available yet");
   const fs::path root = options_.dir();
   const fs::path dir = root / step_dir_name(step);
   const fs::path staged = root / ("." + step_dir_name(step) + ".partial");
@@ -1055,6 +1059,10 @@ void finish_load(const CheckpointOptions& options, const std::string& step_dir,
 } // namespace
 
 void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
+  MT_CHECK(trainer.plan().dims.pp == 1,
+           "CheckpointManager::load: checkpoints under pipeline "
+           "parallelism (pp ",
+           trainer.plan().dims.pp, ") are not available yet");
   const CommunicatorPtr& world = trainer.mesh().group("world");
   PreparedLoad prepared;
   const PrepareError prepare = prepare_load(options_, step_dir, trainer, prepared);

@@ -194,6 +194,14 @@ void add_layout_flags(cxxopts::Options& options, int64_t default_batch) {
     ("cp", "context-parallel ranks: each holds 2 of 2 cp chunks of every sequence, attention "
            "is ring attention (2 cp must divide --block-size); default: MESHTRAIN_CP (set by "
            "meshrun --cp) or 1", text(default_from_env("MESHTRAIN_CP")))
+    ("pp", "pipeline stages (ranks; pp x tp x cp must divide the world size); default: "
+           "MESHTRAIN_PP (set by meshrun --pp) or 1", text(default_from_env("MESHTRAIN_PP")))
+    ("pp-schedule", "pipeline schedule: gpipe, 1f1b, interleaved (with --virtual-stages) or "
+                    "zb-h1 (zero bubble, the backward split in input and weight gradients)",
+     text("1f1b"))
+    ("virtual-stages", "interleaved: model chunks per pipeline rank", text("1"))
+    ("pp-layout", "blocks of each pipeline stage, comma-separated (pp x virtual stages "
+                  "numbers); default: an even split", text(""))
     ("zero", "ZeRO stage: 0, 1 (optimizer state sharded over dp), 2 (+ gradients), 3 (+ "
              "parameters, gathered a block at a time)", text("0"))
     ("reshard-after-forward", "ZeRO-3: free a block's gathered parameters after its forward "
@@ -214,6 +222,16 @@ ParallelPlan read_layout_flags(const ParsedFlags& flags) {
   plan.micro_batch = flags.integer("micro-batch-size", 0, kMaxCount);
   plan.dims.tp = static_cast<int>(flags.integer("tp", 1, 1 << 16));
   plan.dims.cp = static_cast<int>(flags.integer("cp", 1, 1 << 16));
+  plan.dims.pp = static_cast<int>(flags.integer("pp", 1, 1 << 16));
+  plan.pp_schedule = parse_choice<PipelineSchedule>("pp-schedule", flags.str("pp-schedule"),
+                                                    parse_pipeline_schedule);
+  plan.virtual_stages = static_cast<int>(flags.integer("virtual-stages", 1, 1 << 10));
+  const std::string layout = flags.str("pp-layout");
+  for (size_t begin = 0; !layout.empty() && begin <= layout.size();) {
+    const size_t end = std::min(layout.find(',', begin), layout.size());
+    plan.pp_layout.push_back(parse_int("pp-layout", layout.substr(begin, end - begin), 1, 1 << 20));
+    begin = end + 1;
+  }
   plan.zero_stage = static_cast<int>(flags.integer("zero", 0, 1 << 16));
   plan.reshard_after_forward = flags.flag("reshard-after-forward");
   plan.prefetch = static_cast<int>(flags.integer("prefetch", 0, 1 << 16));

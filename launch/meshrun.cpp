@@ -62,6 +62,8 @@ cxxopts::Options make_parser() {
       "context-parallel size (ring attention over the sequence): cp x tp must divide N; "
       "exported to the ranks as MESHTRAIN_CP",
       cxxopts::value<std::string>()->default_value("1"), "C");
+  add("pp", "pipeline stages: pp x cp x tp must divide N; exported to the ranks as MESHTRAIN_PP",
+      cxxopts::value<std::string>()->default_value("1"), "P");
   add("hostfile", "OpenMPI hostfile naming the hosts (and slots) to run on; not with SLURM",
       cxxopts::value<std::string>(), "F");
   add("threads",
@@ -84,6 +86,7 @@ std::string launch_usage() {
   text += "\nEnvironment given to every rank:\n"
           "  MESHTRAIN_TP=T           the --tp value (programs use it as their default --tp)\n"
           "  MESHTRAIN_CP=C           the --cp value (programs use it as their default --cp)\n"
+          "  MESHTRAIN_PP=P           the --pp value (programs use it as their default --pp)\n"
           "  MESHTRAIN_WORLD_SIZE=N   the number of ranks\n"
           "  MESHTRAIN_THREADS=K      torch intra-op threads per rank (read by Runtime)\n"
           "  OMP_NUM_THREADS=K        the same, for OpenMP/BLAS\n"
@@ -137,6 +140,7 @@ ParsedArgs parse_launch_args(const std::vector<std::string>& args) {
   options.ranks = parse_count("n", result["n"].as<std::string>());
   options.tp = parse_count("tp", result["tp"].as<std::string>());
   options.cp = parse_count("cp", result["cp"].as<std::string>());
+  options.pp = parse_count("pp", result["pp"].as<std::string>());
   if (result.count("threads") != 0) {
     options.threads = parse_count("threads", result["threads"].as<std::string>());
   }
@@ -171,16 +175,21 @@ void check_launch_options(const LaunchOptions& options) {
   if (options.cp < 1) {
     throw UsageError("--cp must be an integer >= 1, got '" + std::to_string(options.cp) + "'");
   }
+  if (options.pp < 1) {
+    throw UsageError("--pp must be an integer >= 1, got '" + std::to_string(options.pp) + "'");
+  }
   // The layout as far as it is known before launch, checked by the one layout validator
   // (the program checks the rest against its model and batch).
   ParallelPlan plan;
   plan.dims.tp = options.tp;
   plan.dims.cp = options.cp;
+  plan.dims.pp = options.pp;
   try {
     plan.validate(options.ranks);
   } catch (const LayoutError& e) {
     throw UsageError("-n " + std::to_string(options.ranks) + " --tp " + std::to_string(options.tp) +
                      (options.cp > 1 ? " --cp " + std::to_string(options.cp) : std::string()) +
+                     (options.pp > 1 ? " --pp " + std::to_string(options.pp) : std::string()) +
                      ": " + e.what());
   }
   if (options.threads < 0) {
@@ -299,6 +308,7 @@ std::vector<std::string> build_launch_command(const LaunchOptions& options,
   const std::vector<std::pair<std::string, std::string>> rank_env = {
       {"MESHTRAIN_TP", std::to_string(options.tp)},
       {"MESHTRAIN_CP", std::to_string(options.cp)},
+      {"MESHTRAIN_PP", std::to_string(options.pp)},
       {"MESHTRAIN_WORLD_SIZE", n},
       {"MESHTRAIN_THREADS", k},
       {"OMP_NUM_THREADS", k}};

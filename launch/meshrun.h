@@ -27,6 +27,7 @@ struct LaunchOptions {
   int ranks = 0; // -n; 0 means "not given"
   int tp = 1;    // --tp, exported as MESHTRAIN_TP
   int cp = 1;    // --cp, exported as MESHTRAIN_CP
+  int pp = 1;    // --pp, exported as MESHTRAIN_PP
   std::string hostfile;
   bool dry_run = false;
   int threads = 0; // --threads; 0: cores per node / ranks per node, at least 1
@@ -61,9 +62,9 @@ ParsedArgs parse_launch_args(const std::vector<std::string>& args);
 // The --help text: every flag, the environment the ranks receive, exit codes.
 std::string launch_usage();
 
-// Checks what can be checked without the machine: -n >= 1, --tp and --cp >= 1 with tp x cp
-// dividing -n (ParallelPlan::validate), --threads >= 1 when given, a program after "--".
-// Throws UsageError.
+// Checks what can be checked without the machine: -n >= 1, --tp, --cp and --pp >= 1 with
+// tp x cp x pp dividing -n (ParallelPlan::validate), --threads >= 1 when given, a program after
+// "--". Throws UsageError.
 void check_launch_options(const LaunchOptions& options);
 
 // Distinct host names in the text of an OpenMPI hostfile ("host [slots=K ...]" lines,

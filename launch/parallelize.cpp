@@ -60,11 +60,44 @@ void wrap_attention_cores(ParallelModel& model, AttentionCoreWrapper context_cor
 // this rank's two chunks of every sequence (inputs and targets alike). Under ZeRO-3 each part
 // runs with its parameters gathered (parallel/parameter_shards.h); a recomputed block makes
 // sure of its gather again in backward (its backward hook has done it already).
-LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMode mode,
-                       const ContextParallelism& cp, std::shared_ptr<ParameterShards> shards) {
-  auto blocks = parallel_blocks(*model);
-  const bool full = mode == RecomputeMode::kFull;
-  return [model, blocks = std::move(blocks), full, cp, shards](const MicroBatch& whole) {
+// Block i's forward as the library runs it: under full recomputation it keeps only its input
+// (and, under ZeRO-3, makes sure of its gather again in backward: its backward hook has done
+// it already).
+std::vector<ParameterShards::BlockFn> block_functions(ParallelModel& model, RecomputeMode mode,
+                                                      std::shared_ptr<ParameterShards> shards) {
+  std::vector<ParameterShards::BlockFn> runs;
+  RngTracker* rng = model.rng_tracker().get();
+  const auto blocks = parallel_blocks(model);
+  for (size_t i = 0; i < blocks.size(); ++i) {
+    ParallelBlock* block = blocks[i];
+    const auto index = static_cast<int64_t>(i);
+    if (mode != RecomputeMode::kFull) {
+      runs.emplace_back([block](const torch::Tensor& in) { return block->forward(in); });
+      continue;
+    }
+    runs.emplace_back([block, rng, shards, index](const torch::Tensor& in) {
+      return recompute(
+          [block, shards,
+           index](const std::vector<torch::Tensor>& inputs) -> std::vector<torch::Tensor> {
+            if (shards) {
+              shards->ensure_gathered(index);
+            }
+            return {block->forward(inputs[0])};
+          },
+          {in}, rng)[0];
+    });
+  }
+  return runs;
+}
+
+// The library's composition of the model's parts (parallel_model.h). Under context
+// parallelism the model sees this rank's two chunks of every sequence (inputs and targets
+// alike). Under ZeRO-3 each part runs with its parameters gathered
+// (parallel/parameter_shards.h).
+LossFunction make_loss(const std::shared_ptr<ParallelModel>& model,
+                       std::vector<ParameterShards::BlockFn> blocks, const ContextParallelism& cp,
+                       std::shared_ptr<ParameterShards> shards) {
+  return [model, blocks = std::move(blocks), cp, shards](const MicroBatch& whole) {
     const MicroBatch mb =
         cp.size() == 1
             ? whole
@@ -73,30 +106,64 @@ LossFunction make_loss(const std::shared_ptr<ParallelModel>& model, RecomputeMod
     const auto embed = [&] { return model->embed(mb.inputs); };
     // [b, T/cp, C] (sequence parallel: [b, T/(cp tp), C])
     auto x = shards ? shards->run_embedding(embed) : embed();
-    RngTracker* rng = model->rng_tracker().get();
     for (size_t i = 0; i < blocks.size(); ++i) {
-      ParallelBlock* block = blocks[i];
-      const auto index = static_cast<int64_t>(i);
-      ParameterShards::BlockFn run = [block](const torch::Tensor& in) {
-        return block->forward(in);
-      };
-      if (full) {
-        run = [block, rng, shards, index](const torch::Tensor& in) {
-          return recompute(
-              [block, shards,
-               index](const std::vector<torch::Tensor>& inputs) -> std::vector<torch::Tensor> {
-                if (shards) {
-                  shards->ensure_gathered(index);
-                }
-                return {block->forward(inputs[0])};
-              },
-              {in}, rng)[0];
-        };
-      }
-      x = shards ? shards->run_block(index, run, x) : run(x);
+      x = shards ? shards->run_block(static_cast<int64_t>(i), blocks[i], x) : blocks[i](x);
     }
     const auto head = [&] { return model->head_loss(x, mb.targets); };
     return shards ? shards->run_head(head) : head();
+  };
+}
+
+// Step 1b: which blocks this pp rank keeps, and the model cut to them (see
+// drop_other_stages). Returns the names of the parameters the first and last stage share.
+std::vector<std::string> split_pipeline(ParallelModel& model, const ParallelPlan& plan,
+                                        int pp_rank) {
+  PipelineScheduleSpec spec{plan.pp_schedule, plan.dims.pp, 1, plan.virtual_stages};
+  const auto layers = plan.stage_layers(model.shape().n_layer);
+  std::vector<bool> keep;
+  for (int s = 0; s < spec.stages(); ++s) {
+    keep.insert(keep.end(), static_cast<size_t>(layers[s]), spec.rank_of(s) == pp_rank);
+  }
+  const bool end = pp_rank == spec.rank_of(0) || pp_rank == spec.rank_of(spec.stages() - 1);
+  return drop_other_stages(model, model.blocks(), keep, end);
+}
+
+// The stage object of this rank, on the model as laid out (after TP, precision).
+std::shared_ptr<PipelineStage> make_pipeline(ParallelModel& model, const Mesh& mesh,
+                                             const ParallelPlan& plan,
+                                             std::vector<ParameterShards::BlockFn> blocks,
+                                             const std::vector<std::string>& shared_names) {
+  PipelineScheduleSpec spec{plan.pp_schedule, plan.dims.pp,
+                            static_cast<int>(plan.accumulation_steps()), plan.virtual_stages};
+  PipelineModelParts parts;
+  parts.embed = [&model](const torch::Tensor& inputs) { return model.embed(inputs); };
+  parts.blocks = std::move(blocks);
+  parts.head_loss = [&model](const torch::Tensor& x, const torch::Tensor& targets) {
+    return model.head_loss(x, targets);
+  };
+  // Between stages the stream is [b, T, C] ([b, T/tp, C] under sequence parallelism).
+  const int64_t seq_divisor = plan.sequence_parallel ? plan.dims.tp : 1;
+  const int64_t width = model.shape().n_embd;
+  auto message_shape = [seq_divisor, width](const torch::Tensor& inputs) {
+    return std::vector<int64_t>{inputs.size(0), inputs.size(1) / seq_divisor, width};
+  };
+  std::vector<torch::Tensor> shared;
+  const auto params = model.named_parameters();
+  for (const auto& name : shared_names) {
+    shared.push_back(params[name]);
+  }
+  return std::make_shared<PipelineStage>(
+      spec, plan.stage_layers(model.shape().n_layer), mesh.group("pp"), std::move(parts),
+      std::move(message_shape), compute_dtype(plan.precision), std::move(shared));
+}
+
+// A micro-batch's loss runs through every stage under pipeline parallelism.
+LossFunction pipelined_loss() {
+  return [](const MicroBatch&) -> torch::Tensor {
+    MT_CHECK(false,
+             "under pipeline parallelism a micro-batch runs through every stage: use "
+             "Parallelized::pipeline (PipelineStage::train / evaluate), as the Trainer does");
+    return {};
   };
 }
 
@@ -120,6 +187,19 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   // 1. The layout against the ranks and the model.
   const ParallelPlan resolved = plan.validate(mesh.grid().world_size(), model->shape());
   check_mesh(mesh, resolved);
+  const int pp = resolved.dims.pp;
+  MT_CHECK(pp == 1 || resolved.global_batch > 0,
+           "parallelize: pipeline parallelism needs the global batch in the plan (its "
+           "micro-steps are the schedule's micro-batches)");
+
+  // 1b. Pipeline stages: this rank keeps its stages' blocks (the first and the last stage
+  //     also the parameters outside the blocks). Block functions are made first: they hold
+  //     every block (by index) while the model forgets the others.
+  auto blocks = block_functions(*model, resolved.recompute, nullptr);
+  std::vector<std::string> shared;
+  if (pp > 1) {
+    shared = split_pipeline(*model, resolved, mesh.index("pp"));
+  }
 
   // 2. Tensor (and sequence) parallelism: every layer keeps its shard.
   apply_tensor_parallel(*model, TensorParallelism{mesh.group("tp"), resolved.sequence_parallel});
@@ -151,8 +231,14 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   }
 
   Parallelized out{model, mesh, resolved};
+  if (pp > 1) {
+    out.pipeline = make_pipeline(*model, mesh, resolved, std::move(blocks), shared);
+    out.loss = pipelined_loss();
+  }
   if (!options.training()) {
-    out.loss = make_loss(model, resolved.recompute, cp, nullptr);
+    if (pp == 1) {
+      out.loss = make_loss(model, std::move(blocks), cp, nullptr);
+    }
     return out;
   }
   // 6. The data-parallel reducer (fp32 reduction) and 7. the optimizer, on one bucket layout,
@@ -176,7 +262,18 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   }
   out.optimizer =
       std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer(), out.shards);
-  out.loss = make_loss(model, resolved.recompute, cp, out.shards);
+  if (pp > 1) {
+    // The gradient norm spans the stages; the last stage leaves the shared parameters to
+    // the first (their gradients are equal after sum_shared_gradients).
+    const bool last_only = mesh.index("pp") == pp - 1;
+    out.optimizer->set_pipeline_norm(mesh.group("pp"),
+                                     last_only ? shared : std::vector<std::string>{});
+    return out;
+  }
+  if (resolved.zero_stage == 3) {
+    blocks = block_functions(*model, resolved.recompute, out.shards);
+  }
+  out.loss = make_loss(model, std::move(blocks), cp, out.shards);
   return out;
 }
 

@@ -4,6 +4,10 @@
 // plan, it applies in this order:
 //
 //   1. validate   plan.validate(world, model->shape()): the layout fits the ranks and model
+//   1b. pipeline  pp > 1 (parallel/pipeline_stage.h): this rank keeps the blocks of its
+//                 stages (and, on the first and last stage, the parameters outside the
+//                 blocks); the rest is dropped from the model and freed. loss() is replaced
+//                 by Parallelized::pipeline, which runs a step's micro-batches by the schedule
 //   2. TP + SP    apply_tensor_parallel: each layer keeps its shard of the full weights and
 //                 talks over mesh.group("tp"); sequence parallelism between the TP regions
 //   2b. CP        cp > 1 (parallel/context_parallel.h): apply_context_parallel (positions of
@@ -21,8 +25,7 @@
 //                 1/D shard, gathered per block around its forward and backward
 //   7. optimizer  ZeroOptimizer on the same BucketLayout: AdamW/SGD state sharded per stage
 //
-// and returns what launch/trainer.h's Trainer needs. Pipeline stages (before 2) will slot
-// into this order.
+// and returns what launch/trainer.h's Trainer needs.
 //
 //   torch::manual_seed(seed);                     // every rank draws the same full weights
 //   auto model = std::make_shared<MyModelImpl>(config);
@@ -38,6 +41,7 @@
 #include "meshtrain/parallel/parallel_model.h"
 #include "meshtrain/parallel/parallel_plan.h"
 #include "meshtrain/parallel/parameter_shards.h"
+#include "meshtrain/parallel/pipeline_stage.h"
 
 #include <torch/torch.h>
 
@@ -72,6 +76,9 @@ struct Parallelized {
   // ZeRO-3 only: the parameters' shards (the model's parameters are unset between uses;
   // GatheredParameters makes them whole, e.g. to read them).
   std::shared_ptr<ParameterShards> shards;
+  // pp > 1 only: this rank's pipeline stages; `loss` then refuses (a micro-batch runs through
+  // every stage: PipelineStage::train / evaluate).
+  std::shared_ptr<PipelineStage> pipeline;
 };
 
 // Applies `plan` to `model` on `mesh` (see above). `model` must be freshly built (serial, not

@@ -4,14 +4,18 @@
 //   meshtrain-plan --dp 2 --zero 1                       one layout: the table of bytes
 //   meshtrain-plan --world 4 --budget 64MiB              every layout of 4 ranks that fits
 //   meshtrain-plan --cp 4 --block-size 1024              one context-parallel layout
+//   meshtrain-plan --pp 4 --micro-batch-size 2 --pp-schedule zb-h1 [--timeline-json F]
+//                                                        a pipeline schedule as a timeline
 //   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257
 //                  --block-size 1024 --batch-size 32 --world 8 --budget 40GiB --precision bf16
 //
 // Model and layout flags are train_gpt's (launch/cli.h), --dp included. No MPI, no tensors:
 // it runs anywhere. Exit codes: 0 done, 1 no layout fits the budget, 2 bad command line or
 // layout.
+#include "meshtrain/core/file_io.h"
 #include "meshtrain/launch/cli.h"
 #include "meshtrain/memory/planner.h"
+#include "meshtrain/parallel/pipeline_schedule.h"
 
 #include <nlohmann/json.hpp>
 
@@ -104,6 +108,35 @@ int print_fitting(const PlanModel& model, int64_t world, const ParallelPlan& fix
   return 0;
 }
 
+// A pipeline layout: the schedule's simulated timeline (unit costs: F = I = W = 1, a whole
+// backward 2) with its bubble and in-flight micro-batches per rank. Memory per stage is not
+// modelled yet; the message says so.
+int print_pipeline(const PlanModel& model, const ParallelPlan& layout,
+                   const std::string& json_path) {
+  const auto plan = meshtrain::validate_plan(model, layout);
+  meshtrain::PipelineScheduleSpec spec{plan.pp_schedule, plan.dims.pp,
+                                       static_cast<int>(plan.accumulation_steps()),
+                                       plan.virtual_stages};
+  const auto sim =
+      meshtrain::check_pipeline_schedule(spec, meshtrain::make_pipeline_schedule(spec));
+  const auto layers = plan.stage_layers(model.n_layer);
+  std::cout << plan.describe() << "\nstages (blocks):";
+  for (size_t s = 0; s < layers.size(); ++s) {
+    std::cout << " s" << s << "=" << layers[s] << " (rank " << spec.rank_of(static_cast<int>(s))
+              << ")";
+  }
+  std::cout << "\ntimeline (one column = one chunk's forward; B = I + W takes two; a lower-case "
+               "letter is a later virtual stage):\n"
+            << meshtrain::render_timeline(spec, sim);
+  if (!json_path.empty()) {
+    meshtrain::write_file_atomic(json_path, meshtrain::timeline_json(spec, sim));
+    std::cout << "timeline: " << json_path << " (python3 scripts/plot_schedule.py " << json_path
+              << " OUT.png draws it)\n";
+  }
+  std::cout << "memory per pipeline stage is not modelled by the planner yet\n";
+  return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -119,6 +152,8 @@ int main(int argc, char** argv) {
     ("budget", "memory per rank, e.g. 512MiB, 2GiB, 800MB", cli::text(""))
     ("top", "layouts listed", cli::text("15"))
     ("json", "print the one layout's estimate as JSON (bytes)", cli::boolean())
+    ("timeline-json", "with --pp: also write the schedule's timeline as JSON to this file",
+     cli::text(""))
     ("h,help", "print this help");
   // clang-format on
   try {
@@ -132,6 +167,14 @@ int main(int argc, char** argv) {
     layout.dims.dp = static_cast<int>(flags.integer("dp", 1, 1 << 20));
     const int64_t world = flags.integer("world", 0, 1 << 20);
     const std::string budget = flags.str("budget");
+    if (layout.dims.pp > 1) {
+      if (world != 0 || !budget.empty()) {
+        throw cli::UsageError("--world/--budget rank layouts without pipeline parallelism; "
+                              "pipeline layouts (--pp " +
+                              std::to_string(layout.dims.pp) + ") are not in the search yet");
+      }
+      return print_pipeline(model, layout, flags.str("timeline-json"));
+    }
     if (world != 0 || !budget.empty()) {
       if (world < 1 || budget.empty()) {
         throw cli::UsageError("--world N and --budget SIZE go together (world " +
@@ -149,6 +192,8 @@ int main(int argc, char** argv) {
   } catch (const cli::UsageError& e) {
     std::cerr << "meshtrain-plan: " << e.what() << "\n";
   } catch (const meshtrain::LayoutError& e) {
+    std::cerr << "meshtrain-plan: " << e.what() << "\n";
+  } catch (const meshtrain::ScheduleError& e) {
     std::cerr << "meshtrain-plan: " << e.what() << "\n";
   }
   return cli::kExitUsage;

@@ -135,4 +135,11 @@ void check_ranks_agree(const CommunicatorPtr& group, const std::vector<SetupFiel
   MT_CHECK(false, message.str());
 }
 
+void check_parameters_agree(const Mesh& mesh, const torch::nn::Module& model) {
+  const auto& world = mesh.group("world");
+  const auto stage =
+      mesh.grid().pp() == 1 ? world : world->split(mesh.index("pp"), world->rank(), "pp stage");
+  check_ranks_agree(stage, parameter_fields(model), "model's parameter shapes and dtypes");
+}
+
 } // namespace meshtrain

@@ -7,6 +7,7 @@
 #pragma once
 
 #include "meshtrain/core/communicator.h"
+#include "meshtrain/core/mesh.h"
 
 #include <torch/torch.h>
 
@@ -29,5 +30,10 @@ std::vector<SetupField> parameter_fields(const torch::nn::Module& model);
 // eight listed), the ranks and their values.
 void check_ranks_agree(const CommunicatorPtr& group, const std::vector<SetupField>& fields,
                        const std::string& what);
+
+// check_ranks_agree on parameter_fields(model) among the ranks that hold the same parameters:
+// every rank, or under pipeline parallelism the ranks of one pp stage. Collective over the
+// mesh's world.
+void check_parameters_agree(const Mesh& mesh, const torch::nn::Module& model);
 
 } // namespace meshtrain

@@ -21,6 +21,17 @@
 namespace meshtrain {
 namespace {
 
+// The micro-batches' inputs and targets as the pipeline takes them.
+std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>>
+split_micro_batches(const std::vector<MicroBatch>& batches) {
+  std::pair<std::vector<torch::Tensor>, std::vector<torch::Tensor>> out;
+  for (const auto& mb : batches) {
+    out.first.push_back(mb.inputs);
+    out.second.push_back(mb.targets);
+  }
+  return out;
+}
+
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) {
@@ -240,7 +251,23 @@ StepStats Trainer::train_step() {
   if (shards != nullptr) {
     shards->reset_peak();
   }
-  for (int64_t m = 0; m < m_count; ++m) {
+  const auto share_of = [&](const torch::Tensor& loss_sum) {
+    auto share = global_mean_loss(loss_sum, global_tokens);
+    return hooks_.on_loss ? hooks_.on_loss(s + 1, share) : share;
+  };
+  if (parallel_.pipeline) {
+    // Every micro-batch through the schedule, accumulating locally; then the shared
+    // parameters' gradients summed over the first and last stage, and one reduction.
+    const auto [inputs, targets] = split_micro_batches(batches);
+    {
+      const auto timed = forward_clock.time("pipeline");
+      const NoSyncGuard guard = reducer.no_sync();
+      loss +=
+          parallel_.pipeline->train(inputs, targets, share_of, scaler_ ? scaler_->scale() : 1.0);
+    }
+    parallel_.pipeline->sum_shared_gradients(reducer);
+  }
+  for (int64_t m = 0; m < m_count && !parallel_.pipeline; ++m) {
     std::optional<NoSyncGuard> guard;
     if (m + 1 < m_count && shards == nullptr) {
       guard.emplace(reducer.no_sync()); // accumulate locally; the last micro-step reduces
@@ -248,10 +275,7 @@ StepStats Trainer::train_step() {
     torch::Tensor share;
     {
       const auto timed = forward_clock.time("forward");
-      share = global_mean_loss(parallel_.loss(batches[m]), global_tokens);
-    }
-    if (hooks_.on_loss) {
-      share = hooks_.on_loss(s + 1, share);
+      share = share_of(parallel_.loss(batches[m]));
     }
     {
       const auto timed = backward_clock.time("backward");
@@ -296,8 +320,10 @@ StepStats Trainer::train_step() {
       }
     }
   }
-  // The shares of all micro-steps and dp x cp ranks add up to the global-batch mean.
+  // The shares of all micro-steps and dp x cp ranks add up to the global-batch mean (under
+  // pipeline parallelism the last stage holds them: the others add 0).
   mesh.group("dp_cp")->all_reduce(loss, ReduceOp::kSum);
+  mesh.group("pp")->all_reduce(loss, ReduceOp::kSum);
   ++step_;
 
   StepStats stats;
@@ -340,12 +366,23 @@ double Trainer::validate() {
   // Under context parallelism each cp rank's loss covers its 1/cp of every sequence's tokens.
   const int64_t cp = parallel_.mesh.group("cp")->size();
   for (int64_t k = 0; k < options_.val_batches(); ++k) {
-    for (const auto& mb : val_loader_->step_batches(k)) {
-      totals[0] += parallel_.loss(mb).to(torch::kDouble);
+    const auto batches = val_loader_->step_batches(k);
+    if (parallel_.pipeline) {
+      const auto [inputs, targets] = split_micro_batches(batches);
+      totals[0] += parallel_.pipeline->evaluate(inputs, targets);
+    }
+    for (const auto& mb : batches) {
+      if (!parallel_.pipeline) {
+        totals[0] += parallel_.loss(mb).to(torch::kDouble);
+      }
       totals[1] += static_cast<double>(mb.targets.numel() / cp);
     }
   }
+  // Under pipeline parallelism only the last stage has losses (the token counts are every
+  // rank's: divided by pp below).
   parallel_.mesh.group("dp_cp")->all_reduce(totals, ReduceOp::kSum);
+  parallel_.mesh.group("pp")->all_reduce(totals, ReduceOp::kSum);
+  totals[1] /= static_cast<double>(parallel_.mesh.group("pp")->size());
   model.train();
   return totals[0].item<double>() / totals[1].item<double>();
 }

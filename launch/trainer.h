@@ -18,6 +18,9 @@
 // mean token loss over the whole global batch (DESIGN §3 "Loss"), whatever D, M and b are.
 // ZeRO-3 (parallel/parameter_shards.h) synchronises every micro-step instead (no no_sync:
 // backward + finish() each time, the reduce-scatters adding into the gradient shards).
+// Pipeline parallelism (pp > 1, parallel/pipeline_stage.h) runs the M micro-batches through
+// the schedule inside one no_sync scope instead of the loop, sums the first and last stage's
+// shared gradients, then finish(); the loss is the last stage's, summed over pp too.
 // The reported loss is the same quantity: the sum over micro-steps and DP ranks (one
 // all-reduce over dp per step). Under context parallelism (cp > 1) the cp ranks of a group
 // take the same sequences, loss() sums each rank's chunks of them (launch/parallelize.h),

@@ -60,6 +60,7 @@ ModelShape shape_of(const PlanModel& m) {
   shape.n_layer = m.n_layer;
   shape.n_head = m.n_head;
   shape.seq_len = m.block_size;
+  shape.n_embd = m.n_embd;
   shape.attention_dropout = m.dropout;
   return shape;
 }

@@ -6,6 +6,9 @@
 #include "meshtrain/optim/param_groups.h"
 #include "meshtrain/parallel/parameter_shards.h"
 
+#include <algorithm>
+#include <cmath>
+
 namespace meshtrain {
 namespace {
 
@@ -177,6 +180,12 @@ ZeroOptimizer::owned_grads(const std::vector<torch::Tensor>& grads) const {
   return out;
 }
 
+void ZeroOptimizer::set_pipeline_norm(CommunicatorPtr pp,
+                                      std::vector<std::string> counted_elsewhere) {
+  pp_ = std::move(pp);
+  counted_elsewhere_ = std::move(counted_elsewhere);
+}
+
 double ZeroOptimizer::clip_grad_norm(const std::vector<torch::Tensor>& grads, double max_norm) {
   MT_CHECK(grads.size() == buckets_.size(), "ZeroOptimizer::clip_grad_norm: got ", grads.size(),
            " bucket gradients, expected ", buckets_.size());
@@ -188,17 +197,31 @@ double ZeroOptimizer::clip_grad_norm(const std::vector<torch::Tensor>& grads, do
     MT_CHECK(g.numel() == (sharded ? bucket.own_size : bucket.padded),
              "ZeroOptimizer::clip_grad_norm: gradient of bucket ", b, " has ", g.numel(),
              " elements, expected ", sharded ? bucket.own_size : bucket.padded);
+    const auto counted = [&](const Slot& slot) {
+      return std::find(counted_elsewhere_.begin(), counted_elsewhere_.end(), slot.name) ==
+             counted_elsewhere_.end();
+    };
     if (sharded) {
       for (const auto& seg : bucket.segments) {
-        parts.add(g.narrow(0, seg.shard_offset, seg.length), bucket.slots[seg.slot].partitioned);
+        if (counted(bucket.slots[seg.slot])) {
+          parts.add(g.narrow(0, seg.shard_offset, seg.length), bucket.slots[seg.slot].partitioned);
+        }
       }
     } else {
       for (const auto& slot : bucket.slots) {
-        parts.add(g.narrow(0, slot.offset, slot.numel), slot.partitioned);
+        if (counted(slot)) {
+          parts.add(g.narrow(0, slot.offset, slot.numel), slot.partitioned);
+        }
       }
     }
   }
-  const double norm = global_grad_norm(parts, tp_, sharded ? dp_ : nullptr);
+  double norm = global_grad_norm(parts, tp_, sharded ? dp_ : nullptr);
+  if (pp_ && pp_->size() > 1) {
+    // The stages hold disjoint parameters: their squared norms add up.
+    auto squared = torch::tensor({norm * norm}, torch::kDouble);
+    pp_->all_reduce(squared, ReduceOp::kSum);
+    norm = std::sqrt(squared.item<double>());
+  }
   const double coef = clip_coefficient(norm, max_norm);
   if (coef < 1.0) {
     torch::NoGradGuard no_grad;

@@ -99,6 +99,11 @@ public:
   ZeroOptimizer(const torch::nn::Module& model, const Mesh& mesh, BucketLayoutPtr layout,
                 ZeroOptions options = {}, std::shared_ptr<ParameterShards> shards = nullptr);
 
+  // Pipeline parallelism: the gradient norm also spans the pp stages (their squared norms
+  // summed over `pp`), and the parameters named in `counted_elsewhere` — a shared parameter
+  // another stage holds too, a tied embedding on the last stage — are left out of this
+  // stage's share so each is counted once.
+  void set_pipeline_norm(CommunicatorPtr pp, std::vector<std::string> counted_elsewhere);
   // Global L2 norm of the gradients (whole model, all tp partitions, replicated parameters
   // once) before clipping; scales `grads` in place by clip_coefficient(norm, max_norm).
   // max_norm <= 0 only measures. Collective over tp, and over dp at stage 2.
@@ -172,6 +177,8 @@ private:
   ZeroOptions options_;
   CommunicatorPtr dp_;
   CommunicatorPtr tp_;
+  CommunicatorPtr pp_;                         // null: no pipeline
+  std::vector<std::string> counted_elsewhere_; // by another pp stage
   std::shared_ptr<ParameterShards> shards_;
   std::vector<Bucket> buckets_;
   torch::Tensor master_;                       // [sum own_size] fp32

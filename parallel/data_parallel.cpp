@@ -238,6 +238,30 @@ void DataParallelReducer::wait_in_flight() {
   }
 }
 
+torch::Tensor DataParallelReducer::accumulated_grad(const torch::Tensor& param) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  MT_CHECK(no_sync_depth_ == 0 && next_launch_ == 0 && phase_ == Phase::kAccumulating,
+           "DataParallelReducer::accumulated_grad: only between the no_sync() passes of a step "
+           "and finish()");
+  for (auto& slot : slots_) {
+    if (!slot.param.is_same(param)) {
+      continue;
+    }
+    auto& bucket = buckets_[slot.bucket];
+    ensure_staging(bucket);
+    auto region = bucket.grads.narrow(0, slot.offset, slot.numel);
+    if (!slot.in_buffer) {
+      region.zero_();
+      slot.in_buffer = true;
+    }
+    slot.seen = true;
+    return region;
+  }
+  MT_CHECK(false, "DataParallelReducer::accumulated_grad: the parameter (sizes ", param.sizes(),
+           ") is not one of the reducer's");
+  return {};
+}
+
 std::vector<torch::Tensor> DataParallelReducer::finish() {
   std::lock_guard<std::mutex> lock(mutex_);
   MT_CHECK(no_sync_depth_ == 0, "DataParallelReducer::finish() called inside a no_sync() scope");

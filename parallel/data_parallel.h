@@ -110,6 +110,12 @@ public:
   // The tensors are the reducer's buffers: valid until the next backward or zero_grad().
   // A second call without backward in between returns the same tensors.
   std::vector<torch::Tensor> finish();
+  // Between the no_sync backward passes of a step and finish(): the gradient `param` has
+  // accumulated since zero_grad() (zeros when none arrived), as the [numel] view of its bucket
+  // slot, to be changed in place before finish() reduces it. A pipeline sums a parameter
+  // that two stages hold (a tied embedding) here. Throws for a parameter the reducer does not
+  // hold, inside no_sync, or after a synchronising pass started.
+  torch::Tensor accumulated_grad(const torch::Tensor& param);
 
   const BucketLayout& layout() const { return *layout_; }
   int64_t num_buckets() const { return static_cast<int64_t>(buckets_.size()); }

@@ -9,7 +9,8 @@
 // derives from ParallelModel; its repeated blocks are modules that also derive from
 // ParallelBlock. The library computes a micro-batch's loss as
 //   x = embed(inputs)                 [b, T, C]   ([b, T/tp, C] under sequence parallelism)
-//   x = block_i(x) for every block    (each maybe wrapped: recompute, later pipeline stages)
+//   x = block_i(x) for every block    (each maybe wrapped by recompute; under pipeline
+//                                     parallelism each rank runs its stages' blocks)
 //   loss = head_loss(x, targets)      [] SUM of the token cross-entropies, equal on every
 //                                     rank of the tp group
 // tests/consumer/project/main.cpp and examples/gpt/gpt_model.h are two such models;

@@ -40,7 +40,60 @@ void check_batch(ParallelPlan& plan) {
   }
 }
 
+void check_pipeline(const ParallelPlan& plan) {
+  const auto& d = plan.dims;
+  const bool interleaved = plan.pp_schedule == PipelineSchedule::kInterleaved1F1B;
+  if (plan.virtual_stages > 1 && !interleaved) {
+    refuse(cat(plan.virtual_stages, " virtual stages need the interleaved schedule (got ",
+               to_string(plan.pp_schedule), ")"));
+  }
+  if (plan.zero_stage == 3) {
+    refuse(cat("ZeRO-3 with pipeline parallelism (pp ", d.pp,
+               ") is not available yet; use ZeRO 0, 1 or 2 with pp, or pp 1"));
+  }
+  if (d.cp > 1) {
+    refuse(cat("context parallelism (cp ", d.cp, ") with pipeline parallelism (pp ", d.pp,
+               ") is not available yet; use one of them"));
+  }
+  const auto stages = static_cast<size_t>(d.pp) * plan.virtual_stages;
+  if (!plan.pp_layout.empty() && plan.pp_layout.size() != stages) {
+    refuse(cat("the pipeline layout gives ", plan.pp_layout.size(), " stages; pp (", d.pp,
+               ") x virtual stages (", plan.virtual_stages, ") = ", stages, " are needed"));
+  }
+  for (const auto n : plan.pp_layout) {
+    if (n < 1) {
+      refuse(cat("every pipeline stage needs >= 1 block; the layout has ", n));
+    }
+  }
+  if (plan.global_batch > 0 && interleaved && plan.accumulation_steps() % d.pp != 0) {
+    refuse(cat("interleaved 1F1B runs the micro-batches in groups of pp (", d.pp, "); ",
+               plan.accumulation_steps(), " micro-batches per step is not a multiple of ", d.pp,
+               ": choose the batch and micro-batch so that B / (b x dp) is"));
+  }
+}
+
 } // namespace
+
+std::vector<int64_t> ParallelPlan::stage_layers(int64_t n_layer) const {
+  const int64_t stages = static_cast<int64_t>(dims.pp) * virtual_stages;
+  if (!pp_layout.empty()) {
+    int64_t sum = 0;
+    for (const auto n : pp_layout) {
+      sum += n;
+    }
+    if (sum != n_layer) {
+      refuse(cat("the pipeline layout's blocks add up to ", sum, "; the model has ", n_layer));
+    }
+    return pp_layout;
+  }
+  if (n_layer % stages != 0) {
+    refuse(cat(n_layer, " blocks do not split evenly into pp (", dims.pp, ") x virtual stages (",
+               virtual_stages, ") = ", stages,
+               " stages; give the blocks of each stage (--pp-layout, e.g. ", n_layer / stages + 1,
+               ",...) or choose pp dividing ", n_layer));
+  }
+  return std::vector<int64_t>(stages, n_layer / stages);
+}
 
 RecomputeMode parse_recompute_mode(const std::string& text) {
   if (text == "none") {
@@ -101,9 +154,6 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
   ParallelPlan plan = *this;
   plan.dims = MeshGrid::create(dims, world_size).dims();
   const auto& d = plan.dims;
-  if (d.pp > 1) {
-    refuse(cat("pipeline parallelism (pp ", d.pp, ") is not available yet; use pp 1"));
-  }
   if (plan.virtual_stages < 1) {
     refuse(cat("virtual stages (", plan.virtual_stages, ") must be >= 1"));
   }
@@ -128,6 +178,9 @@ ParallelPlan ParallelPlan::validate(int world_size) const {
     refuse(cat("the bucket size (", plan.bucket_bytes, " bytes) must be >= 1"));
   }
   check_batch(plan);
+  if (d.pp > 1) {
+    check_pipeline(plan);
+  }
   return plan;
 }
 
@@ -163,6 +216,13 @@ ParallelPlan ParallelPlan::validate(int world_size, const ModelShape& model) con
                model.seq_len, cp > 1 ? cat(") / cp (", cp, ") = ", model.seq_len / cp) : ")",
                "; tp may be ", divisors_text(model.seq_len / cp)));
   }
+  if (plan.dims.pp > 1) {
+    plan.stage_layers(model.n_layer); // refuses a split that does not fit
+    if (model.n_embd < 1) {
+      refuse(cat("pipeline parallelism needs the model's width (ModelShape::n_embd, got ",
+                 model.n_embd, "): the stages exchange [b, T, n_embd] activations"));
+    }
+  }
   if (cp > 1 && model.attention_dropout > 0.0) {
     refuse(cat("context parallelism (cp ", cp,
                ") computes attention without dropout; the model "
@@ -178,7 +238,12 @@ int64_t ParallelPlan::accumulation_steps() const {
 }
 
 std::string ParallelPlan::describe() const {
-  std::string out = describe_dims(dims) + ", ZeRO " + std::to_string(zero_stage);
+  std::string out = describe_dims(dims);
+  if (dims.pp > 1) {
+    out += cat(" (", to_string(pp_schedule),
+               virtual_stages > 1 ? cat(", ", virtual_stages, " virtual stages") : "", ")");
+  }
+  out += ", ZeRO " + std::to_string(zero_stage);
   if (zero_stage == 3) {
     out += cat(" (prefetch ", prefetch, reshard_after_forward ? ", reshard after forward)" : ")");
   }

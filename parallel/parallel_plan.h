@@ -32,7 +32,7 @@ enum class RecomputeMode { kNone, kSelective, kFull };
 RecomputeMode parse_recompute_mode(const std::string& text);
 const char* to_string(RecomputeMode mode);
 
-// Pipeline schedules (DESIGN §3 "Pipeline"); declared for the plan, not available yet.
+// Pipeline schedules (DESIGN §3 "Pipeline"; parallel/pipeline_schedule.h).
 enum class PipelineSchedule { kGPipe, k1F1B, kInterleaved1F1B, kZeroBubbleH1 };
 // "gpipe", "1f1b", "interleaved" or "zb-h1"; throws LayoutError naming the value otherwise.
 PipelineSchedule parse_pipeline_schedule(const std::string& text);
@@ -44,6 +44,7 @@ struct ModelShape {
   int64_t n_head = 0;    // attention heads (split over tp)
   int64_t n_kv_head = 0; // key/value heads of grouped-query attention; 0: n_head
   int64_t seq_len = 0;   // T of a training sample (split over tp under sequence parallelism)
+  int64_t n_embd = 0;    // C, the width of the residual stream (pipeline messages [b, T, C])
   // Dropout on the attention probabilities: context parallelism (ring attention) has none.
   double attention_dropout = 0.0;
 };
@@ -56,8 +57,9 @@ struct ParallelPlan {
   ParallelDims dims;
   // Activations between the tensor-parallel regions are sequence shards [b, T/tp, C].
   bool sequence_parallel = false;
-  // Pipeline (pp > 1): schedule, virtual stages per rank, and an explicit per-stage layer
-  // count (empty: n_layer / (pp x virtual_stages) each). Not available yet.
+  // Pipeline (pp > 1; parallel/pipeline_stage.h): schedule, virtual stages per rank, and an
+  // explicit per-stage block count (empty: n_layer / (pp x virtual_stages) each). A step's
+  // micro-steps are the schedule's micro-batches.
   PipelineSchedule pp_schedule = PipelineSchedule::k1F1B;
   int virtual_stages = 1;
   std::vector<int64_t> pp_layout;
@@ -89,6 +91,9 @@ struct ParallelPlan {
   // Of a validated plan: micro-steps per optimizer step (B / (b x dp); the cp ranks of a
   // group take their chunks of the same sequences).
   int64_t accumulation_steps() const;
+  // Of a validated plan: the blocks of each of the pp x virtual_stages stages, in stage
+  // order (stage s on pp rank s % pp). Throws LayoutError when n_layer does not split so.
+  std::vector<int64_t> stage_layers(int64_t n_layer) const;
   // One line for banners and messages: "dp 2 x tp 2, ZeRO 1, sequence parallel, recompute
   // none, fp32, batch 16 (micro-batch 4 x 2 micro-steps)".
   std::string describe() const;

@@ -169,7 +169,8 @@ TEST_CASE("Context parallelism: layouts that cannot be cut are refused with thei
   shape.attention_dropout = 0;
   plan.dims.pp = 2;
   REQUIRE_THROWS_WITH(plan.validate(4, shape),
-                      Catch::Contains("pipeline parallelism (pp 2) is not available yet"));
+                      Catch::Contains("context parallelism (cp 2) with pipeline parallelism (pp "
+                                      "2) is not available yet"));
   // What composes: cp with dp, tp, sequence parallelism, ZeRO 0-2, recompute, bf16.
   plan.dims = ParallelDims{-1, 2, 2, 1};
   plan.sequence_parallel = true;

@@ -62,19 +62,34 @@ std::string after(const Words& command, const std::string& flag) {
 TEST_CASE("meshrun: mpirun command for 2 ranks on 2 cores", "[meshrun]") {
   const auto options = options_for(2, 2);
   CHECK(build_launch_command(options, machine(2, /*root=*/true)) ==
-        Words{"mpirun", "--allow-run-as-root", "-np", "2", "--bind-to", "core", "-x",
-              "MESHTRAIN_TP=2", "-x", "MESHTRAIN_CP=1", "-x", "MESHTRAIN_WORLD_SIZE=2", "-x",
-              "MESHTRAIN_THREADS=1", "-x", "OMP_NUM_THREADS=1", "./train", "--steps", "10"});
+        Words{"mpirun",    "--allow-run-as-root",
+              "-np",       "2",
+              "--bind-to", "core",
+              "-x",        "MESHTRAIN_TP=2",
+              "-x",        "MESHTRAIN_CP=1",
+              "-x",        "MESHTRAIN_PP=1",
+              "-x",        "MESHTRAIN_WORLD_SIZE=2",
+              "-x",        "MESHTRAIN_THREADS=1",
+              "-x",        "OMP_NUM_THREADS=1",
+              "./train",   "--steps",
+              "10"});
   // Not root: OpenMPI needs no permission flag.
   CHECK_FALSE(has(build_launch_command(options, machine(2, false)), "--allow-run-as-root"));
 }
 
 TEST_CASE("meshrun: more ranks than cores oversubscribes, unbinds, one thread each", "[meshrun]") {
   const auto command = build_launch_command(options_for(4), machine(2, false));
-  CHECK(command == Words{"mpirun", "-np", "4", "--oversubscribe", "--bind-to", "none", "-x",
-                         "MESHTRAIN_TP=1", "-x", "MESHTRAIN_CP=1", "-x", "MESHTRAIN_WORLD_SIZE=4",
-                         "-x", "MESHTRAIN_THREADS=1", "-x", "OMP_NUM_THREADS=1", "./train",
-                         "--steps", "10"});
+  CHECK(command == Words{"mpirun",    "-np",
+                         "4",         "--oversubscribe",
+                         "--bind-to", "none",
+                         "-x",        "MESHTRAIN_TP=1",
+                         "-x",        "MESHTRAIN_CP=1",
+                         "-x",        "MESHTRAIN_PP=1",
+                         "-x",        "MESHTRAIN_WORLD_SIZE=4",
+                         "-x",        "MESHTRAIN_THREADS=1",
+                         "-x",        "OMP_NUM_THREADS=1",
+                         "./train",   "--steps",
+                         "10"});
   // Exactly as many ranks as cores still fits without oversubscribing.
   const auto fits = build_launch_command(options_for(2), machine(2, false));
   CHECK_FALSE(has(fits, "--oversubscribe"));
@@ -155,16 +170,16 @@ TEST_CASE("meshrun: inside SLURM the ranks start with srun", "[meshrun]") {
   context.env = {{"SLURM_JOB_ID", "42"}};
   CHECK(build_launch_command(options_for(4, 2), context) ==
         Words{"srun", "-n", "4", "--cpu-bind=none",
-              "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_WORLD_SIZE=4,"
+              "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_PP=1,MESHTRAIN_WORLD_SIZE=4,"
               "MESHTRAIN_THREADS=1,OMP_NUM_THREADS=1",
               "./train", "--steps", "10"});
   // The allocation's nodes and CPUs decide the share, not the machine meshrun runs on.
   context.env = {{"SLURM_JOB_ID", "42"}, {"SLURM_JOB_NUM_NODES", "2"}, {"SLURM_CPUS_ON_NODE", "8"}};
   const auto multi = build_launch_command(options_for(4, 2), context);
   CHECK(multi[3] == "--cpu-bind=cores");
-  CHECK(multi[4] ==
-        "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_WORLD_SIZE=4,MESHTRAIN_THREADS=4,"
-        "OMP_NUM_THREADS=4");
+  CHECK(multi[4] == "--export=ALL,MESHTRAIN_TP=2,MESHTRAIN_CP=1,MESHTRAIN_PP=1,MESHTRAIN_WORLD_"
+                    "SIZE=4,MESHTRAIN_THREADS=4,"
+                    "OMP_NUM_THREADS=4");
   CHECK_FALSE(has(multi, "--allow-run-as-root"));
 
   auto options = options_for(4);

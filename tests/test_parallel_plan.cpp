@@ -20,12 +20,13 @@ using meshtrain::testing::rank_tag;
 
 namespace {
 
-// The default GPT's shape (4 layers, 4 heads, T 64).
+// The default GPT's shape (4 layers, 4 heads, T 64, C 128).
 ModelShape gpt_shape() {
   ModelShape shape;
   shape.n_layer = 4;
   shape.n_head = 4;
   shape.seq_len = 64;
+  shape.n_embd = 128;
   return shape;
 }
 
@@ -109,8 +110,39 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
                    "1, 2, 4, 8, 16 or 32"});
   auto pp = plan_with(1);
   pp.dims.pp = 2;
-  cases.push_back({"pipeline parallelism", pp, 2,
-                   "pipeline parallelism (pp 2) is not available yet; use pp 1"});
+  auto pp_zero3 = pp;
+  pp_zero3.zero_stage = 3;
+  cases.push_back({"pipeline with ZeRO-3", pp_zero3, 2,
+                   "ZeRO-3 with pipeline parallelism (pp 2) is not available yet"});
+  auto pp_virtual = pp;
+  pp_virtual.virtual_stages = 2;
+  cases.push_back({"virtual stages without interleaving", pp_virtual, 2,
+                   "2 virtual stages need the interleaved schedule (got 1f1b)"});
+  auto pp_groups = pp_virtual;
+  pp_groups.pp_schedule = PipelineSchedule::kInterleaved1F1B;
+  pp_groups.dims.pp = 4;
+  pp_groups.micro_batch = 8; // 16 / 8 = 2 micro-batches, not a multiple of pp 4
+  cases.push_back({"interleaved micro-batches not in groups of pp", pp_groups, 4,
+                   "2 micro-batches per step is not a multiple of 4"});
+  auto pp_layout = pp;
+  pp_layout.pp_layout = {1, 2, 1};
+  cases.push_back({"a layout of the wrong length", pp_layout, 2,
+                   "the pipeline layout gives 3 stages; pp (2) x virtual stages (1) = 2 are "
+                   "needed"});
+  pp_layout.pp_layout = {1, 2};
+  cases.push_back({"a layout not adding up", pp_layout, 2,
+                   "the pipeline layout's blocks add up to 3; the model has 4"});
+  auto pp_uneven = pp;
+  pp_uneven.dims.pp = 3;
+  pp_uneven.global_batch = 15;
+  cases.push_back({"an uneven split", pp_uneven, 3,
+                   "4 blocks do not split evenly into pp (3) x virtual stages (1) = 3 stages; "
+                   "give the blocks of each stage (--pp-layout"});
+  auto pp_cp = pp;
+  pp_cp.dims.cp = 2;
+  cases.push_back({"pipeline with context parallelism", pp_cp, 4,
+                   "context parallelism (cp 2) with pipeline parallelism (pp 2) is not "
+                   "available yet"});
   auto bucket = plan_with(1);
   bucket.bucket_bytes = 0;
   cases.push_back({"empty buckets", bucket, 1, "the bucket size (0 bytes) must be >= 1"});
@@ -144,6 +176,23 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
                       Catch::Contains("tp (2) must divide n_kv_head (1)"));
   REQUIRE_THROWS_WITH(parse_recompute_mode("some"),
                       Catch::Contains("recompute mode 'some': must be none, selective or full"));
+  // Pipeline layouts that fit: an even split, an explicit uneven one, interleaved.
+  auto pp_ok = plan_with(1);
+  pp_ok.dims.pp = 2;
+  pp_ok.micro_batch = 4;
+  const auto pp_resolved = pp_ok.validate(4, gpt_shape());
+  CHECK(pp_resolved.dims.dp == 2);
+  CHECK(pp_resolved.stage_layers(4) == std::vector<int64_t>{2, 2});
+  CHECK(pp_resolved.describe() == "dp 2 x pp 2 (1f1b), ZeRO 0, recompute none, fp32, batch 16 "
+                                  "(micro-batch 4 x 2 micro-steps x dp 2)");
+  pp_ok.dims.pp = 3;
+  pp_ok.pp_layout = {2, 1, 1};
+  pp_ok.global_batch = 12;
+  CHECK(pp_ok.validate(3, gpt_shape()).stage_layers(4) == std::vector<int64_t>{2, 1, 1});
+  auto no_width = gpt_shape();
+  no_width.n_embd = 0;
+  REQUIRE_THROWS_WITH(pp_ok.validate(3, no_width),
+                      Catch::Contains("pipeline parallelism needs the model's width"));
   REQUIRE_THROWS_WITH(parse_pipeline_schedule("zb"),
                       Catch::Contains("must be gpipe, 1f1b, interleaved or zb-h1"));
 }

@@ -64,6 +64,7 @@ ModelShape GPTImpl::shape() const {
   shape.n_layer = config_.n_layer();
   shape.n_head = config_.n_head();
   shape.seq_len = config_.block_size();
+  shape.n_embd = config_.n_embd();
   shape.attention_dropout = config_.dropout();
   return shape;
 }

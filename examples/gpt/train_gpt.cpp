@@ -200,8 +200,7 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
   auto parallel = meshtrain::parallelize(
       model, mesh, f.plan, meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t)));
   // Same flags but another build, or a model code change on some node: stop here.
-  meshtrain::check_ranks_agree(mesh.group("world"), meshtrain::parameter_fields(*model),
-                               "model's parameter shapes and dtypes");
+  meshtrain::check_parameters_agree(mesh, *model);
   meshtrain::Trainer trainer(parallel, data.train, data.val,
                              cli::trainer_options(t, f.model.block_size));
   if (rank0) {

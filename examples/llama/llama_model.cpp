@@ -152,6 +152,7 @@ meshtrain::ModelShape LlamaImpl::shape() const {
   shape.n_head = config_.n_head();
   shape.n_kv_head = config_.n_kv_head();
   shape.seq_len = config_.block_size();
+  shape.n_embd = config_.n_embd();
   return shape;
 }
 

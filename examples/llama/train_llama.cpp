@@ -72,6 +72,7 @@ meshtrain::ModelShape shape_of(const llama::LlamaConfig& c) {
   shape.n_head = c.n_head();
   shape.n_kv_head = c.n_kv_head();
   shape.seq_len = c.block_size();
+  shape.n_embd = c.n_embd();
   return shape;
 }
 
@@ -215,8 +216,7 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
   }
   auto parallel = meshtrain::parallelize(
       model, mesh, f.plan, meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t)));
-  meshtrain::check_ranks_agree(mesh.group("world"), meshtrain::parameter_fields(*model),
-                               "model's parameter shapes and dtypes");
+  meshtrain::check_parameters_agree(mesh, *model);
   meshtrain::Trainer trainer(parallel, data.train, data.val,
                              cli::trainer_options(t, f.model.block_size()));
   if (rank0) {

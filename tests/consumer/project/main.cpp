@@ -91,6 +91,7 @@ public:
     s.n_layer = kLayers;
     s.n_head = kHeads;
     s.seq_len = kSeq;
+    s.n_embd = kWidth;
     return s;
   }
   torch::Tensor embed(const torch::Tensor& inputs) override {
