@@ -16,6 +16,8 @@ namespace {
 // Each data-parallel replica draws its own dropout masks (the tracker derives the per-tp-rank
 // streams); the stride keeps the replicas' seeds apart for any reasonable base seed.
 constexpr uint64_t kReplicaSeedStride = 1000003;
+// And each pipeline stage its own (its blocks are other blocks than the other stages').
+constexpr uint64_t kStageSeedStride = 7919 * kReplicaSeedStride;
 
 void check_mesh(const Mesh& mesh, const ParallelPlan& plan) {
   const auto have = mesh.grid().dims();
@@ -129,31 +131,32 @@ std::vector<std::string> split_pipeline(ParallelModel& model, const ParallelPlan
 }
 
 // The stage object of this rank, on the model as laid out (after TP, precision).
-std::shared_ptr<PipelineStage> make_pipeline(ParallelModel& model, const Mesh& mesh,
-                                             const ParallelPlan& plan,
+std::shared_ptr<PipelineStage> make_pipeline(const std::shared_ptr<ParallelModel>& model,
+                                             const Mesh& mesh, const ParallelPlan& plan,
                                              std::vector<ParameterShards::BlockFn> blocks,
                                              const std::vector<std::string>& shared_names) {
   PipelineScheduleSpec spec{plan.pp_schedule, plan.dims.pp,
                             static_cast<int>(plan.accumulation_steps()), plan.virtual_stages};
   PipelineModelParts parts;
-  parts.embed = [&model](const torch::Tensor& inputs) { return model.embed(inputs); };
+  // The stage may outlive the Parallelized that holds the model: it holds it too.
+  parts.embed = [model](const torch::Tensor& inputs) { return model->embed(inputs); };
   parts.blocks = std::move(blocks);
-  parts.head_loss = [&model](const torch::Tensor& x, const torch::Tensor& targets) {
-    return model.head_loss(x, targets);
+  parts.head_loss = [model](const torch::Tensor& x, const torch::Tensor& targets) {
+    return model->head_loss(x, targets);
   };
   // Between stages the stream is [b, T, C] ([b, T/tp, C] under sequence parallelism).
   const int64_t seq_divisor = plan.sequence_parallel ? plan.dims.tp : 1;
-  const int64_t width = model.shape().n_embd;
+  const int64_t width = model->shape().n_embd;
   auto message_shape = [seq_divisor, width](const torch::Tensor& inputs) {
     return std::vector<int64_t>{inputs.size(0), inputs.size(1) / seq_divisor, width};
   };
   std::vector<torch::Tensor> shared;
-  const auto params = model.named_parameters();
+  const auto params = model->named_parameters();
   for (const auto& name : shared_names) {
     shared.push_back(params[name]);
   }
   return std::make_shared<PipelineStage>(
-      spec, plan.stage_layers(model.shape().n_layer), mesh.group("pp"), std::move(parts),
+      spec, plan.stage_layers(model->shape().n_layer), mesh.group("pp"), std::move(parts),
       std::move(message_shape), compute_dtype(plan.precision), std::move(shared));
 }
 
@@ -212,11 +215,13 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
     context_core = ring_attention_core(cp.group, RingAttentionOptions().split(cp.split));
   }
 
-  // 3. Dropout streams: one seed per data-parallel replica and cp rank (their tokens differ).
+  // 3. Dropout streams: one seed per data-parallel replica and cp rank (their tokens differ)
+  //    and pipeline stage.
   const RngTrackerPtr rng = model->rng_tracker();
   if (rng) {
     rng->reseed(rng->options().seed() +
-                    kReplicaSeedStride * static_cast<uint64_t>(mesh.index("dp_cp")),
+                    kReplicaSeedStride * static_cast<uint64_t>(mesh.index("dp_cp")) +
+                    kStageSeedStride * static_cast<uint64_t>(mesh.index("pp")),
                 mesh.group("tp"));
   }
 
@@ -232,7 +237,7 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
 
   Parallelized out{model, mesh, resolved};
   if (pp > 1) {
-    out.pipeline = make_pipeline(*model, mesh, resolved, std::move(blocks), shared);
+    out.pipeline = make_pipeline(model, mesh, resolved, std::move(blocks), shared);
     out.loss = pipelined_loss();
   }
   if (!options.training()) {

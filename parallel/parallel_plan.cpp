@@ -65,7 +65,16 @@ void check_pipeline(const ParallelPlan& plan) {
       refuse(cat("every pipeline stage needs >= 1 block; the layout has ", n));
     }
   }
-  if (plan.global_batch > 0 && interleaved && plan.accumulation_steps() % d.pp != 0) {
+  if (plan.pp_schedule == PipelineSchedule::kZeroBubbleH1 &&
+      plan.recompute == RecomputeMode::kFull) {
+    // A recomputed block's backward runs a whole backward of its forward: ZB-H1's input
+    // gradient would already accumulate the block's weight gradients, and W add them again.
+    refuse("zb-h1 with full recomputation is not available yet (its input-gradient pass would "
+           "also compute the recomputed blocks' weight gradients); use 1f1b, or recompute "
+           "selective or none");
+  }
+  if (plan.global_batch > 0 && interleaved && plan.virtual_stages > 1 &&
+      plan.accumulation_steps() % d.pp != 0) {
     refuse(cat("interleaved 1F1B runs the micro-batches in groups of pp (", d.pp, "); ",
                plan.accumulation_steps(), " micro-batches per step is not a multiple of ", d.pp,
                ": choose the batch and micro-batch so that B / (b x dp) is"));
@@ -89,8 +98,9 @@ std::vector<int64_t> ParallelPlan::stage_layers(int64_t n_layer) const {
   if (n_layer % stages != 0) {
     refuse(cat(n_layer, " blocks do not split evenly into pp (", dims.pp, ") x virtual stages (",
                virtual_stages, ") = ", stages,
-               " stages; give the blocks of each stage (--pp-layout, e.g. ", n_layer / stages + 1,
-               ",...) or choose pp dividing ", n_layer));
+               " stages; give the blocks of each stage (--pp-layout, ", stages,
+               " numbers adding up to ", n_layer, ") or choose pp x virtual stages dividing ",
+               n_layer));
   }
   return std::vector<int64_t>(stages, n_layer / stages);
 }

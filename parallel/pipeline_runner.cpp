@@ -3,6 +3,7 @@
 
 #include "meshtrain/core/errors.h"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <utility>
@@ -34,10 +35,9 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
   // (micro-batch, stage) -> the tensor received for it / the output it produced.
   std::map<std::pair<int, int>, at::Tensor> inputs;
   std::map<std::pair<int, int>, at::Tensor> output_grads;
-  std::vector<std::pair<WorkPtr, at::Tensor>> sends; // kept alive until sent
-  // Messages between two stages of this rank (pp 1 with virtual stages) are handed over here.
-  std::map<std::pair<int, int>, at::Tensor> local_activations; // keyed by the receiving stage
-  std::map<std::pair<int, int>, at::Tensor> local_gradients;
+  // Sends in flight with their tensors (alive until sent; dropped once done, so a sent
+  // activation's memory goes with its micro-batch).
+  std::vector<std::pair<WorkPtr, at::Tensor>> sends;
   std::map<std::pair<int, int>, at::Tensor> outputs;
   std::map<std::pair<int, int>, at::Tensor> input_grads;
   PipelineRunRecord record;
@@ -57,8 +57,7 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
     switch (a.kind) {
     case Kind::kRecvActivation: {
       if (spec.rank_of(s - 1) == pp.rank()) {
-        inputs[{mb, s}] = take(local_activations, mb, s);
-        continue;
+        continue; // handed over by this rank's send (pp 1 with virtual stages)
       }
       auto buffer = stage.message_buffer(mb, s - 1);
       pp.recv_async(buffer, spec.rank_of(s - 1), activation_tag(s - 1))->wait();
@@ -67,8 +66,7 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
     }
     case Kind::kRecvGradient: {
       if (spec.rank_of(s + 1) == pp.rank()) {
-        output_grads[{mb, s}] = take(local_gradients, mb, s);
-        continue;
+        continue; // handed over by this rank's send
       }
       auto buffer = stage.message_buffer(mb, s);
       pp.recv_async(buffer, spec.rank_of(s + 1), gradient_tag(s + 1))->wait();
@@ -79,11 +77,11 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
       auto tensor = take(outputs, mb, s);
       MT_CHECK(tensor.defined(), "pipeline stage ", s, " sends micro-batch ", mb,
                "'s activation, but its forward returned none");
-      tensor = tensor.contiguous();
       if (spec.rank_of(s + 1) == pp.rank()) {
-        local_activations[{mb, s + 1}] = tensor;
+        inputs[{mb, s + 1}] = std::move(tensor);
         continue;
       }
+      tensor = tensor.contiguous();
       sends.emplace_back(pp.send_async(tensor, spec.rank_of(s + 1), activation_tag(s)), tensor);
       continue;
     }
@@ -91,11 +89,11 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
       auto tensor = take(input_grads, mb, s);
       MT_CHECK(tensor.defined(), "pipeline stage ", s, " sends micro-batch ", mb,
                "'s input gradient, but its backward returned none");
-      tensor = tensor.contiguous();
       if (spec.rank_of(s - 1) == pp.rank()) {
-        local_gradients[{mb, s - 1}] = tensor;
+        output_grads[{mb, s - 1}] = std::move(tensor);
         continue;
       }
+      tensor = tensor.contiguous();
       sends.emplace_back(pp.send_async(tensor, spec.rank_of(s - 1), gradient_tag(s)), tensor);
       continue;
     }
@@ -119,6 +117,9 @@ PipelineRunRecord run_pipeline_actions(const PipelineScheduleSpec& spec,
       break;
     }
     record.compute.push_back({a, begin, now_s()});
+    sends.erase(std::remove_if(sends.begin(), sends.end(),
+                               [](const auto& send) { return send.first->is_completed(); }),
+                sends.end());
   }
   for (auto& send : sends) {
     send.first->wait();

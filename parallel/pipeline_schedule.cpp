@@ -304,7 +304,7 @@ std::vector<PipelineActions> make_pipeline_schedule(const PipelineScheduleSpec& 
     reject(spec, cat(spec.virtual_stages, " virtual stages need the interleaved schedule; ",
                      to_string(spec.schedule), " runs one chunk per rank"));
   }
-  if (is_interleaved && spec.micro_batches % spec.ranks != 0) {
+  if (is_interleaved && spec.virtual_stages > 1 && spec.micro_batches % spec.ranks != 0) {
     reject(spec, cat("interleaved 1F1B runs micro-batches in groups of pp (", spec.ranks, "); ",
                      spec.micro_batches, " micro-batches is not a multiple of ", spec.ranks));
   }

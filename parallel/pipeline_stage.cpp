@@ -226,6 +226,7 @@ torch::Tensor PipelineStage::train(const std::vector<torch::Tensor>& inputs,
                targets.size() == inputs.size(),
            "PipelineStage::train: ", inputs.size(), " micro-batches of inputs and ", targets.size(),
            " of targets; the schedule runs ", spec_.micro_batches);
+  saved_.clear(); // a step that threw left its graphs here
   inputs_ = &inputs;
   targets_ = &targets;
   share_ = &share;

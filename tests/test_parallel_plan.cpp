@@ -138,6 +138,11 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
   cases.push_back({"an uneven split", pp_uneven, 3,
                    "4 blocks do not split evenly into pp (3) x virtual stages (1) = 3 stages; "
                    "give the blocks of each stage (--pp-layout"});
+  auto pp_zb_full = pp;
+  pp_zb_full.pp_schedule = PipelineSchedule::kZeroBubbleH1;
+  pp_zb_full.recompute = RecomputeMode::kFull;
+  cases.push_back({"zb-h1 with full recomputation", pp_zb_full, 2,
+                   "zb-h1 with full recomputation is not available yet"});
   auto pp_cp = pp;
   pp_cp.dims.cp = 2;
   cases.push_back({"pipeline with context parallelism", pp_cp, 4,
@@ -189,6 +194,12 @@ TEST_CASE("ParallelPlan: every bad layout is refused in one place, naming the va
   pp_ok.pp_layout = {2, 1, 1};
   pp_ok.global_batch = 12;
   CHECK(pp_ok.validate(3, gpt_shape()).stage_layers(4) == std::vector<int64_t>{2, 1, 1});
+  // Interleaved with one chunk per rank is 1F1B: any number of micro-batches.
+  auto one_chunk = plan_with(1);
+  one_chunk.dims.pp = 4;
+  one_chunk.pp_schedule = PipelineSchedule::kInterleaved1F1B;
+  one_chunk.micro_batch = 8; // 2 micro-batches
+  CHECK(one_chunk.validate(4, gpt_shape()).accumulation_steps() == 2);
   auto no_width = gpt_shape();
   no_width.n_embd = 0;
   REQUIRE_THROWS_WITH(pp_ok.validate(3, no_width),
