@@ -52,12 +52,18 @@ std::string step_dir_name(int64_t step) {
   return buf;
 }
 
-std::string model_file(int tp_rank) {
-  return "model-tp" + two_digits(tp_rank) + ".safetensors";
+// Under pipeline parallelism (pp > 1) every file name also says its pp stage's rank.
+std::string pp_part(int pp_rank, int pp) {
+  return pp > 1 ? "pp" + two_digits(pp_rank) + "-" : "";
 }
 
-std::string optim_file(int dp_rank, int tp_rank) {
-  return "optim-dp" + two_digits(dp_rank) + "-tp" + two_digits(tp_rank) + ".safetensors";
+std::string model_file(int pp_rank, int tp_rank, int pp) {
+  return "model-" + pp_part(pp_rank, pp) + "tp" + two_digits(tp_rank) + ".safetensors";
+}
+
+std::string optim_file(int pp_rank, int dp_rank, int tp_rank, int pp) {
+  return "optim-" + pp_part(pp_rank, pp) + "dp" + two_digits(dp_rank) + "-tp" +
+         two_digits(tp_rank) + ".safetensors";
 }
 
 constexpr uint64_t kFnvOffset = 14695981039346656037ULL;
@@ -323,6 +329,29 @@ std::pair<std::string, std::string> split_state_key(const std::string& key) {
   return {key.substr(0, dot), key.substr(dot + 1)};
 }
 
+// The parameters whose state this rank leaves out of its files: under pipeline parallelism the
+// first and the last stage hold the same parameters outside the blocks (equal after every
+// step), and only the first stage (pp rank 0) writes them.
+std::set<std::string> written_by_another_stage(const Trainer& trainer) {
+  if (trainer.mesh().index("pp") == 0) {
+    return {};
+  }
+  const auto& shared = trainer.parallel().shared_parameters;
+  return {shared.begin(), shared.end()};
+}
+
+// The whole model's parameter names in its order (under pipeline parallelism every stage's,
+// not only this rank's): meta.json's "params" order.
+std::vector<std::string> model_parameter_order(Trainer& trainer) {
+  std::vector<std::string> names = trainer.parallel().all_parameters;
+  if (names.empty()) {
+    for (const auto& [name, spec] : named_shard_specs(trainer.model())) {
+      names.push_back(name);
+    }
+  }
+  return names;
+}
+
 // The complete checkpoints under `root` (step_<N> directories holding meta.json), newest
 // first. Partial saves (.step_<N>.partial) and anything else are skipped. A .step_<N>.old
 // holding meta.json stands for step N while step_<N> is absent: a re-save on a file system
@@ -488,13 +517,19 @@ check_compatible(const CheckpointInfo& info, const json& meta, Trainer& trainer,
     warnings.push_back("checkpoint: warning: continuing on changed data (--allow-data-change): " +
                        text);
   }
-  MT_CHECK(specs.size() == info.params.size(), where, ": ", info.params.size(),
-           " parameters; the model has ", specs.size());
+  // The whole model's names (every pipeline stage's), then this rank's parameters' shapes.
+  const auto order = model_parameter_order(trainer);
+  MT_CHECK(order.size() == info.params.size(), where, ": ", info.params.size(),
+           " parameters; the model has ", order.size());
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < order.size(); ++i) {
+    MT_CHECK(info.params[i].first == order[i], where, ": parameter ", i, " is '",
+             info.params[i].first, "'; the model's is '", order[i], "'");
+    index[order[i]] = i;
+  }
   auto params = trainer.model().named_parameters();
-  for (size_t i = 0; i < specs.size(); ++i) {
-    const auto& [name, spec] = specs[i];
-    MT_CHECK(info.params[i].first == name, where, ": parameter ", i, " is '", info.params[i].first,
-             "'; the model's is '", name, "'");
+  for (const auto& [name, spec] : specs) {
+    const size_t i = index.at(name);
     const auto here = unpadded_shape(global_shape(params[name], spec), spec);
     const auto there = unpadded_shape(info.global_shapes[i], info.params[i].second);
     MT_CHECK(here == there, where, ": '", name, "' has shape ", c10::IntArrayRef(there),
@@ -526,15 +561,18 @@ Ranges parse_ranges(const SafetensorsFile& file, const std::string& where) {
 }
 
 // Whether `file` (written by the rank with this rank's coordinates) holds exactly the ranges
-// this rank's optimizer owns: true in the same dp x tp x ZeRO layout with the same buckets.
+// this rank's optimizer owns, but for `skipped` parameters (another pipeline stage writes
+// them): true in the same dp x tp x pp x ZeRO layout with the same buckets and stages.
 bool owns_what_it_wrote(const SafetensorsFile& file, const std::string& where,
-                        const ZeroOptimizer& optimizer) {
+                        const ZeroOptimizer& optimizer, const std::set<std::string>& skipped) {
   if (file.metadata.count("ranges") == 0) {
     return false;
   }
   Ranges own;
   for (const auto& r : optimizer.owned_ranges()) {
-    own[r.name] = {r.begin, r.end};
+    if (skipped.count(r.name) == 0) {
+      own[r.name] = {r.begin, r.end};
+    }
   }
   return parse_ranges(file, where) == own;
 }
@@ -560,10 +598,13 @@ torch::Tensor join_pieces(std::vector<std::pair<int64_t, torch::Tensor>> pieces,
   return torch::cat(flat);
 }
 
-// Every ZeRO state tensor ("<param>.<state>") of this rank's TP shard in the new layout, full
-// (shaped like the TP-local parameter): each old TP rank's flat tensor is rebuilt from the old
-// DP ranks' pieces, the old TP shards are assembled into the full tensor, and this rank's new
-// shard is cut from it. Old ZeRO 0 replicas are whole, so DP rank 0's files suffice.
+// Every ZeRO state tensor ("<param>.<state>") of this rank's parameters (`specs`: its TP
+// shards' specs) in the new layout, full (shaped like the TP-local parameter): each old TP
+// rank's flat tensor is rebuilt from the old DP ranks' pieces, the old TP shards are assembled
+// into the full tensor, and this rank's new shard is cut from it. Old ZeRO 0 replicas are
+// whole, so DP rank 0's files suffice. Under an old pipeline layout each parameter is in the
+// files of one pp stage (the shared ones in the first stage's); under a new one this rank
+// takes only its stages' parameters.
 std::map<std::string, torch::Tensor>
 resharded_state(const CheckpointInfo& info, const json& meta,
                 const std::vector<std::pair<std::string, ShardSpec>>& specs, int tp_rank, int tp) {
@@ -571,6 +612,7 @@ resharded_state(const CheckpointInfo& info, const json& meta,
   for (size_t i = 0; i < info.params.size(); ++i) {
     index[info.params[i].first] = i;
   }
+  const std::map<std::string, ShardSpec> wanted(specs.begin(), specs.end());
   const auto old_local_shape = [&](size_t i) {
     return local_shape(info.global_shapes[i], info.params[i].second, info.tp);
   };
@@ -581,21 +623,25 @@ resharded_state(const CheckpointInfo& info, const json& meta,
   for (int t = 0; t < info.tp; ++t) {
     // pieces[key]: (begin, piece) from each old DP rank's file.
     std::map<std::string, std::vector<std::pair<int64_t, torch::Tensor>>> pieces;
-    for (int d = 0; d < readers; ++d) {
-      const std::string name = optim_file(d, t);
-      const auto file = read_checked(info, meta.at("files"), name);
-      const Ranges ranges = parse_ranges(file, name);
-      for (const auto& [key, piece] : file.tensors) {
-        if (key.rfind("rng.", 0) == 0) {
-          continue;
+    for (int p = 0; p < info.pp; ++p) {
+      for (int d = 0; d < readers; ++d) {
+        const std::string name = optim_file(p, d, t, info.pp);
+        const auto file = read_checked(info, meta.at("files"), name);
+        const Ranges ranges = parse_ranges(file, name);
+        for (const auto& [key, piece] : file.tensors) {
+          if (key.rfind("rng.", 0) == 0) {
+            continue;
+          }
+          const std::string param = split_state_key(key).first;
+          MT_CHECK(index.count(param) > 0 && ranges.count(param) > 0, name, ": '", key,
+                   "' belongs to no parameter of ", kMeta, " or has no recorded range");
+          const auto [begin, end] = ranges.at(param);
+          MT_CHECK(piece.numel() == end - begin, name, ": '", key, "' has ", piece.numel(),
+                   " elements for range [", begin, ", ", end, ")");
+          if (wanted.count(param) > 0) {
+            pieces[key].emplace_back(begin, piece);
+          }
         }
-        const std::string param = split_state_key(key).first;
-        MT_CHECK(index.count(param) > 0 && ranges.count(param) > 0, name, ": '", key,
-                 "' belongs to no parameter of ", kMeta, " or has no recorded range");
-        const auto [begin, end] = ranges.at(param);
-        MT_CHECK(piece.numel() == end - begin, name, ": '", key, "' has ", piece.numel(),
-                 " elements for range [", begin, ", ", end, ")");
-        pieces[key].emplace_back(begin, piece);
       }
     }
     for (auto& [key, list] : pieces) {
@@ -615,7 +661,7 @@ resharded_state(const CheckpointInfo& info, const json& meta,
       shards.push_back(flat[t].at(key));
     }
     torch::Tensor full = assemble_unsharded(shards, info.params[i].second);
-    const ShardSpec& spec = specs[i].second;
+    const ShardSpec& spec = wanted.at(info.params[i].first);
     if (spec.is_partitioned()) {
       full =
           cut_shard(pad_dim(full, spec.dim, spec.global_size), spec.dim, tp_rank, tp, spec.blocks);
@@ -643,6 +689,13 @@ CheckpointInfo parse_checkpoint_info(const std::string& json_text, const std::st
   MT_CHECK(info.dp <= kMaxRanks / info.cp, layout_at, ": dp (", info.dp, ") x cp (", info.cp,
            ") exceeds ", kMaxRanks, " ranks");
   info.tp = static_cast<int>(integer_member(layout, "tp", layout_at, 1, kMaxRanks));
+  // Absent in checkpoints written before pipeline parallelism.
+  info.pp = layout.contains("pp")
+                ? static_cast<int>(integer_member(layout, "pp", layout_at, 1, kMaxRanks))
+                : 1;
+  MT_CHECK(info.dp * info.cp <= kMaxRanks / info.tp / info.pp, layout_at, ": dp (", info.dp,
+           ") x cp (", info.cp, ") x tp (", info.tp, ") x pp (", info.pp, ") exceeds ", kMaxRanks,
+           " ranks");
   info.zero_stage = static_cast<int>(integer_member(layout, "zero", layout_at, 0, 3));
   const std::string data_at = path + ": data";
   const json& data = member(meta, "data", path + ":");
@@ -693,15 +746,26 @@ std::string resolve_checkpoint(const std::string& path) {
 
 NamedTensors load_consolidated_weights(const CheckpointInfo& info) {
   const json meta = read_meta(info.path);
-  std::vector<SafetensorsFile> shards;
-  for (int t = 0; t < info.tp; ++t) {
-    shards.push_back(read_checked(info, meta.at("files"), model_file(t)));
+  // shards[t]: TP rank t's parameters, from the files of every pp stage.
+  std::vector<std::map<std::string, torch::Tensor>> shards(info.tp);
+  for (int p = 0; p < info.pp; ++p) {
+    for (int t = 0; t < info.tp; ++t) {
+      const std::string name = model_file(p, t, info.pp);
+      const auto file = read_checked(info, meta.at("files"), name);
+      for (const auto& [key, tensor] : file.tensors) {
+        MT_CHECK(shards[t].emplace(key, tensor).second, info.path, ": '", key, "' is in ", name,
+                 " and in another pp stage's model file");
+      }
+    }
   }
   NamedTensors out;
   for (const auto& [name, spec] : info.params) {
     std::vector<torch::Tensor> pieces;
-    for (const auto& shard : shards) {
-      pieces.push_back(shard.at(name));
+    for (int t = 0; t < info.tp; ++t) {
+      const auto it = shards[t].find(name);
+      MT_CHECK(it != shards[t].end(), info.path, ": no model file of TP rank ", t, " holds '", name,
+               "'");
+      pieces.push_back(it->second);
     }
     out.emplace_back(name, assemble_unsharded(pieces, spec).contiguous());
   }
@@ -742,6 +806,51 @@ void load_full_weights(torch::nn::Module& model, const NamedTensors& weights, in
   }
 }
 
+namespace {
+
+// meta.json's "params" entries by name: every parameter's TP spec, global shape and dtype.
+// Under pipeline parallelism each stage describes the parameters it writes and the first rank
+// of each stage sends them to rank 0 (collective over the world): complete on rank 0 only.
+std::map<std::string, json>
+describe_parameters(Trainer& trainer, const std::function<bool(const std::string&)>& written) {
+  auto params = trainer.model().named_parameters();
+  std::map<std::string, json> described;
+  for (const auto& [name, spec] : named_shard_specs(trainer.model())) {
+    if (written(name)) {
+      json p = spec_json(spec, global_shape(params[name], spec));
+      p["name"] = name;
+      p["dtype"] = std::string(c10::toString(params[name].scalar_type()));
+      described[name] = p;
+    }
+  }
+  const Mesh& mesh = trainer.mesh();
+  const CommunicatorPtr& world = mesh.group("world");
+  const int pp = trainer.plan().dims.pp;
+  for (int stage = 1; stage < pp; ++stage) {
+    // The stage's first rank (dp, cp and tp rank 0): its TP shards' specs give global shapes.
+    int root = 0;
+    while (mesh.grid().index("pp", root) != stage || mesh.grid().index("dp_cp", root) != 0 ||
+           mesh.grid().index("tp", root) != 0) {
+      ++root;
+    }
+    json mine = json::array();
+    if (world->rank() == root) {
+      for (const auto& [name, p] : described) {
+        mine.push_back(p);
+      }
+    }
+    const json theirs = json::parse(broadcast_text(world, mine.dump(), root));
+    if (world->rank() == 0) {
+      for (const auto& p : theirs) {
+        described[p.at("name").get<std::string>()] = p;
+      }
+    }
+  }
+  return described;
+}
+
+} // namespace
+
 CheckpointManager::CheckpointManager(CheckpointOptions options) : options_(std::move(options)) {
   MT_CHECK(options_.save_every() >= 0 && options_.keep_last() >= 0,
            "CheckpointManager: save_every (", options_.save_every(), ") and keep_last (",
@@ -763,12 +872,12 @@ std::string CheckpointManager::save(Trainer& trainer) {
   const int dp_rank = mesh.index("dp_cp");
   const int tp_rank = mesh.index("tp");
   const int tp = mesh.group("tp")->size();
+  const int pp_rank = mesh.index("pp");
+  const int pp = trainer.plan().dims.pp;
+  const std::set<std::string> skipped = written_by_another_stage(trainer);
+  const auto written = [&](const std::string& param) { return skipped.count(param) == 0; };
   const int64_t step = trainer.step();
   MT_CHECK(!options_.dir().empty(), "CheckpointManager::save: no checkpoint directory was given");
-  MT_CHECK(trainer.plan().dims.pp == 1,
-           "CheckpointManager::save: checkpoints under pipeline "
-           "parallelism (pp ",
-           trainer.plan().dims.pp, ") are not available yet");
   const fs::path root = options_.dir();
   const fs::path dir = root / step_dir_name(step);
   const fs::path staged = root / ("." + step_dir_name(step) + ".partial");
@@ -787,9 +896,9 @@ std::string CheckpointManager::save(Trainer& trainer) {
   }
   agree(world, error, "checkpoint: creating the directory");
 
-  // 2. Every rank writes its optimizer shard; DP rank 0 of each TP rank its model shard.
-  //    Sizes and checksums: [optim bytes, optim hash, model bytes, model hash] per rank.
-  //    ZeRO-3 gathers the parameters for it (collective: every rank is here).
+  // 2. Every rank writes its optimizer shard; DP rank 0 of each TP rank (and pp stage) its
+  //    model shard. Sizes and checksums: [optim bytes, optim hash, model bytes, model hash]
+  //    per rank. ZeRO-3 gathers the parameters for it (collective: every rank is here).
   auto sums = torch::zeros({4}, torch::kLong);
   error = error_of([&] {
     const GatheredParameters whole(trainer.shards());
@@ -797,10 +906,14 @@ std::string CheckpointManager::save(Trainer& trainer) {
     NamedTensors tensors;
     json ranges = json::object();
     for (const auto& r : trainer.optimizer().owned_ranges()) {
-      ranges[r.name] = {r.begin, r.end};
+      if (written(r.name)) {
+        ranges[r.name] = {r.begin, r.end};
+      }
     }
     for (const auto& [key, t] : state.tensors) {
-      tensors.emplace_back(key, t.contiguous());
+      if (written(split_state_key(key).first)) {
+        tensors.emplace_back(key, t.contiguous());
+      }
     }
     tensors.emplace_back(kRngDefault, default_cpu_generator_state());
     if (options_.rng_tracker()) {
@@ -811,16 +924,18 @@ std::string CheckpointManager::save(Trainer& trainer) {
     const std::string optim = serialize_safetensors(tensors, {{"dp_rank", std::to_string(dp_rank)},
                                                               {"tp_rank", std::to_string(tp_rank)},
                                                               {"ranges", ranges.dump()}});
-    write_file_atomic((staged / optim_file(dp_rank, tp_rank)).string(), optim);
+    write_file_atomic((staged / optim_file(pp_rank, dp_rank, tp_rank, pp)).string(), optim);
     sums[0] = static_cast<int64_t>(optim.size());
     sums[1] = static_cast<int64_t>(fnv1a64(optim));
     if (dp_rank == 0) {
       NamedTensors params;
       for (const auto& p : trainer.model().named_parameters()) {
-        params.emplace_back(p.key(), p.value().detach().contiguous());
+        if (written(p.key())) {
+          params.emplace_back(p.key(), p.value().detach().contiguous());
+        }
       }
       const std::string model = serialize_safetensors(params);
-      write_file_atomic((staged / model_file(tp_rank)).string(), model);
+      write_file_atomic((staged / model_file(pp_rank, tp_rank, pp)).string(), model);
       sums[2] = static_cast<int64_t>(model.size());
       sums[3] = static_cast<int64_t>(fnv1a64(model));
     }
@@ -828,6 +943,7 @@ std::string CheckpointManager::save(Trainer& trainer) {
   agree(world, error, "checkpoint: writing the shards");
   auto all_sums = torch::zeros({world->size() * 4}, torch::kLong);
   world->all_gather(sums, all_sums);
+  const auto described = describe_parameters(trainer, written);
   if (options_.before_publish()) {
     options_.before_publish()(step, world->rank());
   }
@@ -839,24 +955,23 @@ std::string CheckpointManager::save(Trainer& trainer) {
       int64_t total_bytes = 0;
       for (int r = 0; r < world->size(); ++r) {
         const auto rank_sums = all_sums.narrow(0, 4 * r, 4);
+        const int p = mesh.grid().index("pp", r);
         const int d = mesh.grid().index("dp_cp", r);
         const int t = mesh.grid().index("tp", r);
         const auto record = [&](const std::string& name, int64_t bytes, int64_t hash) {
           files[name] = {{"bytes", bytes}, {"fnv1a64", hex64(static_cast<uint64_t>(hash))}};
           total_bytes += bytes;
         };
-        record(optim_file(d, t), rank_sums[0].item<int64_t>(), rank_sums[1].item<int64_t>());
+        record(optim_file(p, d, t, pp), rank_sums[0].item<int64_t>(), rank_sums[1].item<int64_t>());
         if (d == 0) {
-          record(model_file(t), rank_sums[2].item<int64_t>(), rank_sums[3].item<int64_t>());
+          record(model_file(p, t, pp), rank_sums[2].item<int64_t>(), rank_sums[3].item<int64_t>());
         }
       }
       json params = json::array();
-      for (const auto& [name, spec] : named_shard_specs(trainer.model())) {
-        json p = spec_json(spec, global_shape(trainer.model().named_parameters()[name], spec));
-        p["name"] = name;
-        p["dtype"] =
-            std::string(c10::toString(trainer.model().named_parameters()[name].scalar_type()));
-        params.push_back(p);
+      for (const auto& name : model_parameter_order(trainer)) {
+        const auto it = described.find(name);
+        MT_CHECK(it != described.end(), "no pipeline stage wrote parameter '", name, "'");
+        params.push_back(it->second);
       }
       const auto& o = trainer.options();
       const auto& plan = trainer.plan();
@@ -963,6 +1078,7 @@ PrepareError prepare_load(const CheckpointOptions& options, const std::string& s
   const Mesh& mesh = trainer.mesh();
   const int dp_rank = mesh.index("dp_cp");
   const int tp_rank = mesh.index("tp");
+  const int pp_rank = mesh.index("pp");
   json meta;
   std::string error = error_of([&] {
     out.info = read_checkpoint_info(step_dir);
@@ -992,20 +1108,27 @@ PrepareError prepare_load(const CheckpointOptions& options, const std::string& s
   error = error_of([&] {
     const auto& info = out.info;
     auto& optimizer = trainer.optimizer();
+    const int pp = trainer.plan().dims.pp;
     if (info.dp == mesh.group("dp")->size() && info.cp == mesh.group("cp")->size() &&
-        info.tp == mesh.group("tp")->size() && info.zero_stage == trainer.plan().zero_stage) {
-      const std::string name = optim_file(dp_rank, tp_rank);
+        info.tp == mesh.group("tp")->size() && info.pp == pp &&
+        info.zero_stage == trainer.plan().zero_stage) {
+      const std::string name = optim_file(pp_rank, dp_rank, tp_rank, pp);
       auto own = read_checked(info, meta.at("files"), name);
-      if (owns_what_it_wrote(own, name, optimizer)) {
-        // The same layout: this rank's own pieces, as it wrote them, and its RNG states.
-        for (const auto& [key, t] : own.tensors) {
-          if (key.rfind("rng.", 0) != 0) {
-            out.state.tensors[key] = t;
-          }
-        }
+      const auto skipped = written_by_another_stage(trainer);
+      if (owns_what_it_wrote(own, name, optimizer, skipped)) {
+        // The same layout: this rank's RNG states and its own pieces, as it wrote them (the
+        // last pipeline stage's shared parameters are in the first stage's files).
         MT_CHECK(own.contains(kRngDefault), name, ": no '", kRngDefault, "'");
+        if (skipped.empty()) {
+          for (const auto& [key, t] : own.tensors) {
+            if (key.rfind("rng.", 0) != 0) {
+              out.state.tensors[key] = t;
+            }
+          }
+          out.own = std::move(own);
+          return;
+        }
         out.own = std::move(own);
-        return;
       }
     }
     out.state.tensors = resharded_state(info, meta, specs, tp_rank, mesh.group("tp")->size());
@@ -1059,10 +1182,6 @@ void finish_load(const CheckpointOptions& options, const std::string& step_dir,
 } // namespace
 
 void CheckpointManager::load(const std::string& step_dir, Trainer& trainer) {
-  MT_CHECK(trainer.plan().dims.pp == 1,
-           "CheckpointManager::load: checkpoints under pipeline "
-           "parallelism (pp ",
-           trainer.plan().dims.pp, ") are not available yet");
   const CommunicatorPtr& world = trainer.mesh().group("world");
   PreparedLoad prepared;
   const PrepareError prepare = prepare_load(options_, step_dir, trainer, prepared);

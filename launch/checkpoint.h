@@ -6,17 +6,21 @@
 //     meta.json                  layout, step, data position, model config, every parameter's
 //                                global shape and TP shard spec, every file's size + checksum
 //     model-tp00.safetensors     TP rank t's parameters as the model holds them (written by
-//                                DP rank 0 of that TP rank); nanoGPT names, TP-local shapes
+//                                DP rank 0 of that TP rank); nanoGPT names, TP-local shapes.
+//                                Under pipeline parallelism model-pp01-tp00 etc.: each stage
+//                                its parameters, the ones the first and the last stage share
+//                                (outside the blocks) in the first stage's files only
 //     optim-dp00-tp00.safetensors  every rank's ZeRO state: its owned range of each
 //                                flattened parameter for master, exp_avg, exp_avg_sq (1-D),
 //                                the ranges in the header metadata; RNG states. "dp" is the
 //                                rank's index in the group the optimizer shards over, dp x cp
-//                                (dp * cp_size + cp; the dp index when cp = 1)
+//                                (dp * cp_size + cp; the dp index when cp = 1);
+//                                optim-pp01-dp00-tp00 under pipeline parallelism
 //
 // A save writes into <dir>/.step_00000100.partial and renames it to step_00000100 only after
 // every rank's files and meta.json are on disk (fsync'ed): a crash at any point leaves the
 // previous checkpoint as the latest complete one. A load verifies sizes and checksums, and
-// reshards: the state of any dp x cp x tp x ZeRO layout loads into any other (same model,
+// reshards: the state of any dp x cp x tp x pp x ZeRO layout loads into any other (same model,
 // global batch and sequence length), bit-exact in fp32.
 //
 // All ranks must see the same directory (one machine, or a shared file system).
@@ -45,6 +49,7 @@ struct CheckpointInfo {
   int dp = 1;
   int cp = 1; // context parallelism: the optimizer files are per dp x cp rank
   int tp = 1;
+  int pp = 1; // pipeline stages: the model and optimizer files are per pp stage when > 1
   int zero_stage = 0;
   int64_t global_batch = 0; // B and T: the data position is step x B samples of T tokens
   int64_t seq_len = 0;

@@ -6,6 +6,7 @@
 #include "meshtrain/parallel/context_parallel.h"
 #include "meshtrain/parallel/parameter_shards.h"
 #include "meshtrain/parallel/ring_attention.h"
+#include "meshtrain/parallel/sharding.h"
 #include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include <utility>
@@ -126,8 +127,7 @@ std::vector<std::string> split_pipeline(ParallelModel& model, const ParallelPlan
   for (int s = 0; s < spec.stages(); ++s) {
     keep.insert(keep.end(), static_cast<size_t>(layers[s]), spec.rank_of(s) == pp_rank);
   }
-  const bool end = pp_rank == spec.rank_of(0) || pp_rank == spec.rank_of(spec.stages() - 1);
-  return drop_other_stages(model, model.blocks(), keep, end);
+  return drop_other_stages(model, model.blocks(), keep, spec.holds_ends(pp_rank));
 }
 
 // The stage object of this rank, on the model as laid out (after TP, precision).
@@ -199,8 +199,12 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   //     also the parameters outside the blocks). Block functions are made first: they hold
   //     every block (by index) while the model forgets the others.
   auto blocks = block_functions(*model, resolved.recompute, nullptr);
+  std::vector<std::string> all_parameters;
   std::vector<std::string> shared;
   if (pp > 1) {
+    for (const auto& [name, spec] : named_shard_specs(*model)) {
+      all_parameters.push_back(name);
+    }
     shared = split_pipeline(*model, resolved, mesh.index("pp"));
   }
 
@@ -236,6 +240,8 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   }
 
   Parallelized out{model, mesh, resolved};
+  out.all_parameters = std::move(all_parameters);
+  out.shared_parameters = shared;
   if (pp > 1) {
     out.pipeline = make_pipeline(model, mesh, resolved, std::move(blocks), shared);
     out.loss = pipelined_loss();
@@ -269,10 +275,9 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
       std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer(), out.shards);
   if (pp > 1) {
     // The gradient norm spans the stages; the last stage leaves the shared parameters to
-    // the first (their gradients are equal after sum_shared_gradients).
-    const bool last_only = mesh.index("pp") == pp - 1;
-    out.optimizer->set_pipeline_norm(mesh.group("pp"),
-                                     last_only ? shared : std::vector<std::string>{});
+    // the first (their gradients are equal after sum_shared_gradients), as a checkpoint does.
+    const bool first = mesh.index("pp") == 0;
+    out.optimizer->set_pipeline_norm(mesh.group("pp"), first ? std::vector<std::string>{} : shared);
     return out;
   }
   if (resolved.zero_stage == 3) {

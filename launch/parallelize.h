@@ -47,6 +47,8 @@
 
 #include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace meshtrain {
 
@@ -79,6 +81,12 @@ struct Parallelized {
   // pp > 1 only: this rank's pipeline stages; `loss` then refuses (a micro-batch runs through
   // every stage: PipelineStage::train / evaluate).
   std::shared_ptr<PipelineStage> pipeline;
+  // pp > 1 only: the names of the whole model's parameters in its order (every stage's; this
+  // rank holds its stages' blocks and, on the first and the last stage, `shared_parameters`),
+  // and the parameters outside the blocks that the first and the last stage both hold (empty
+  // on the stages between). A checkpoint merges the stages' files by these names.
+  std::vector<std::string> all_parameters;
+  std::vector<std::string> shared_parameters;
 };
 
 // Applies `plan` to `model` on `mesh` (see above). `model` must be freshly built (serial, not

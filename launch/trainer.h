@@ -168,6 +168,8 @@ public:
   const ParallelPlan& plan() const { return parallel_.plan; }
   const TokenFile& train_data() const { return loader_->file(); }
   const Mesh& mesh() const { return parallel_.mesh; }
+  // What parallelize applied (the model, its pipeline stage, ...).
+  const Parallelized& parallel() const { return parallel_; }
   ParallelModel& model() { return *parallel_.model; }
   DataParallelReducer& reducer() { return *parallel_.reducer; }
   ZeroOptimizer& optimizer() { return *parallel_.optimizer; }

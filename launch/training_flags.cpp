@@ -139,12 +139,6 @@ TrainingFlags read_training_flags(const ParsedFlags& flags) {
     f.resume = flags.str("resume-from");
   }
   f.init = flags.str("init");
-  if (f.plan.dims.pp > 1 && (!f.checkpoint_dir.empty() || !f.resume.empty())) {
-    throw UsageError("checkpoints under pipeline parallelism (--pp " +
-                     std::to_string(f.plan.dims.pp) +
-                     ") are not available yet: drop --checkpoint-dir / --resume, or train with "
-                     "--pp 1");
-  }
   return f;
 }
 

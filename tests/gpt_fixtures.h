@@ -1,7 +1,7 @@
 // defines: the fixtures shared by the GPT, Trainer and checkpoint tests — a tiny GPT config,
 // a communicator of this rank alone, per-process token files with a learnable pattern, a
-// tiny GPT laid out by parallelize() in a test layout, and quiet Trainer options of kSteps
-// steps.
+// checkpoint directory all ranks share, a tiny GPT laid out by parallelize() in a test layout,
+// and quiet Trainer options of kSteps steps.
 #pragma once
 
 #include "meshtrain/core/mesh.h"
@@ -33,7 +33,7 @@ inline gpt::GPTConfig tiny_config() {
 
 // A communicator holding only this rank (collective over the world).
 inline CommunicatorPtr self_group() {
-  const auto& world = meshtrain::testing::test_runtime().world();
+  const auto& world = test_runtime().world();
   return world->split(world->rank(), 0, "self");
 }
 
@@ -44,7 +44,7 @@ struct TokenFiles {
   std::shared_ptr<const TokenFile> train, val;
 
   TokenFiles() {
-    const auto& rt = meshtrain::testing::test_runtime();
+    const auto& rt = test_runtime();
     dir = std::filesystem::temp_directory_path() /
           ("meshtrain_test_gpt_" + std::to_string(getpid()) + "_r" + std::to_string(rt.rank()));
     std::filesystem::create_directories(dir);
@@ -67,6 +67,30 @@ struct TokenFiles {
     const auto path = (dir / name).string();
     write_token_file(path, tokens);
     return path;
+  }
+};
+
+// A directory every rank of the world shares (named by rank 0's pid), removed at the end.
+struct SharedDir {
+  std::filesystem::path path;
+  SharedDir() {
+    const auto& world = test_runtime().world();
+    auto pid = torch::tensor({static_cast<int64_t>(getpid())}, torch::kLong);
+    world->broadcast(pid, 0);
+    path = std::filesystem::temp_directory_path() /
+           ("meshtrain_test_ckpt_" + std::to_string(pid.item<int64_t>()));
+    if (world->rank() == 0) {
+      std::filesystem::remove_all(path);
+      std::filesystem::create_directories(path);
+    }
+    world->barrier();
+  }
+  ~SharedDir() {
+    test_runtime().world()->barrier();
+    if (test_runtime().rank() == 0) {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
   }
 };
 
@@ -94,6 +118,25 @@ inline Parallelized tiny_gpt(const Mesh& mesh, const ParallelPlan& plan,
                              const gpt::GPTConfig& config = tiny_config()) {
   torch::manual_seed(kSeed);
   return parallelize(std::make_shared<gpt::GPTImpl>(config), mesh, plan, test_optimizer());
+}
+
+// What the parity tests compare: kSteps steps' losses and gradient norms, then the validation
+// loss.
+struct TrainedRun {
+  std::vector<double> losses;
+  std::vector<double> norms;
+  double val_loss = 0;
+};
+
+inline TrainedRun train_steps(Trainer& trainer) {
+  TrainedRun run;
+  for (int s = 0; s < kSteps; ++s) {
+    const auto stats = trainer.train_step();
+    run.losses.push_back(stats.loss);
+    run.norms.push_back(stats.grad_norm);
+  }
+  run.val_loss = trainer.validate();
+  return run;
 }
 
 inline TrainerOptions quiet_options() {

@@ -24,30 +24,6 @@ namespace {
 
 constexpr int kHalf = kSteps / 2;
 
-// A directory every rank of the world shares (named by rank 0's pid), removed at the end.
-struct SharedDir {
-  fs::path path;
-  SharedDir() {
-    const auto& world = test_runtime().world();
-    auto pid = torch::tensor({static_cast<int64_t>(getpid())}, torch::kLong);
-    world->broadcast(pid, 0);
-    path =
-        fs::temp_directory_path() / ("meshtrain_test_ckpt_" + std::to_string(pid.item<int64_t>()));
-    if (world->rank() == 0) {
-      fs::remove_all(path);
-      fs::create_directories(path);
-    }
-    world->barrier();
-  }
-  ~SharedDir() {
-    test_runtime().world()->barrier();
-    if (test_runtime().rank() == 0) {
-      std::error_code ignored;
-      fs::remove_all(path, ignored);
-    }
-  }
-};
-
 // A layout on groups of `ranks` consecutive world ranks (each group its own mesh).
 struct Layout {
   std::string name;

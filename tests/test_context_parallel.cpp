@@ -30,25 +30,14 @@ struct CpLayout {
   int64_t accumulation = 1;
 };
 
-struct Run {
-  std::vector<double> losses;
-  std::vector<double> norms;
-  double val_loss = 0;
-};
+using Run = TrainedRun;
 
 Run train_run(const Mesh& mesh, const TokenFiles& files, const CpLayout& l) {
   const int64_t dp = mesh.group("dp")->size();
   auto plan = test_plan(mesh, l.zero, l.sp, kGlobalBatch / (dp * l.accumulation));
   plan.recompute = l.recompute;
   Trainer trainer(tiny_gpt(mesh, plan), files.train, files.val, quiet_options());
-  Run run;
-  for (int s = 0; s < kSteps; ++s) {
-    const auto stats = trainer.train_step();
-    run.losses.push_back(stats.loss);
-    run.norms.push_back(stats.grad_norm);
-  }
-  run.val_loss = trainer.validate();
-  return run;
+  return train_steps(trainer);
 }
 
 } // namespace

@@ -69,24 +69,13 @@ torch::Tensor reference_logits(const gpt::GPT& model, const torch::Tensor& idx) 
   return F::linear(ln(x, "transformer.ln_f"), wte); // [B, T, V]
 }
 
-struct Run {
-  std::vector<double> losses;
-  std::vector<double> norms;
-  double val_loss = 0;
-};
+using Run = TrainedRun;
 
 Run train_run(const Mesh& mesh, const TokenFiles& files, bool sequence_parallel, int zero,
               int64_t micro_batch) {
   Trainer trainer(tiny_gpt(mesh, test_plan(mesh, zero, sequence_parallel, micro_batch)),
                   files.train, files.val, quiet_options());
-  Run run;
-  for (int s = 0; s < kSteps; ++s) {
-    const auto stats = trainer.train_step();
-    run.losses.push_back(stats.loss);
-    run.norms.push_back(stats.grad_norm);
-  }
-  run.val_loss = trainer.validate();
-  return run;
+  return train_steps(trainer);
 }
 
 } // namespace

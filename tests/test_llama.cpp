@@ -99,21 +99,11 @@ Parallelized tiny_llama_run(const Mesh& mesh, const ParallelPlan& plan,
                      options.training(training));
 }
 
-struct Run {
-  std::vector<double> losses, norms;
-  double val_loss = 0;
-};
+using Run = TrainedRun;
 
 Run train_run(const Mesh& mesh, const TokenFiles& files, const ParallelPlan& plan) {
   Trainer trainer(tiny_llama_run(mesh, plan), files.train, files.val, quiet_options());
-  Run run;
-  for (int s = 0; s < kSteps; ++s) {
-    const auto stats = trainer.train_step();
-    run.losses.push_back(stats.loss);
-    run.norms.push_back(stats.grad_norm);
-  }
-  run.val_loss = trainer.validate();
-  return run;
+  return train_steps(trainer);
 }
 
 } // namespace

@@ -1,9 +1,13 @@
 // Pipeline parallelism on real ranks: every stage of every schedule receives exactly the
-// tensors its neighbours computed for that micro-batch (parallel/pipeline_runner.h), and the
+// tensors its neighbours computed for that micro-batch (parallel/pipeline_runner.h), the
 // GPT trained in every pipeline layout equals the serial run step by step
-// (parallel/pipeline_stage.h), its tied embedding included.
+// (parallel/pipeline_stage.h), its tied embedding included, and checkpoints reshard across
+// pp (launch/checkpoint.h).
+#include "meshtrain/launch/checkpoint.h"
 #include "meshtrain/parallel/pipeline_runner.h"
 #include "tests/gpt_fixtures.h"
+
+#include <nlohmann/json.hpp>
 
 #include <map>
 #include <set>
@@ -117,22 +121,14 @@ struct PipelineVariant {
   RecomputeMode recompute = RecomputeMode::kNone;
 };
 
-struct Run {
-  std::vector<double> losses;
-  std::vector<double> norms;
-  double val_loss = 0;
-  Parallelized parallel;
+struct Run : TrainedRun {
+  Parallelized parallel; // the trained model, its pipeline stage
 };
 
 Run train_gpt_run(const Mesh& mesh, const ParallelPlan& plan, const TokenFiles& files) {
-  Run run{{}, {}, 0, tiny_gpt(mesh, plan, tiny_config().n_layer(4))};
+  Run run{{}, tiny_gpt(mesh, plan, tiny_config().n_layer(4))};
   Trainer trainer(run.parallel, files.train, files.val, quiet_options());
-  for (int s = 0; s < kSteps; ++s) {
-    const auto stats = trainer.train_step();
-    run.losses.push_back(stats.loss);
-    run.norms.push_back(stats.grad_norm);
-  }
-  run.val_loss = trainer.validate();
+  static_cast<TrainedRun&>(run) = train_steps(trainer);
   return run;
 }
 
@@ -232,6 +228,131 @@ TEST_CASE("pipeline: per-step losses, gradient norms and validation of every pip
       CHECK(peak == std::min<int64_t>(v.pp - stage, v.micro_batches));
     } else if (v.schedule == PipelineSchedule::kGPipe) {
       CHECK(peak == v.micro_batches);
+    }
+  }
+}
+
+namespace {
+
+// A layout for the checkpoint test, on groups of `ranks` consecutive world ranks (0: the
+// whole world; each group its own mesh). dims: {dp, cp, tp, pp}, dp -1 for the rest.
+struct CheckpointLayout {
+  std::string name;
+  int ranks;
+  ParallelDims dims;
+  bool sp = false;
+};
+
+struct Job {
+  std::unique_ptr<Mesh> mesh;
+  std::unique_ptr<Trainer> trainer;
+  int color = 0; // which group of the world this rank is in
+};
+
+// Micro-batches of 4 sequences in every layout: 4 pipeline micro-batches at pp2 x dp1.
+constexpr int64_t kCheckpointMicroBatch = 4;
+constexpr int kHalf = kSteps / 2;
+
+Job make_job(const CheckpointLayout& l, const TokenFiles& files, uint64_t seed) {
+  const auto& world = test_runtime().world();
+  const int ranks = l.ranks == 0 ? world->size() : l.ranks;
+  Job job;
+  job.color = world->rank() / ranks;
+  job.mesh = std::make_unique<Mesh>(l.dims, world->split(job.color, world->rank(), "job"));
+  torch::manual_seed(seed);
+  job.trainer = std::make_unique<Trainer>(
+      parallelize(std::make_shared<gpt::GPTImpl>(tiny_config().n_layer(4)), *job.mesh,
+                  test_plan(*job.mesh, 0, l.sp, kCheckpointMicroBatch), test_optimizer()),
+      files.train, files.val, quiet_options());
+  return job;
+}
+
+std::string model_json() {
+  return nlohmann::json{{"n_layer", 4}}.dump();
+}
+
+} // namespace
+
+TEST_CASE("pipeline: checkpoints reshard across pp (each stage's files merged by name) and "
+          "continue within 1e-5 of the serial run",
+          "[mpi][pipeline][checkpoint]") {
+  const int world = test_runtime().world_size();
+  const TokenFiles files;
+  const Mesh serial_mesh(ParallelDims{1, 1, 1, 1}, self_group());
+  const auto serial =
+      train_gpt_run(serial_mesh, test_plan(serial_mesh, 0, false, kCheckpointMicroBatch), files);
+  const CheckpointLayout one{"1 rank", 1, {1, 1, 1, 1}};
+
+  // CTest runs this on 2 and on 4 ranks; alone (no mpirun) none.
+  std::vector<std::pair<CheckpointLayout, CheckpointLayout>> pairs;
+  if (world == 2) {
+    const CheckpointLayout pp2{"pp2", 0, {1, 1, 1, 2}};
+    pairs = {{pp2, one}, {pp2, {"tp2", 0, {1, 1, 2, 1}}}, {pp2, pp2}, {one, pp2}};
+  } else if (world == 4) {
+    pairs = {{{"pp2 x tp2 sp", 0, {1, 1, 2, 2}, true}, {"dp4", 0, {4, 1, 1, 1}}},
+             {one, {"pp4", 0, {1, 1, 1, 4}}},
+             {{"pp4", 0, {1, 1, 1, 4}}, {"pp2 x dp2", 0, {2, 1, 1, 2}}}};
+  }
+  for (const auto& [from, to] : pairs) {
+    const SharedDir dir;
+    const CheckpointManager manager(
+        CheckpointOptions().dir(dir.path.string()).model_json(model_json()));
+    {
+      auto job = make_job(from, files, kSeed);
+      for (int s = 0; s < kHalf; ++s) {
+        job.trainer->train_step();
+      }
+      if (job.color == 0) { // groups smaller than the world: the first one saves
+        CheckpointManager(manager.options()).save(*job.trainer);
+      }
+    }
+    test_runtime().world()->barrier();
+    const auto step_dir = resolve_checkpoint(dir.path.string());
+    const auto info = read_checkpoint_info(step_dir);
+    CHECK(info.pp == from.dims.pp);
+    // meta.json lists the whole model in its order, whichever stages wrote it.
+    const auto names = serial.parallel.model->named_parameters().keys();
+    REQUIRE(info.params.size() == names.size());
+    for (size_t i = 0; i < names.size(); ++i) {
+      CHECK(info.params[i].first == names[i]);
+    }
+    if (from.dims.pp > 1) {
+      // The shared embedding is written once, by the first stage.
+      const std::string last = "model-pp0" + std::to_string(from.dims.pp - 1) + "-tp00";
+      CHECK(load_safetensors(step_dir + "/model-pp00-tp00.safetensors")
+                .contains("transformer.wte.weight"));
+      CHECK_FALSE(load_safetensors(step_dir + "/" + last + ".safetensors")
+                      .contains("transformer.wte.weight"));
+    }
+
+    auto job = make_job(to, files, kSeed + 7);
+    CheckpointManager(manager.options()).load(step_dir, *job.trainer);
+    CHECK(job.trainer->step() == kHalf);
+    for (int s = 0; s < kHalf; ++s) {
+      const double got = job.trainer->train_step().loss;
+      const double want = serial.losses[kHalf + s];
+      INFO(rank_tag() << from.name << " -> " << to.name << ", step " << kHalf + s + 1 << ": " << got
+                      << " vs serial " << want);
+      CHECK(std::abs(got - want) <= 1e-5 * std::abs(want));
+    }
+    const double val = job.trainer->validate();
+    INFO(rank_tag() << from.name << " -> " << to.name << ": val " << val << " vs serial "
+                    << serial.val_loss);
+    CHECK(std::abs(val - serial.val_loss) <= 1e-5 * serial.val_loss);
+
+    // Export reads every stage's model file: the consolidated weights are the serial run's
+    // at step 10 (the validation loss of a serial model holding them, within 1e-5).
+    if (from.dims.pp > 1) {
+      auto check = make_job(one, files, kSeed + 9);
+      load_full_weights(check.trainer->model(), load_consolidated_weights(info), 0, 1,
+                        "consolidated");
+      check.trainer->optimizer().sync_master_from_params();
+      auto reference = make_job(one, files, kSeed);
+      for (int s = 0; s < kHalf; ++s) {
+        reference.trainer->train_step();
+      }
+      const double want = reference.trainer->validate();
+      CHECK(std::abs(check.trainer->validate() - want) <= 1e-5 * want);
     }
   }
 }
