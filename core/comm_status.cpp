@@ -354,7 +354,7 @@ void CommStatusBoard::flush() const {
 }
 
 std::string CommStatusBoard::explain(uint64_t group_id, const std::string& group, int64_t sequence,
-                                     std::string* culprits) const {
+                                     std::string* culprits, int peer) const {
   std::vector<RankView> ranks(world_size_);
   for (int r = 0; r < world_size_; ++r) {
     ranks[r] = read_view(file_of(r));
@@ -414,74 +414,95 @@ std::string CommStatusBoard::explain(uint64_t group_id, const std::string& group
   // Who holds up #seq on group `id` that rank `waiter` waits in. A rank that stopped
   // responding, or that waits in no collective someone else holds up, is a root: the one
   // holding the job up. Any other waits in a collective itself: who holds that one up?
-  std::function<void(uint64_t, const std::string&, int64_t, int, int)> visit =
-      [&](uint64_t id, const std::string& name, int64_t seq, int waiter, int depth) {
-        int members = 0;
-        int size = 0;
-        const auto held_by = holders(id, seq, waiter, &members, &size);
-        if (members < size) {
-          out << "  " << size - members << " of the " << size << " ranks of group '" << name
-              << "' publish no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a "
-                 "shared file system reaches them)\n";
-        }
-        for (const int r : held_by) {
-          if (!seen.insert(r).second) {
-            continue;
-          }
-          const RankView& view = ranks[r];
-          const GroupView* mine = view.group(id);
-          out << "  " << who(r);
-          if (mine->issued < seq) {
-            out << " has not issued #" << seq << " on group '" << name << "' (its last there: #"
-                << mine->issued << ")";
-          } else {
-            out << " issued #" << seq << " on group '" << name << "' but did not complete it";
-          }
-          if (view.silent(now)) {
-            out << "; it does not respond (its last sign of life "
-                << seconds_ago(view.heartbeat_ns, now)
-                << "): it is the one holding the job up; its last collective: "
-                << last_collective(view) << "\n";
-            roots.push_back("rank " + std::to_string(r) + " on host " + view.host);
-            continue;
-          }
-          std::vector<const GroupView*> blocking;
-          for (const auto& g : view.groups) {
-            int m = 0;
-            int s = 0;
-            if (g.pending() && !holders(g.id, g.issued, r, &m, &s).empty()) {
-              blocking.push_back(&g);
-            }
-          }
-          if (blocking.empty() || depth > 16) {
-            out << "; it waits in no collective that another rank holds up: it is the one "
-                   "holding the job up (busy outside collectives, or blocked elsewhere); its "
-                   "last collective: "
-                << last_collective(view) << "\n";
-            roots.push_back("rank " + std::to_string(r) + " on host " + view.host);
-            continue;
-          }
-          for (const GroupView* g : blocking) {
-            out << "; it waits in " << kind_name(g->issued_kind) << " #" << g->issued
-                << " on group '" << g->name << "' (issued " << seconds_ago(g->issued_ns, now)
-                << ")";
-          }
-          out << "\n";
-          for (const GroupView* g : blocking) {
-            visit(g->id, g->name, g->issued, r, depth + 1);
-          }
-        }
-      };
+  std::function<void(uint64_t, const std::string&, int64_t, int, int)> visit;
+  // Rank r, which holds a wait up (`why`: how), and what it does itself.
+  const auto holder = [&](int r, const std::string& why, int depth) {
+    const RankView& view = ranks[r];
+    out << "  " << who(r) << why;
+    if (view.silent(now)) {
+      out << "; it does not respond (its last sign of life " << seconds_ago(view.heartbeat_ns, now)
+          << "): it is the one holding the job up; its last collective: " << last_collective(view)
+          << "\n";
+      roots.push_back("rank " + std::to_string(r) + " on host " + view.host);
+      return;
+    }
+    std::vector<const GroupView*> blocking;
+    for (const auto& g : view.groups) {
+      int m = 0;
+      int s = 0;
+      if (g.pending() && !holders(g.id, g.issued, r, &m, &s).empty()) {
+        blocking.push_back(&g);
+      }
+    }
+    if (blocking.empty() || depth > 16) {
+      out << "; it waits in no collective that another rank holds up: it is the one "
+             "holding the job up (busy outside collectives, or blocked elsewhere); its "
+             "last collective: "
+          << last_collective(view) << "\n";
+      roots.push_back("rank " + std::to_string(r) + " on host " + view.host);
+      return;
+    }
+    for (const GroupView* g : blocking) {
+      out << "; it waits in " << kind_name(g->issued_kind) << " #" << g->issued << " on group '"
+          << g->name << "' (issued " << seconds_ago(g->issued_ns, now) << ")";
+    }
+    out << "\n";
+    for (const GroupView* g : blocking) {
+      visit(g->id, g->name, g->issued, r, depth + 1);
+    }
+  };
+  visit = [&](uint64_t id, const std::string& name, int64_t seq, int waiter, int depth) {
+    int members = 0;
+    int size = 0;
+    const auto held_by = holders(id, seq, waiter, &members, &size);
+    if (members < size) {
+      out << "  " << size - members << " of the " << size << " ranks of group '" << name
+          << "' publish no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a "
+             "shared file system reaches them)\n";
+    }
+    for (const int r : held_by) {
+      if (!seen.insert(r).second) {
+        continue;
+      }
+      const GroupView* mine = ranks[r].group(id);
+      std::ostringstream why;
+      if (mine->issued < seq) {
+        why << " has not issued #" << seq << " on group '" << name << "' (its last there: #"
+            << mine->issued << ")";
+      } else {
+        why << " issued #" << seq << " on group '" << name << "' but did not complete it";
+      }
+      holder(r, why.str(), depth);
+    }
+  };
 
-  int members = 0;
-  int size = 0;
-  if (holders(group_id, sequence, world_rank_, &members, &size).empty() && members == size &&
-      size > 0) {
-    out << "  every rank of group '" << group << "' has issued #" << sequence
-        << " and responds: the ranks issued different collectives at this point, or the "
-           "transport itself is stuck\n";
+  if (peer >= 0) {
+    // A send or receive waits for its peer alone: which world rank is it, and what does it do?
+    for (int r = 0; r < world_size_; ++r) {
+      const GroupView* g = ranks[r].readable ? ranks[r].group(group_id) : nullptr;
+      if (g != nullptr && g->rank == peer && seen.insert(r).second) {
+        holder(r,
+               " is rank " + std::to_string(peer) + " of group '" + group +
+                   "', the other end of this message",
+               0);
+      }
+    }
+    if (roots.empty() && out.tellp() == 0) {
+      out << "  rank " << peer << " of group '" << group
+          << "' publishes no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a "
+             "shared file system reaches it)\n";
+    }
+  } else {
+    int members = 0;
+    int size = 0;
+    if (holders(group_id, sequence, world_rank_, &members, &size).empty() && members == size &&
+        size > 0) {
+      out << "  every rank of group '" << group << "' has issued #" << sequence
+          << " and responds: the ranks issued different collectives at this point, or the "
+             "transport itself is stuck\n";
+    }
+    visit(group_id, group, sequence, world_rank_, 0);
   }
-  visit(group_id, group, sequence, world_rank_, 0);
   if (culprits != nullptr) {
     culprits->clear();
     for (size_t i = 0; i < roots.size(); ++i) {

@@ -83,8 +83,10 @@ public:
   // rank(s) that stopped responding or wait in no collective another rank holds up — the ones
   // holding the job up — with their host, pid, process state (same host) and last collective.
   // `culprits` gets "rank R on host H" of those (empty when none was found).
+  // peer >= 0: the wait is a send or receive with rank `peer` of the group (sequence unused):
+  // the peer is the one to explain.
   std::string explain(uint64_t group_id, const std::string& group, int64_t sequence,
-                      std::string* culprits) const;
+                      std::string* culprits, int peer = -1) const;
 
   const std::string& path() const { return path_; }
   int world_rank() const { return world_rank_; }

@@ -22,8 +22,11 @@ double seconds_between(std::chrono::steady_clock::time_point a,
 
 std::string describe(const PendingCollective& c) {
   std::ostringstream s;
-  s << to_string(c.kind) << " #" << c.sequence << " on group '" << c.group << "' (" << c.bytes
-    << " bytes)";
+  s << to_string(c.kind) << " #" << c.sequence;
+  if (c.peer >= 0) { // numbered among this rank's messages, not the group's collectives
+    s << (c.kind == CollectiveKind::kRecv ? " from" : " to") << " rank " << c.peer;
+  }
+  s << " on group '" << c.group << "' (" << c.bytes << " bytes)";
   return s.str();
 }
 
@@ -58,11 +61,11 @@ CommWatchdog::~CommWatchdog() {
 }
 
 uint64_t CommWatchdog::begin(CollectiveKind kind, const std::string& group, uint64_t group_id,
-                             int64_t sequence, int64_t bytes) {
+                             int64_t sequence, int64_t bytes, int peer) {
   std::lock_guard<std::mutex> lock(mutex_);
   const uint64_t token = next_token_++;
   pending_[token] = PendingCollective{
-      kind, group, group_id, sequence, bytes, std::chrono::steady_clock::now(), nullptr};
+      kind, group, group_id, sequence, bytes, peer, std::chrono::steady_clock::now(), nullptr};
   return token;
 }
 
@@ -100,15 +103,20 @@ std::string CommWatchdog::report_locked(const PendingCollective& late) const {
   s.precision(3);
   // Who holds it up, from the ranks' published progress (none: the old guess).
   std::string culprits;
-  const std::string chain = options_.status ? options_.status->explain(late.group_id, late.group,
-                                                                       late.sequence, &culprits)
-                                            : std::string();
+  const std::string chain =
+      options_.status
+          ? options_.status->explain(late.group_id, late.group, late.sequence, &culprits, late.peer)
+          : std::string();
   s << "meshtrain: rank " << options_.rank << ": collective watchdog: " << describe(late)
     << " has not completed after " << seconds_between(late.start, now) << " s (timeout "
     << std::chrono::duration<double>(options_.timeout).count()
     << " s, --comm-timeout / MESHTRAIN_COMM_TIMEOUT): ";
   if (!culprits.empty()) {
     s << "held up by " << culprits << "\n" << chain;
+  } else if (late.peer >= 0) {
+    s << "rank " << late.peer << " of '" << late.group
+      << "' never issued the matching call, or died\n"
+      << chain;
   } else {
     s << "a rank of '" << late.group << "' never issued it, issued another collective, or died\n"
       << chain;

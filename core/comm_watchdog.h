@@ -17,6 +17,8 @@
 // also names the rank(s) holding the collective up: the ranks that have not issued it, what
 // each of them waits in, and at the end of that chain the rank waiting in no collective of a
 // laggard (computing, stopped or dead), with its host, pid, process state and last collective.
+// A send or receive (pipeline parallelism) is held up by its peer: the report names the peer
+// and follows the chain from there.
 #pragma once
 
 #include "meshtrain/core/comm_log.h"
@@ -52,8 +54,9 @@ struct PendingCollective {
   CollectiveKind kind;
   std::string group;
   uint64_t group_id = 0; // the communicator's id on the status board
-  int64_t sequence = 0;
+  int64_t sequence = 0;  // a send or receive: its number among this rank's messages on the group
   int64_t bytes = 0;
+  int peer = -1; // a send or receive: the other rank (in the group)
   std::chrono::steady_clock::time_point start;
   std::shared_ptr<Work> work; // null while the issuing call has not returned
 };
@@ -73,7 +76,7 @@ public:
   // Called by Communicator around issuing a collective: begin() before the backend runs it
   // (a blocking backend call may itself hang), attach() with its Work once issued.
   uint64_t begin(CollectiveKind kind, const std::string& group, uint64_t group_id, int64_t sequence,
-                 int64_t bytes);
+                 int64_t bytes, int peer = -1);
   void attach(uint64_t token, std::shared_ptr<Work> work);
 
   const CommWatchdogOptions& options() const { return options_; }

@@ -236,14 +236,18 @@ void Communicator::check_peer(const char* call, const char* what, int peer) cons
 }
 
 WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run,
-                            bool counted) {
+                            bool counted, int peer) {
   if (log_ && counted) {
     log_->record(kind, name_, bytes);
   }
-  const int64_t sequence = ++sequence_;
+  const bool message = peer >= 0;
+  const int64_t sequence = message ? ++messages_ : ++sequence_;
   // Published before the backend runs it: a rank stuck inside it shows it as issued.
-  CommStatusBoard::issued(status_slot_, sequence, kind);
-  StatusRef status{status_board_, status_slot_, id_, sequence, kind};
+  StatusRef status;
+  if (!message) {
+    CommStatusBoard::issued(status_slot_, sequence, kind);
+    status = StatusRef{status_board_, status_slot_, id_, sequence, kind};
+  }
   // Tracing: the backend names the span it runs (on its worker, or inline here) by this label.
   std::optional<CollectiveLabelScope> label;
   if (Tracer::get() != nullptr) {
@@ -257,7 +261,7 @@ WorkPtr Communicator::issue(CollectiveKind kind, int64_t bytes, const std::funct
         run(), label ? CollectiveLabelScope::current() : std::string(), std::move(status));
   }
   // Registered before the backend runs it: a blocking backend call may be what hangs.
-  const uint64_t token = watchdog->begin(kind, name_, id_, sequence, bytes);
+  const uint64_t token = watchdog->begin(kind, name_, id_, sequence, bytes, peer);
   WorkPtr work;
   try {
     work = run();
@@ -392,7 +396,8 @@ WorkPtr Communicator::send_async(const at::Tensor& tensor, int dst, int tag) {
   MT_CHECK(dst != rank_, "send on group '", name_, "': rank ", rank_, " cannot send to itself");
   // MPI rejects negative tags deep inside the transport; say so where the caller can act.
   MT_CHECK(tag >= 0, "send on group '", name_, "': tag ", tag, " must be >= 0");
-  return issue(CollectiveKind::kSend, nbytes(tensor), [&] { return do_send(tensor, dst, tag); });
+  return issue(
+      CollectiveKind::kSend, nbytes(tensor), [&] { return do_send(tensor, dst, tag); }, true, dst);
 }
 
 WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
@@ -401,7 +406,8 @@ WorkPtr Communicator::recv_async(const at::Tensor& tensor, int src, int tag) {
   MT_CHECK(src != rank_, "recv on group '", name_, "': rank ", rank_,
            " cannot receive from itself");
   MT_CHECK(tag >= 0, "recv on group '", name_, "': tag ", tag, " must be >= 0");
-  return issue(CollectiveKind::kRecv, nbytes(tensor), [&] { return do_recv(tensor, src, tag); });
+  return issue(
+      CollectiveKind::kRecv, nbytes(tensor), [&] { return do_recv(tensor, src, tag); }, true, src);
 }
 
 WorkPtr Communicator::send_recv_async(const at::Tensor& send, int dst, const at::Tensor& recv,

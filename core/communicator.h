@@ -142,9 +142,11 @@ private:
   void check_agreement(CollectiveKind kind, int64_t numel, at::ScalarType dtype, int64_t extra);
   // Records the call (counting mode, when `counted`), numbers it, publishes it on the status
   // board and has the watchdog (core/comm_watchdog.h) watch `run`, which issues it on the
-  // backend.
+  // backend. A send or receive (`peer`: the other rank, >= 0) is numbered apart from the
+  // collectives and not published: the n-th collective must be #n on every rank of the group,
+  // and the ranks of a group exchange different numbers of messages.
   WorkPtr issue(CollectiveKind kind, int64_t bytes, const std::function<WorkPtr()>& run,
-                bool counted = true);
+                bool counted = true, int peer = -1);
 
   std::string name_;
   int rank_;
@@ -152,6 +154,7 @@ private:
   std::shared_ptr<CommLog> log_;
   bool check_across_ranks_ = false;
   std::atomic<int64_t> sequence_{0}; // collectives issued, the watchdog's sequence numbers
+  std::atomic<int64_t> messages_{0}; // sends and receives issued (their own numbers)
   uint64_t id_ = 1;                  // kWorldCommId
   std::atomic<int64_t> splits_{0};   // splits of this communicator: part of a child's id
   std::shared_ptr<CommStatusBoard> status_board_;

@@ -5,6 +5,9 @@
 #                      the metrics file holds only complete JSON lines
 #   hang               rank 1 stops at step 3: rank 0's watchdog (--comm-timeout 3) reports the
 #                      collective it waits in and its flight recorder; the job ends within 60 s
+#   pp-hang-names-sender  pp 2: rank 0 (the first stage) stops at step 3 and never sends its
+#                      activation: rank 1's watchdog reports its receive from rank 0 on the
+#                      'pp' group and names rank 0 as holding the job up; ends within 60 s
 #   nan-stop           rank 1's loss is NaN at step 3: every rank stops before the update, exit
 #                      1 with the message; the checkpoint at the end is step 2's
 #   nan-skip           the same with --nan-policy skip: step 3 is skipped, the run completes,
@@ -67,6 +70,17 @@ hang)
   grep -Eq "rank 0: collective watchdog: [a-z_]+ #[0-9]+ on group '[a-z]+' \([0-9]+ bytes\) has not completed after" \
     "$work/out.log" || fail "no watchdog report"
   grep -q "last completed collectives on this rank" "$work/out.log" || fail "no flight recorder"
+  ;;
+pp-hang-names-sender)
+  run_job env MESHTRAIN_FAULT=hang:3:0 "${mpiexec[@]}" -x MESHTRAIN_FAULT -np 2 "$train_gpt" \
+    "${train[@]}" --pp 2 --micro-batch-size 2 --comm-timeout 3
+  [ "$code" -ne 0 ] || fail "the job exited 0 after the first stage hung"
+  [ "$elapsed" -lt 60 ] || fail "the job took $elapsed s to end"
+  grep -q "MESHTRAIN_FAULT: hang at step 3 on rank 0" "$work/out.log" || fail "no hang fired"
+  grep -Eq "rank 1: collective watchdog: recv #[0-9]+ from rank 0 on group 'pp' \([0-9]+ bytes\) has not completed after .* held up by rank 0 on host " \
+    "$work/out.log" || fail "no watchdog report of the receive naming rank 0"
+  grep -Eq "rank 0 \(host .*\) is rank 0 of group 'pp', the other end of this message; it waits in no collective that another rank holds up: it is the one holding the job up" \
+    "$work/out.log" || fail "the report does not say what rank 0 does"
   ;;
 nan-stop)
   run_job env MESHTRAIN_FAULT=nan:3:1 "${mpiexec[@]}" -x MESHTRAIN_FAULT -np 2 "$train_gpt" \
