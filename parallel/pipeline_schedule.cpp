@@ -323,6 +323,16 @@ std::vector<PipelineActions> make_pipeline_schedule(const PipelineScheduleSpec& 
   reject(spec, "unknown schedule");
 }
 
+std::vector<PipelineActions> forward_only_schedule(const PipelineScheduleSpec& spec) {
+  std::vector<PipelineActions> compute(spec.ranks);
+  for (int mb = 0; mb < spec.micro_batches; ++mb) {
+    for (int s = 0; s < spec.stages(); ++s) {
+      compute[spec.rank_of(s)].push_back({Kind::kForward, mb, s});
+    }
+  }
+  return with_messages(spec, compute);
+}
+
 ScheduleSimulation check_pipeline_schedule(const PipelineScheduleSpec& spec,
                                            const std::vector<PipelineActions>& lists,
                                            const PipelineCosts& costs) {

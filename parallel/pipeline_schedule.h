@@ -69,6 +69,8 @@ struct PipelineScheduleSpec {
   int virtual_stages = 1; // v: model chunks per rank (interleaved only; 1 for the others)
   int stages() const { return ranks * virtual_stages; }
   int rank_of(int stage) const { return stage % ranks; }
+  // Whether pp rank `rank` holds the first or the last stage (the embedding, or the head).
+  bool holds_ends(int rank) const { return rank == rank_of(0) || rank == rank_of(stages() - 1); }
   // "1f1b, pp 4, 8 micro-batches" (+ ", 2 virtual stages").
   std::string describe() const;
 };
@@ -87,6 +89,11 @@ using PipelineActions = std::vector<PipelineAction>;
 //    gradient travels on sooner) and W fills what would be idle, keeping 1F1B's peak of pp
 //    micro-batches in flight.
 std::vector<PipelineActions> make_pipeline_schedule(const PipelineScheduleSpec& spec);
+
+// Forward passes only (validation): micro-batch by micro-batch, each rank's chunks in stage
+// order — a topological order of the forwards every rank follows, so none waits in a cycle —
+// with their messages.
+std::vector<PipelineActions> forward_only_schedule(const PipelineScheduleSpec& spec);
 
 // Time each compute action takes in the simulation (any unit); a whole backward costs
 // input + weight. Messages take no time.

@@ -105,12 +105,11 @@ PipelineStage::PipelineStage(
            parts_.blocks.size());
   lists_ = make_pipeline_schedule(spec_);
   simulation_ = check_pipeline_schedule(spec_, lists_);
-  const int last = spec_.stages() - 1;
 
   // The first and last stage's ranks sum their shared gradients; the others get a group of
   // their own they never use (split is collective over pp).
   const int r = pp_->rank();
-  const bool end = r == spec_.rank_of(0) || r == spec_.rank_of(last);
+  const bool end = spec_.holds_ends(r);
   auto group = pp_->split(end ? 0 : 1, r, "pp_ends");
   if (end && spec_.ranks > 1) {
     ends_ = std::move(group);
@@ -234,7 +233,7 @@ torch::Tensor PipelineStage::train(const std::vector<torch::Tensor>& inputs,
   loss_ = torch::zeros({}, torch::kDouble);
   in_flight_ = 0;
   peak_in_flight_ = 0;
-  run_pipeline_actions(spec_, lists_[pp_->rank()], *pp_, functions(true));
+  last_record_ = run_pipeline_actions(spec_, lists_[pp_->rank()], *pp_, functions(true));
   MT_ASSERT(saved_.empty(), "the pipeline step left ", saved_.size(), " micro-batches unfinished");
   share_ = nullptr;
   return loss_;
@@ -246,21 +245,7 @@ torch::Tensor PipelineStage::evaluate(const std::vector<torch::Tensor>& inputs,
            " micro-batches of inputs and ", targets.size(), " of targets");
   PipelineScheduleSpec spec = spec_;
   spec.micro_batches = static_cast<int>(inputs.size());
-  // Forward only: micro-batch by micro-batch, each of this rank's chunks in stage order (a
-  // topological order of the forwards that every rank follows, so no rank waits in a cycle).
-  const int last = spec.stages() - 1;
-  PipelineActions list;
-  for (int mb = 0; mb < spec.micro_batches; ++mb) {
-    for (const int s : local_stages()) {
-      if (s > 0) {
-        list.push_back({PipelineActionKind::kRecvActivation, mb, s});
-      }
-      list.push_back({PipelineActionKind::kForward, mb, s});
-      if (s < last) {
-        list.push_back({PipelineActionKind::kSendActivation, mb, s});
-      }
-    }
-  }
+  const PipelineActions list = forward_only_schedule(spec)[pp_->rank()];
   inputs_ = &inputs;
   targets_ = &targets;
   share_ = nullptr;

@@ -85,6 +85,8 @@ public:
   int peak_in_flight() const { return peak_in_flight_; }
   // The simulation of the schedule (equal F, I, W costs): its timeline and bubble.
   const ScheduleSimulation& simulation() const { return simulation_; }
+  // When each compute action of the last train() began and ended (bench_pipeline's bubble).
+  const PipelineRunRecord& last_record() const { return last_record_; }
 
 private:
   struct Saved {
@@ -116,6 +118,7 @@ private:
   torch::Tensor loss_;                         // [] double
   int in_flight_ = 0;
   int peak_in_flight_ = 0;
+  PipelineRunRecord last_record_;
 };
 
 // The pipeline split of a model on one pp rank: unregisters from `model` every module whose

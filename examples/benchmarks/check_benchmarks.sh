@@ -12,7 +12,9 @@
 #               ratios come from the doctoring alone.
 #   pipeline    bench_pipeline on 4 ranks (stage-cost mode, 2 ms actions): exit 0 and one table
 #               row per schedule with its simulated bubble (3/11, 3/11, 3/19, 3/27); no
-#               measured figure is asserted. A bad --schedules exits 2 naming the value.
+#               measured figure is asserted. Compute mode (the GPT, 2 ranks, 1 step): a row
+#               per schedule with the same simulated bubbles at pp 2 m 8 (1/9, 1/9, 1/17,
+#               1/25). A bad --schedules or --mode exits 2 naming the value.
 #
 # usage: check_benchmarks.sh CASE BUILD_DIR MPIRUN [MPIRUN OPTIONS...]
 set -euo pipefail
@@ -99,6 +101,19 @@ pipeline)
     "zb-h1, pp 4, 8 micro-batches .* 0.111 \|"; do
     grep -Eq "^\| $row" "$work/out.txt" || fail "no row matching '$row'"
   done
+  "${mpirun[@]}" -np 2 "$build/examples/benchmarks/bench_pipeline" --mode compute --steps 1 \
+    --n-layer 4 --n-embd 32 --block-size 16 >"$work/compute.txt" || fail "compute mode exited $?"
+  grep -q "compute mode, pp 2" "$work/compute.txt" || fail "no compute-mode header"
+  for row in "gpipe, pp 2, 8 micro-batches .* 0.111 \|" "1f1b, pp 2, 8 micro-batches .* 0.111 \|" \
+    "interleaved, pp 2, 8 micro-batches, 2 virtual stages .* 0.059 \|" \
+    "zb-h1, pp 2, 8 micro-batches .* 0.040 \|"; do
+    grep -Eq "^\| $row" "$work/compute.txt" || fail "no compute row matching '$row'"
+  done
+  code=0
+  "${mpirun[@]}" -np 2 "$build/examples/benchmarks/bench_pipeline" --mode fast \
+    >/dev/null 2>"$work/err.txt" || code=$?
+  [[ $code == 2 ]] || fail "--mode fast exited $code, expected 2"
+  grep -q "mode fast: must be stage-cost or compute" "$work/err.txt" || fail "--mode not named"
   code=0
   "${mpirun[@]}" -np 2 "$build/examples/benchmarks/bench_pipeline" --schedules 1f1b,2f2b \
     >/dev/null 2>"$work/err.txt" || code=$?
