@@ -111,6 +111,9 @@ struct ActivationTerms {
   int64_t backward_start = 0;  // transient (2) below, without the staging bucket
   int64_t replayed_block = 0;  // one block run again under full recomputation
   int64_t block_gradients = 0; // the gradients flowing through a block's backward
+  // The attention core's backward: the gradients of the probabilities and of the scores
+  // [b, a/t, T, T], of q, k and v, and the stream's.
+  int64_t attention_gradients = 0;
 };
 
 ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
@@ -177,6 +180,7 @@ ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
   a.replayed_block =
       (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
   a.block_gradients = (2 * 4 * n * C / t + 2 * stream) * e;
+  a.attention_gradients = (2 * scores + 3 * n * C / t + 2 * stream) * e;
   return a;
 }
 
@@ -401,8 +405,11 @@ MemoryEstimate estimate_stage(const PlanModel& m, const Layout& l, const Pipelin
       start = std::max(start, a.replayed_block + a.block_gradients +
                                   (s == last ? a.wte_gradient - a.head_saved : 0));
     }
-    if (action.kind == PipelineActionKind::kBackwardInput && s == 0) {
-      start = 0; // stage 0's I sends nothing back: its W runs the whole backward
+    if (action.kind == PipelineActionKind::kBackwardInput) {
+      // ZB-H1's I keeps the graph (retain_graph): what a plain backward frees block by block
+      // stays, so the gradients deep inside the stage (the attention core's) pile on top too.
+      // Stage 0's I sends nothing back: its W runs the whole backward.
+      start = s == 0 ? 0 : std::max(start, a.attention_gradients);
     }
     moment(held_blocks, held_rest, start + (weights ? staging : staged), seeds + received + sending,
            have_gradients);
