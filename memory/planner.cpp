@@ -5,7 +5,9 @@
 #include "meshtrain/parallel/pipeline_schedule.h"
 
 #include <algorithm>
+#include <map>
 #include <numeric>
+#include <optional>
 #include <tuple>
 
 namespace meshtrain {
@@ -450,12 +452,34 @@ MemoryEstimate worst_of(const std::vector<MemoryEstimate>& stages) {
       [](const MemoryEstimate& x, const MemoryEstimate& y) { return x.peak < y.peak; });
 }
 
-std::vector<MemoryEstimate> stages_of(const PlanModel& m, const ParallelPlan& resolved) {
+// The simulations of a budget search by (schedule, pp, micro-batches, virtual stages): ZeRO,
+// recomputation, tp and sequence parallelism do not change a schedule, so many candidates share
+// one (the search leaves --pp-layout empty: the stages' blocks follow from pp and v too).
+class PipelineRuns {
+public:
+  const PipelineRun& of(const PlanModel& m, const ParallelPlan& plan) {
+    const auto key = std::make_tuple(static_cast<int>(plan.pp_schedule), plan.dims.pp,
+                                     plan.accumulation_steps(), plan.virtual_stages);
+    auto found = runs_.find(key);
+    if (found == runs_.end()) {
+      found = runs_.emplace(key, pipeline_run(m, plan)).first;
+    }
+    return found->second;
+  }
+
+private:
+  std::map<std::tuple<int, int, int64_t, int>, PipelineRun> runs_;
+};
+
+std::vector<MemoryEstimate> stages_of(const PlanModel& m, const ParallelPlan& resolved,
+                                      const PipelineRun* simulated = nullptr) {
   const Layout l(resolved);
   if (l.pp == 1) {
     return {estimate_one_rank(m, l)};
   }
-  const PipelineRun run = pipeline_run(m, resolved);
+  std::optional<PipelineRun> own;
+  const PipelineRun& run =
+      simulated != nullptr ? *simulated : own.emplace(pipeline_run(m, resolved));
   std::vector<MemoryEstimate> out;
   for (int r = 0; r < run.spec.ranks; ++r) {
     out.push_back(estimate_stage(m, l, run, r));
@@ -500,9 +524,9 @@ double all_reduce_bytes(double ranks, double bytes) {
 // simulated bubble; the busiest rank's bytes: its activations and gradients sent to the
 // neighbouring stages, tensor parallelism's collectives over its blocks, the dp reduction of
 // its gradients and the first and last stage's sum of their shared gradients.
-PlanCost pipeline_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw) {
+PlanCost pipeline_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw,
+                       const PipelineRun& run) {
   const Layout l(plan);
-  const PipelineRun run = pipeline_run(m, plan);
   const auto& spec = run.spec;
   const int last = spec.stages() - 1;
   const int64_t e = element_bytes(l.precision);
@@ -581,7 +605,7 @@ PlanCost pipeline_cost(const PlanModel& m, const ParallelPlan& plan, const PlanH
 PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw) {
   const ParallelPlan resolved = validate_plan(m, plan);
   if (resolved.dims.pp > 1) {
-    return pipeline_cost(m, resolved, hw);
+    return pipeline_cost(m, resolved, hw, pipeline_run(m, resolved));
   }
   const Layout l(resolved);
   const int64_t e = element_bytes(l.precision);
@@ -708,7 +732,11 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
                                                         {PipelineSchedule::k1F1B, 1},
                                                         {PipelineSchedule::kInterleaved1F1B, 2},
                                                         {PipelineSchedule::kZeroBubbleH1, 1}};
+  PipelineRuns runs;
   for (int pp = 2; pp <= world && pp <= m.n_layer; ++pp) {
+    if (world % pp != 0) {
+      continue;
+    }
     for (int tp = 1; tp * pp <= world; ++tp) {
       for (int zero = 0; zero <= 2; ++zero) {
         for (bool sp : {false, true}) {
@@ -736,9 +764,10 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
                 if (zero > 0 && plan.dims.dp == 1) {
                   continue; // the same layout as stage 0
                 }
-                const auto memory = estimate_memory(m, plan);
+                const auto& run = runs.of(m, plan);
+                const auto memory = worst_of(stages_of(m, plan, &run));
                 if (memory.peak <= budget_bytes) {
-                  out.push_back({plan, memory, estimate_cost(m, plan, hw)});
+                  out.push_back({plan, memory, pipeline_cost(m, plan, hw, run)});
                 }
               }
             }

@@ -74,9 +74,10 @@ struct MemoryEstimate {
   int64_t optimizer_transient = 0;
   int64_t peak = 0;
   int64_t parameters_per_rank = 0; // element count
-  // Pipeline only: this estimate's pp rank, the blocks it holds (all its stages), whether it
-  // holds the parameters outside the blocks (wte, wpe, ln_f: the first and the last stage,
-  // both), and the most chunk-micro-batches it holds at once (the schedule's simulation).
+  // This estimate's pp rank, the blocks it holds (all its stages; all L without a pipeline),
+  // whether it holds the parameters outside the blocks (wte, wpe, ln_f: under a pipeline the
+  // first and the last stage, both), and the most chunk-micro-batches it holds at once (the
+  // schedule's simulation; 1 without a pipeline).
   int pp_rank = 0;
   int64_t blocks = 0;
   bool holds_outside_blocks = true;
