@@ -5,7 +5,8 @@
 //   meshtrain-plan --world 4 --budget 64MiB              every layout of 4 ranks that fits
 //   meshtrain-plan --cp 4 --block-size 1024              one context-parallel layout
 //   meshtrain-plan --pp 4 --micro-batch-size 2 --pp-schedule zb-h1 [--timeline-json F]
-//                                                        a pipeline schedule as a timeline
+//                                                        a pipeline: memory per stage and the
+//                                                        schedule's timeline
 //   meshtrain-plan --n-layer 12 --n-embd 768 --n-head 12 --vocab-size 50257
 //                  --block-size 1024 --batch-size 32 --world 8 --budget 40GiB --precision bf16
 //
@@ -23,6 +24,7 @@
 #include <cstdio>
 #include <iostream>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -47,10 +49,33 @@ nlohmann::json to_json(const MemoryEstimate& m) {
           {"saved_head", m.saved_head},
           {"transient", m.transient},
           {"gathered", m.gathered},
+          {"held_gradients", m.held_gradients},
+          {"messages", m.messages},
           {"activation_peak", m.activation_peak},
           {"optimizer_transient", m.optimizer_transient},
           {"peak", m.peak},
           {"parameters_per_rank", m.parameters_per_rank}};
+}
+
+// A pipeline layout's estimate: the worst stage's fields at the top level (what a caller that
+// knows no pipelines reads), each pp rank's under "stages", and the schedule's cost.
+nlohmann::json pipeline_json(const std::vector<MemoryEstimate>& stages, const MemoryEstimate& worst,
+                             const meshtrain::PlanCost& cost) {
+  auto out = to_json(worst);
+  out["pp_rank"] = worst.pp_rank;
+  out["stages"] = nlohmann::json::array();
+  for (const auto& m : stages) {
+    auto stage = to_json(m);
+    stage["pp_rank"] = m.pp_rank;
+    stage["blocks"] = m.blocks;
+    stage["holds_outside_blocks"] = m.holds_outside_blocks;
+    stage["micro_batches_in_flight"] = m.micro_batches_in_flight;
+    out["stages"].push_back(stage);
+  }
+  out["bubble"] = cost.bubble;
+  out["p2p_bytes"] = cost.p2p_bytes;
+  out["step_s"] = cost.step_s;
+  return out;
 }
 
 void print_estimate(const PlanModel& model, const ParallelPlan& layout) {
@@ -86,46 +111,83 @@ int print_fitting(const PlanModel& model, int64_t world, const ParallelPlan& fix
               << " MiB per rank (try recompute, ZeRO, more ranks or a smaller micro-batch)\n";
     return 1;
   }
-  std::cout
-      << ranked.size() << " layouts of " << world << " ranks fit " << mib(budget)
-      << " MiB per rank; the " << std::min<int64_t>(top, ranked.size())
-      << " fastest by the cost model:\n\n"
-      << "| # | dp | cp | tp | ZeRO | seq par | recompute | micro-batch | peak MiB | state MiB "
-         "| activations MiB | est. step ms | comm MiB |\n"
-      << "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  std::cout << ranked.size() << " layouts of " << world << " ranks fit " << mib(budget)
+            << " MiB per rank; the " << std::min<int64_t>(top, ranked.size())
+            << " fastest by the cost model:\n\n"
+            << "| # | dp | cp | tp | pp | ZeRO | seq par | recompute | micro-batch | peak MiB | "
+               "state MiB "
+               "| activations MiB | est. step ms | comm MiB |\n"
+            << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (int64_t i = 0; i < static_cast<int64_t>(ranked.size()) && i < top; ++i) {
     const auto& r = ranked[i];
     const auto& l = r.layout;
     char ms[32];
     std::snprintf(ms, sizeof ms, "%.1f", r.cost.step_s * 1e3);
+    // A pipeline: "2 1f1b", "2 interleaved v2"; its memory columns are the largest stage's.
+    std::string pp = std::to_string(l.dims.pp);
+    if (l.dims.pp > 1) {
+      pp += std::string(" ") + meshtrain::to_string(l.pp_schedule) +
+            (l.virtual_stages > 1 ? " v" + std::to_string(l.virtual_stages) : "");
+    }
     std::cout << "| " << i + 1 << " | " << l.dims.dp << " | " << l.dims.cp << " | " << l.dims.tp
-              << " | " << l.zero_stage << " | " << (l.sequence_parallel ? "yes" : "no") << " | "
-              << meshtrain::to_string(l.recompute) << " | " << l.micro_batch << " | "
-              << mib(r.memory.peak) << " | " << mib(r.memory.state) << " | "
-              << mib(r.memory.activation_peak) << " | " << ms << " | " << mib(r.cost.comm_bytes)
-              << " |\n";
+              << " | " << pp << " | " << l.zero_stage << " | "
+              << (l.sequence_parallel ? "yes" : "no") << " | " << meshtrain::to_string(l.recompute)
+              << " | " << l.micro_batch << " | " << mib(r.memory.peak) << " | "
+              << mib(r.memory.state) << " | " << mib(r.memory.activation_peak) << " | " << ms
+              << " | " << mib(r.cost.comm_bytes) << " |\n";
   }
   return 0;
 }
 
-// A pipeline layout: the schedule's simulated timeline (unit costs: F = I = W = 1, a whole
-// backward 2) with its bubble and in-flight micro-batches per rank. Memory per stage is not
-// modelled yet; the message says so.
-int print_pipeline(const PlanModel& model, const ParallelPlan& layout,
+// A pipeline layout: the memory of each pp rank (memory/planner.h: its blocks, the parameters
+// outside the blocks on the first and the last rank, the micro-batches it holds at once), then
+// the schedule's simulated timeline (unit costs: F = I = W = 1, a whole backward 2) with its
+// bubble and in-flight micro-batches per rank.
+int print_pipeline(const PlanModel& model, const ParallelPlan& layout, bool json,
                    const std::string& json_path) {
   const auto plan = meshtrain::validate_plan(model, layout);
+  const auto stages = meshtrain::estimate_memory_per_stage(model, plan);
+  const auto worst = meshtrain::estimate_memory(model, plan);
+  const auto cost = meshtrain::estimate_cost(model, plan);
+  if (json) {
+    std::cout << pipeline_json(stages, worst, cost).dump() << "\n";
+    return 0;
+  }
   meshtrain::PipelineScheduleSpec spec{plan.pp_schedule, plan.dims.pp,
                                        static_cast<int>(plan.accumulation_steps()),
                                        plan.virtual_stages};
   const auto sim =
       meshtrain::check_pipeline_schedule(spec, meshtrain::make_pipeline_schedule(spec));
   const auto layers = plan.stage_layers(model.n_layer);
-  std::cout << plan.describe() << "\nstages (blocks):";
+  std::cout << "GPT L=" << model.n_layer << " C=" << model.n_embd << " heads=" << model.n_head
+            << " T=" << model.block_size << " V=" << model.vocab_size << "; " << plan.describe()
+            << "\nstages (blocks):";
   for (size_t s = 0; s < layers.size(); ++s) {
     std::cout << " s" << s << "=" << layers[s] << " (rank " << spec.rank_of(static_cast<int>(s))
               << ")";
   }
-  std::cout << "\ntimeline (one column = one chunk's forward; B = I + W takes two; a lower-case "
+  std::cout << "\n\nmemory per pp rank, MiB (outside = wte, wpe, ln_f; in flight = the most "
+               "chunk-micro-batches held at once):\n\n"
+            << "| pp rank | blocks | outside | in flight | parameters | gradients | optimizer | "
+               "batches | state | saved | transient | held grads | messages | activations | "
+               "optimizer step | peak |\n"
+            << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+  for (const auto& m : stages) {
+    std::cout << "| " << m.pp_rank << " | " << m.blocks << " | "
+              << (m.holds_outside_blocks ? "yes" : "no") << " | " << m.micro_batches_in_flight
+              << " | " << mib(m.parameters) << " | " << mib(m.gradients) << " | "
+              << mib(m.optimizer) << " | " << mib(m.data) << " | " << mib(m.state) << " | "
+              << mib(m.saved_layers + m.saved_head) << " | " << mib(m.transient) << " | "
+              << mib(m.held_gradients) << " | " << mib(m.messages) << " | "
+              << mib(m.activation_peak) << " | " << mib(m.optimizer_transient) << " | "
+              << mib(m.peak) << " |\n";
+  }
+  std::cout << "\nlargest: pp rank " << worst.pp_rank << ", " << mib(worst.peak)
+            << " MiB; estimated step: " << cost.step_s * 1e3 << " ms (compute "
+            << cost.compute_s * 1e3 << " ms with the bubble " << cost.bubble << ", communication "
+            << cost.comm_s * 1e3 << " ms, " << mib(cost.comm_bytes) << " MiB on the busiest rank, "
+            << mib(cost.p2p_bytes) << " MiB of it point to point)\n"
+            << "\ntimeline (one column = one chunk's forward; B = I + W takes two; a lower-case "
                "letter is a later virtual stage):\n"
             << meshtrain::render_timeline(spec, sim);
   if (!json_path.empty()) {
@@ -133,7 +195,6 @@ int print_pipeline(const PlanModel& model, const ParallelPlan& layout,
     std::cout << "timeline: " << json_path << " (python3 scripts/plot_schedule.py " << json_path
               << " OUT.png draws it)\n";
   }
-  std::cout << "memory per pipeline stage is not modelled by the planner yet\n";
   return 0;
 }
 
@@ -151,7 +212,8 @@ int main(int argc, char** argv) {
     ("world", "plan for this many ranks: list the layouts that fit --budget", cli::text("0"))
     ("budget", "memory per rank, e.g. 512MiB, 2GiB, 800MB", cli::text(""))
     ("top", "layouts listed", cli::text("15"))
-    ("json", "print the one layout's estimate as JSON (bytes)", cli::boolean())
+    ("json", "print the one layout's estimate as JSON (bytes; with --pp the largest stage's, "
+     "and every stage's under \"stages\")", cli::boolean())
     ("timeline-json", "with --pp: also write the schedule's timeline as JSON to this file",
      cli::text(""))
     ("h,help", "print this help");
@@ -169,11 +231,11 @@ int main(int argc, char** argv) {
     const std::string budget = flags.str("budget");
     if (layout.dims.pp > 1) {
       if (world != 0 || !budget.empty()) {
-        throw cli::UsageError("--world/--budget rank layouts without pipeline parallelism; "
-                              "pipeline layouts (--pp " +
-                              std::to_string(layout.dims.pp) + ") are not in the search yet");
+        throw cli::UsageError("--world/--budget try every pp from 1 to the world size; drop "
+                              "--pp " +
+                              std::to_string(layout.dims.pp) + " (or plan that one layout alone)");
       }
-      return print_pipeline(model, layout, flags.str("timeline-json"));
+      return print_pipeline(model, layout, flags.flag("json"), flags.str("timeline-json"));
     }
     if (world != 0 || !budget.empty()) {
       if (world < 1 || budget.empty()) {

@@ -145,6 +145,11 @@ void Reporter::step(const StepStats& stats, double eta_s, bool force_line) {
       line["mem_state_bytes"] = stats.state_bytes;
       line["mem_activation_peak_bytes"] = stats.activation_peak_bytes;
     }
+    if (!stats.stage_tensor_peak_bytes.empty()) {
+      line["mem_stage_tensor_peak_bytes"] = stats.stage_tensor_peak_bytes;
+      line["mem_stage_state_bytes"] = stats.stage_state_bytes;
+      line["mem_stage_activation_peak_bytes"] = stats.stage_activation_peak_bytes;
+    }
     write_metrics(line.dump());
   }
   last_stats_ = stats;

@@ -9,6 +9,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace meshtrain {
 
@@ -49,6 +50,12 @@ struct StepStats {
   int64_t tensor_peak_bytes = 0;
   int64_t state_bytes = 0;
   int64_t activation_peak_bytes = 0;
+  // Under pipeline parallelism, with the tracker (else empty): the same three figures of every
+  // rank of this rank's pp group, in pp rank order (the stages hold different blocks and
+  // micro-batches; the memory planner estimates each, memory/planner.h).
+  std::vector<int64_t> stage_tensor_peak_bytes;
+  std::vector<int64_t> stage_state_bytes;
+  std::vector<int64_t> stage_activation_peak_bytes;
   // With loss scaling: the scale this step used (0 without), and whether its update was
   // skipped (an inf or NaN gradient on some rank; parameters and optimizer state unchanged).
   double loss_scale = 0;

@@ -352,6 +352,23 @@ StepStats Trainer::train_step() {
     stats.state_bytes = bytes_before;
     stats.tensor_peak_bytes = tracker->peak_bytes();
   }
+  if (tracker != nullptr && parallel_.pipeline) {
+    // The stages hold different things, and rank 0 alone reports: every pp rank's figures,
+    // [3, pp] (doubles: exact bytes below 2^53). The tracker is installed on every rank or on
+    // none (train_gpt, the benchmarks), so the pp group calls this together.
+    const auto& pp = mesh.group("pp");
+    auto figures = torch::zeros({3, pp->size()}, torch::kDouble);
+    figures[0][pp->rank()] = static_cast<double>(stats.tensor_peak_bytes);
+    figures[1][pp->rank()] = static_cast<double>(stats.state_bytes);
+    figures[2][pp->rank()] = static_cast<double>(stats.activation_peak_bytes);
+    pp->all_reduce(figures, ReduceOp::kSum);
+    for (int64_t r = 0; r < pp->size(); ++r) {
+      stats.stage_tensor_peak_bytes.push_back(static_cast<int64_t>(figures[0][r].item<double>()));
+      stats.stage_state_bytes.push_back(static_cast<int64_t>(figures[1][r].item<double>()));
+      stats.stage_activation_peak_bytes.push_back(
+          static_cast<int64_t>(figures[2][r].item<double>()));
+    }
+  }
   return stats;
 }
 

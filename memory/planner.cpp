@@ -2,8 +2,12 @@
 // docs/memory.md#memory-planner; the comments here say which tensor each term is.
 #include "meshtrain/memory/planner.h"
 
+#include "meshtrain/parallel/pipeline_schedule.h"
+
 #include <algorithm>
+#include <map>
 #include <numeric>
+#include <optional>
 #include <tuple>
 
 namespace meshtrain {
@@ -18,7 +22,7 @@ struct Layout {
       : dp(p.dims.dp), cp(p.dims.cp), tp(p.dims.tp), zero(p.zero_stage),
         sequence_parallel(p.sequence_parallel), recompute(p.recompute), precision(p.precision),
         global_batch(p.global_batch), micro_batch(p.micro_batch), bucket_bytes(p.bucket_bytes),
-        reshard_after_forward(p.reshard_after_forward), prefetch(p.prefetch) {}
+        reshard_after_forward(p.reshard_after_forward), prefetch(p.prefetch), pp(p.dims.pp) {}
   int64_t dp, cp, tp;
   int zero;
   bool sequence_parallel;
@@ -27,6 +31,7 @@ struct Layout {
   int64_t global_batch, micro_batch, bucket_bytes;
   bool reshard_after_forward;
   int64_t prefetch;
+  int64_t pp;
 };
 
 // Vp: the vocab padded to a multiple of lcm(pad, tp) (VocabParallelEmbedding).
@@ -88,38 +93,52 @@ ParallelPlan validate_plan(const PlanModel& m, const ParallelPlan& plan) {
   return plan.validate(d.dp * d.cp * d.tp * d.pp, shape_of(m));
 }
 
-MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
-  const Layout l(validate_plan(m, plan));
+namespace {
+
+// One micro-batch's activation terms on one rank, from which the serial estimate and each
+// pipeline stage's are assembled (docs/memory.md#the-formulas names each).
+struct ActivationTerms {
+  int64_t e = 0;      // bytes of an activation element
+  int64_t n = 0;      // tokens of one micro-batch on this rank
+  int64_t stream = 0; // elements of the residual stream [n, C / sigma] of this rank
+  int64_t scores = 0; // elements of one block's [b, a/t, T, T] probabilities (0 under the ring)
+  int64_t block = 0;  // elements one block saves in the activation dtype (the mode's)
+  int64_t block_bytes = 0;     // what one block saves without full recomputation, stats and mask in
+  int64_t kept_per_block = 0;  // what one block keeps under the mode (full: only its input)
+  int64_t embedding_saved = 0; // the embedding dropout mask (dropout > 0)
+  int64_t head_saved = 0;      // ln_f's input and statistics, the logits input, exp()'s output
+  int64_t logits = 0;          // elements of this rank's logits [n, vp / t]
+  int64_t loss_end = 0;        // transient (1) below
+  int64_t wte_gradient = 0;    // autograd's gradient of wte [vp / t, C]
+  int64_t backward_start = 0;  // transient (2) below, without the staging bucket
+  int64_t replayed_block = 0;  // one block run again under full recomputation
+  int64_t block_gradients = 0; // the gradients flowing through a block's backward
+  // The attention core's backward: the gradients of the probabilities and of the scores
+  // [b, a/t, T, T], of q, k and v, and the stream's.
+  int64_t attention_gradients = 0;
+};
+
+ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
+  ActivationTerms a;
   const int64_t e = element_bytes(l.precision);
   const int64_t t = l.tp;
   const int64_t sigma = l.sequence_parallel ? t : 1; // the residual stream is [b, T/sigma, C]
   const int64_t b = l.micro_batch;
-  const int64_t T = m.block_size, C = m.n_embd, a = m.n_head, L = m.n_layer;
+  const int64_t T = m.block_size, C = m.n_embd, heads = m.n_head;
   const bool ring = l.cp > 1;     // context parallelism: ring attention over this rank's T/cp
   const int64_t n = b * T / l.cp; // tokens of one micro-batch on this rank
   const int64_t vp = padded_vocab(m, t); // the logits of this rank: [n, vp / t]
   const bool dropout = m.dropout > 0.0;
   const bool padded_columns = vp > m.vocab_size; // the last rank masks its padding columns
-
-  MemoryEstimate r;
-  const int64_t psi = parameters_per_rank(m, t);
-  r.parameters_per_rank = psi;
-  // Gradients and optimizer state (and at ZeRO-3 the parameters) are sharded over the dp x cp
-  // ranks.
-  const int64_t shards = l.dp * l.cp;
-  r.parameters = (l.zero == 3 ? psi / shards : psi) * e;
-  // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
-  r.gradients = (l.zero >= 2 ? psi / shards : psi) * kFp32;
-  // fp32 master weights and the two AdamW moments of the owned elements.
-  r.optimizer = 3 * (l.zero >= 1 ? psi / shards : psi) * kFp32;
-  // Inputs and targets of every micro-batch of the step, int64 [b, T] each.
-  r.data = 2 * (l.global_batch / l.dp) * T * 8;
-  r.state = r.parameters + r.gradients + r.optimizer + r.data;
+  a.e = e;
+  a.n = n;
 
   // ---- saved for backward, one transformer block (elements in the activation dtype) ----
   const int64_t stream = n * C / sigma; // the residual stream of this rank
+  a.stream = stream;
   // The standard core keeps the [b, a/t, T, T] probabilities; ring attention never forms them.
-  const int64_t scores = ring ? 0 : a / t * b * T * T;
+  const int64_t scores = ring ? 0 : heads / t * b * T * T;
+  a.scores = scores;
   // ln_1 and ln_2 inputs (the residual stream); the c_attn and c_fc inputs, full [n, C]
   // (gathered under sequence parallelism); contiguous copies of q, k, v that the batched
   // matmuls keep; the attention output (c_proj's input); GELU's input and output.
@@ -136,18 +155,66 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   if (dropout) {
     block += 2 * stream; // masks of the attention and MLP residual dropouts
   }
+  a.block = block;
   // LayerNorm means and reciprocal std (fp32), the causal mask (bool [T, T]); the ring keeps
   // instead its fp32 log-sum-exp [b, a/t, T/cp] (recomputation replays it).
-  const int64_t mask = ring ? (l.recompute == RecomputeMode::kNone ? n * a / t * kFp32 : 0) : T * T;
-  const int64_t block_bytes = block * e + 2 * 2 * (n / sigma) * kFp32 + mask;
+  const int64_t mask =
+      ring ? (l.recompute == RecomputeMode::kNone ? n * heads / t * kFp32 : 0) : T * T;
+  a.block_bytes = block * e + 2 * 2 * (n / sigma) * kFp32 + mask;
   const int64_t kept_input = stream * e; // full recomputation keeps only the block input
-  r.saved_layers = L * (l.recompute == RecomputeMode::kFull ? kept_input : block_bytes);
+  a.kept_per_block = l.recompute == RecomputeMode::kFull ? kept_input : a.block_bytes;
 
   // ---- the head: embedding dropout mask, ln_f input and statistics, the logits matmul's
   // (gathered) input, and the cross-entropy's exp() output [n, vp/t] in fp32.
-  const int64_t logits = n * (vp / t);
-  r.saved_head = (dropout ? stream * e : 0) + stream * e + 2 * (n / sigma) * kFp32 + n * C * e +
-                 logits * kFp32;
+  a.logits = n * (vp / t);
+  a.embedding_saved = dropout ? stream * e : 0;
+  a.head_saved = stream * e + 2 * (n / sigma) * kFp32 + n * C * e + a.logits * kFp32;
+
+  // (1) the end of the loss: the logits (model dtype), the fp32 copy of bf16 logits, the
+  // padding-masked copy, and the shifted logits.
+  a.loss_end = a.logits * (e + (e != kFp32 ? kFp32 : 0) + (padded_columns ? kFp32 : 0) + kFp32);
+  // (2) the first steps of backward: the gradient of exp()'s output and of the logits, the
+  // logits matmul's input gradient, wte's gradient (and the staging bucket, added by the caller).
+  a.wte_gradient = vp / t * C * e;
+  a.backward_start = a.logits * (kFp32 + e) + n * C * e + a.wte_gradient;
+  // (3) full recomputation: a block runs again with everything it saves; the gradients flowing
+  // through a block's backward (the MLP's [n, 4C/t] and the stream's).
+  a.replayed_block =
+      (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
+  a.block_gradients = (2 * 4 * n * C / t + 2 * stream) * e;
+  a.attention_gradients = (2 * scores + 3 * n * C / t + 2 * stream) * e;
+  return a;
+}
+
+// The estimate of one rank without pipeline parallelism (every rank alike).
+MemoryEstimate estimate_one_rank(const PlanModel& m, const Layout& l) {
+  const ActivationTerms a = activation_terms(m, l);
+  const int64_t e = a.e;
+  const int64_t t = l.tp;
+  const int64_t b = l.micro_batch;
+  const int64_t T = m.block_size, C = m.n_embd, L = m.n_layer;
+  const bool ring = l.cp > 1;
+  const int64_t n = a.n;
+  const int64_t stream = a.stream;
+
+  MemoryEstimate r;
+  const int64_t psi = parameters_per_rank(m, t);
+  r.parameters_per_rank = psi;
+  r.blocks = L;
+  // Gradients and optimizer state (and at ZeRO-3 the parameters) are sharded over the dp x cp
+  // ranks.
+  const int64_t shards = l.dp * l.cp;
+  r.parameters = (l.zero == 3 ? psi / shards : psi) * e;
+  // The reducer's persistent buckets, fp32 (reduce dtype); ZeRO-2 keeps this rank's 1/dp.
+  r.gradients = (l.zero >= 2 ? psi / shards : psi) * kFp32;
+  // fp32 master weights and the two AdamW moments of the owned elements.
+  r.optimizer = 3 * (l.zero >= 1 ? psi / shards : psi) * kFp32;
+  // Inputs and targets of every micro-batch of the step, int64 [b, T] each.
+  r.data = 2 * (l.global_batch / l.dp) * T * 8;
+  r.state = r.parameters + r.gradients + r.optimizer + r.data;
+
+  r.saved_layers = L * a.kept_per_block;
+  r.saved_head = a.embedding_saved + a.head_saved;
 
   // ---- ZeRO-3 (parallel/parameter_shards.h): the units gathered at the activation peak, the
   // start of backward: the root (embedding and head, kept since the head ran), the last
@@ -173,22 +240,16 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   } else if (l.zero == 2) {
     staging = accumulating ? psi * kFp32 : std::min(psi * kFp32, l.bucket_bytes);
   }
-  // (1) the end of the loss: the logits (model dtype), the fp32 copy of bf16 logits, the
-  // padding-masked copy, and the shifted logits.
-  const int64_t loss_end =
-      logits * (e + (e != kFp32 ? kFp32 : 0) + (padded_columns ? kFp32 : 0) + kFp32);
-  // (2) the first steps of backward: the gradient of exp()'s output and of the logits, the
-  // logits matmul's input gradient, wte's gradient, and the staging bucket.
-  const int64_t backward_start = logits * (kFp32 + e) + n * C * e + vp / t * C * e + staging;
+  // (1) the end of the loss; (2) the first steps of backward, with the staging bucket.
+  const int64_t loss_end = a.loss_end;
+  const int64_t backward_start = a.backward_start + staging;
   // (3) full recomputation: the last block runs again with everything it saves, while the
-  // inputs of all blocks are still kept; plus the gradients flowing through it (the MLP's
-  // [n, 4C/t] and the stream's) and wte's gradient.
-  const int64_t replayed_block =
-      (block + scores + (dropout ? 2 * scores : 0)) * e + 2 * 2 * (n / sigma) * kFp32;
+  // inputs of all blocks are still kept; plus the gradients flowing through it and wte's
+  // gradient (the head's saved tensors are freed by then).
+  const int64_t replayed_block = a.replayed_block;
   int64_t replay = 0;
   if (l.recompute == RecomputeMode::kFull) {
-    replay = replayed_block + (2 * 4 * n * C / t + 2 * stream) * e + vp / t * C * e + staging -
-             r.saved_head;
+    replay = replayed_block + a.block_gradients + a.wte_gradient + staging - r.saved_head;
   }
   // (5) ZeRO-3 in the middle of backward (the head freed): autograd's gradients of two blocks
   // (the finished unit's are dropped only when the next one finishes) and of wte (alive from
@@ -199,7 +260,7 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   int64_t sharded_backward = 0;
   if (l.zero == 3) {
     sharded_backward = (l.recompute == RecomputeMode::kFull ? replayed_block : 0) +
-                       2 * block_params * e + vp / t * C * e + staging - r.saved_head +
+                       2 * block_params * e + a.wte_gradient + staging - r.saved_head +
                        (accumulating ? block_params / shards * kFp32 : 0);
   }
   // (4) ring attention's backward in the last block (cp > 1): the head's saved tensors and
@@ -214,9 +275,9 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
     const int64_t c = T / (2 * l.cp);
     const int64_t local = n * C / t; // [b, a/t, T/cp, D]: this rank's q (or k, or v)
     const int64_t mlp_saved = (stream + n * C + 2 * 4 * n * C / t) * e;
-    const int64_t replayed = l.recompute == RecomputeMode::kFull ? block * e : 0;
-    ring_backward = replayed + 2 * b * (a / t) * c * c * kFp32 + 7 * local * kFp32 + 5 * local * e +
-                    2 * stream * e - mlp_saved - r.saved_head;
+    const int64_t replayed = l.recompute == RecomputeMode::kFull ? a.block * e : 0;
+    ring_backward = replayed + 2 * b * (m.n_head / t) * c * c * kFp32 + 7 * local * kFp32 +
+                    5 * local * e + 2 * stream * e - mlp_saved - r.saved_head;
   }
   // (6) the end of a backward (ZeRO 0-2): autograd's own gradient of every parameter is alive
   // until finish() or the end of no_sync, beside the staging; the activations are freed by
@@ -237,8 +298,316 @@ MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
   return r;
 }
 
+// The schedule a validated pipeline plan runs, simulated with equal F, I and W costs.
+struct PipelineRun {
+  PipelineScheduleSpec spec;
+  ScheduleSimulation sim;
+  std::vector<int64_t> layers; // blocks of each stage
+};
+
+PipelineRun pipeline_run(const PlanModel& m, const ParallelPlan& plan) {
+  PipelineRun run;
+  run.spec = PipelineScheduleSpec{plan.pp_schedule, plan.dims.pp,
+                                  static_cast<int>(plan.accumulation_steps()), plan.virtual_stages};
+  run.sim = check_pipeline_schedule(run.spec, make_pipeline_schedule(run.spec));
+  run.layers = plan.stage_layers(m.n_layer);
+  return run;
+}
+
+// Under pipeline parallelism, pp rank `rank`'s estimate. The state is the serial formulas'
+// over this rank's parameters: its blocks, and on the first and the last rank the parameters
+// outside the blocks (both hold them). The activation peak is found by walking the rank's
+// compute actions in the order it runs them (the simulation's timeline): a micro-batch's
+// forward on stage s adds what it saves until its backward (its blocks' tensors; on stage 0
+// the embedding's, on the last stage the head's, elsewhere the stage's output, kept as the
+// root of backward; a received activation is the first block's saved input), a backward
+// (B, or ZB-H1's W) drops it; each action's moment adds its transient, autograd's gradients
+// of the stage's parameters (kept from the first backward to the end of the schedule: one
+// no_sync scope) and the message buffers alive. The largest moment is the activation peak.
+MemoryEstimate estimate_stage(const PlanModel& m, const Layout& l, const PipelineRun& run,
+                              int rank) {
+  const ActivationTerms a = activation_terms(m, l);
+  const int64_t e = a.e;
+  const auto& spec = run.spec;
+  const int last = spec.stages() - 1;
+  MemoryEstimate r;
+  r.pp_rank = rank;
+  r.blocks = 0;
+  for (int s = rank; s < spec.stages(); s += spec.ranks) {
+    r.blocks += run.layers[s];
+  }
+  r.holds_outside_blocks = rank == spec.rank_of(0) || rank == spec.rank_of(last);
+  r.micro_batches_in_flight = run.sim.peak_in_flight[rank];
+  const int64_t block_params = block_parameters(m, l.tp);
+  const int64_t root_params = root_parameters(m, l.tp);
+  const int64_t psi = r.blocks * block_params + (r.holds_outside_blocks ? root_params : 0);
+  r.parameters_per_rank = psi;
+  const int64_t shards = l.dp; // no context parallelism with a pipeline; ZeRO 0-2
+  r.parameters = psi * e;
+  r.gradients = (l.zero >= 2 ? psi / shards : psi) * kFp32;
+  r.optimizer = 3 * (l.zero >= 1 ? psi / shards : psi) * kFp32;
+  r.data = 2 * (l.global_batch / l.dp) * m.block_size * 8; // every stage loads the batches
+  r.state = r.parameters + r.gradients + r.optimizer + r.data;
+
+  // Saved until its backward by one micro-batch on stage s: {blocks, the rest}.
+  const int64_t stream_bytes = a.stream * e; // one message [b, T / sigma, C]
+  const auto saved_of = [&](int s) {
+    const int64_t blocks = run.layers[s] * a.kept_per_block;
+    const int64_t rest =
+        (s == 0 ? a.embedding_saved : 0) + (s == last ? a.head_saved : stream_bytes);
+    return std::make_pair(blocks, rest);
+  };
+  // ZeRO-2 accumulates the whole schedule under no_sync: every bucket's full-size fp32
+  // staging is alive from the first backward on (ZeRO 0-1: the persistent buffer, in state).
+  const int64_t staging = l.zero == 2 ? psi * kFp32 : 0;
+  const bool full = l.recompute == RecomputeMode::kFull;
+
+  int64_t held_blocks = 0; // saved by the micro-batches in flight
+  int64_t held_rest = 0;
+  int64_t seeds = 0;   // ZB-H1: the output gradients kept from I for W
+  int64_t sending = 0; // an input gradient whose send may still be in flight
+  bool have_gradients = false;
+  const auto moment = [&](int64_t blocks, int64_t rest, int64_t transient, int64_t messages,
+                          bool gradients) {
+    const int64_t held = gradients ? psi * e : 0;
+    const int64_t total = blocks + rest + transient + messages + held;
+    if (total > r.activation_peak) {
+      r.activation_peak = total;
+      r.saved_layers = blocks;
+      r.saved_head = rest;
+      r.transient = transient;
+      r.messages = messages;
+      r.held_gradients = held;
+    }
+  };
+  for (const auto& timed : run.sim.timeline[rank]) {
+    const auto& action = timed.action;
+    const int s = action.stage;
+    const auto [blocks, rest] = saved_of(s);
+    const int64_t staged = have_gradients ? staging : 0;
+    if (action.kind == PipelineActionKind::kForward) {
+      // The end of the forward (on the last stage, the end of the loss on top).
+      moment(held_blocks + blocks, held_rest + rest, (s == last ? a.loss_end : 0) + staged,
+             seeds + sending, have_gradients);
+      held_blocks += blocks;
+      held_rest += rest;
+      sending = 0; // an activation is sent from the saved output itself: nothing extra
+      continue;
+    }
+    const bool weights = action.kind != PipelineActionKind::kBackwardInput;
+    const bool replays = action.kind != PipelineActionKind::kBackwardWeight;
+    // The received gradient of the stage's output (under W: the seed kept since I).
+    const int64_t received = s < last && replays ? stream_bytes : 0;
+    // The start of the backward: on the last stage the head's first steps (wte's gradient
+    // only when the weights' gradients are computed); elsewhere the last block's gradients;
+    // under full recomputation the last block runs again first (the head's tensors freed).
+    int64_t start =
+        s == last ? a.backward_start - (weights ? 0 : a.wte_gradient) : a.block_gradients;
+    if (full) {
+      start = std::max(start, a.replayed_block + a.block_gradients +
+                                  (s == last ? a.wte_gradient - a.head_saved : 0));
+    }
+    if (action.kind == PipelineActionKind::kBackwardInput) {
+      // ZB-H1's I keeps the graph (retain_graph): what a plain backward frees block by block
+      // stays, so the gradients deep inside the stage (the attention core's) pile on top too.
+      // Stage 0's I sends nothing back: its W runs the whole backward.
+      start = s == 0 ? 0 : std::max(start, a.attention_gradients);
+    }
+    moment(held_blocks, held_rest, start + (weights ? staging : staged), seeds + received + sending,
+           have_gradients);
+    if (!weights) { // ZB-H1's I: the graph and the received gradient stay for W
+      seeds += received;
+      sending = s > 0 ? stream_bytes : 0;
+      continue;
+    }
+    held_blocks -= blocks;
+    held_rest -= rest;
+    if (action.kind == PipelineActionKind::kBackwardWeight) {
+      seeds -= s < last ? stream_bytes : 0;
+    }
+    have_gradients = true;
+    // The end of the backward: every parameter's gradient (stage 0: wte's new one from the
+    // embedding beside the last), the input gradient to send.
+    sending = s > 0 && action.kind == PipelineActionKind::kBackward ? stream_bytes : 0;
+    moment(held_blocks, held_rest, (s == 0 ? a.wte_gradient : 0) + staging, seeds + sending, true);
+  }
+  // After the schedule (autograd's gradients dropped with the no_sync scope): the first and
+  // the last stage sum their shared gradients in one fp32 buffer (torch::cat).
+  if (r.holds_outside_blocks) {
+    moment(0, 0, root_params * kFp32 + staging, 0, false);
+  }
+  // ---- the optimizer step: as without a pipeline, over this rank's parameters.
+  const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
+  const int64_t largest_bucket = std::min(psi, bucket_elements);
+  const int64_t owned_per_bucket = l.zero >= 1 ? largest_bucket / shards : largest_bucket;
+  r.optimizer_transient = 2 * owned_per_bucket * kFp32;
+  r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
+  return r;
+}
+
+// The worst of per-stage estimates: the largest peak (the first such rank).
+MemoryEstimate worst_of(const std::vector<MemoryEstimate>& stages) {
+  return *std::max_element(
+      stages.begin(), stages.end(),
+      [](const MemoryEstimate& x, const MemoryEstimate& y) { return x.peak < y.peak; });
+}
+
+// The simulations of a budget search by (schedule, pp, micro-batches, virtual stages): ZeRO,
+// recomputation, tp and sequence parallelism do not change a schedule, so many candidates share
+// one (the search leaves --pp-layout empty: the stages' blocks follow from pp and v too).
+class PipelineRuns {
+public:
+  const PipelineRun& of(const PlanModel& m, const ParallelPlan& plan) {
+    const auto key = std::make_tuple(static_cast<int>(plan.pp_schedule), plan.dims.pp,
+                                     plan.accumulation_steps(), plan.virtual_stages);
+    auto found = runs_.find(key);
+    if (found == runs_.end()) {
+      found = runs_.emplace(key, pipeline_run(m, plan)).first;
+    }
+    return found->second;
+  }
+
+private:
+  std::map<std::tuple<int, int, int64_t, int>, PipelineRun> runs_;
+};
+
+std::vector<MemoryEstimate> stages_of(const PlanModel& m, const ParallelPlan& resolved,
+                                      const PipelineRun* simulated = nullptr) {
+  const Layout l(resolved);
+  if (l.pp == 1) {
+    return {estimate_one_rank(m, l)};
+  }
+  std::optional<PipelineRun> own;
+  const PipelineRun& run =
+      simulated != nullptr ? *simulated : own.emplace(pipeline_run(m, resolved));
+  std::vector<MemoryEstimate> out;
+  for (int r = 0; r < run.spec.ranks; ++r) {
+    out.push_back(estimate_stage(m, l, run, r));
+  }
+  return out;
+}
+
+} // namespace
+
+MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan) {
+  return worst_of(stages_of(m, validate_plan(m, plan)));
+}
+
+MemoryEstimate estimate_memory(const PlanModel& m, const ParallelPlan& plan, int pp_rank) {
+  const ParallelPlan resolved = validate_plan(m, plan);
+  if (pp_rank < 0 || pp_rank >= resolved.dims.pp) {
+    throw LayoutError("planner: pp rank (" + std::to_string(pp_rank) + ") must be in [0, " +
+                      std::to_string(resolved.dims.pp) + ")");
+  }
+  if (resolved.dims.pp == 1) {
+    return estimate_one_rank(m, Layout(resolved));
+  }
+  return estimate_stage(m, Layout(resolved), pipeline_run(m, resolved), pp_rank);
+}
+
+std::vector<MemoryEstimate> estimate_memory_per_stage(const PlanModel& m,
+                                                      const ParallelPlan& plan) {
+  return stages_of(m, validate_plan(m, plan));
+}
+
+namespace {
+
+// Ring collectives' bytes per rank: all-reduce 2 (n-1)/n S, all-gather / reduce-scatter
+// (n-1)/n S.
+double all_reduce_bytes(double ranks, double bytes) {
+  return 2.0 * (ranks - 1.0) / ranks * bytes;
+}
+
+// The cost of a pipeline layout: each rank computes its stages' share of every micro-batch
+// (the head on the last stage; ZB-H1's W runs a stage's backward again: 4 forwards' work per
+// micro-batch instead of 3), the step lasts the slowest rank's compute stretched by the
+// simulated bubble; the busiest rank's bytes: its activations and gradients sent to the
+// neighbouring stages, tensor parallelism's collectives over its blocks, the dp reduction of
+// its gradients and the first and last stage's sum of their shared gradients.
+PlanCost pipeline_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw,
+                       const PipelineRun& run) {
+  const Layout l(plan);
+  const auto& spec = run.spec;
+  const int last = spec.stages() - 1;
+  const int64_t e = element_bytes(l.precision);
+  const double t = static_cast<double>(l.tp);
+  const double dp = static_cast<double>(l.dp);
+  const double T = static_cast<double>(m.block_size), C = static_cast<double>(m.n_embd);
+  const double vp = static_cast<double>(padded_vocab(m, l.tp));
+  const double tokens = static_cast<double>(l.global_batch) * T / dp; // through every stage
+  const double micro_steps = static_cast<double>(spec.micro_batches);
+  const double stream = static_cast<double>(l.micro_batch) * T * C * static_cast<double>(e);
+  const double message = stream / (l.sequence_parallel ? t : 1.0); // [b, T / sigma, C]
+  const double root_params = static_cast<double>(root_parameters(m, l.tp));
+  const double work = plan.pp_schedule == PipelineSchedule::kZeroBubbleH1 ? 4.0 : 3.0;
+
+  PlanCost cost;
+  double slowest_compute = 0;
+  for (int r = 0; r < spec.ranks; ++r) {
+    int64_t blocks = 0;
+    int sends_forward = 0; // local stages that send an activation on, and a gradient back
+    int sends_back = 0;
+    for (int s = r; s < spec.stages(); s += spec.ranks) {
+      blocks += run.layers[s];
+      sends_forward += s < last ? 1 : 0;
+      sends_back += s > 0 ? 1 : 0;
+    }
+    const bool first = r == spec.rank_of(0);
+    const bool ends = first || r == spec.rank_of(last);
+    const double L = static_cast<double>(blocks);
+    const double linear = 2.0 * 12.0 * C * C / t * L;
+    const double attention = 2.0 * 2.0 * T * C / t * L;
+    const double head = r == spec.rank_of(last) ? 2.0 * C * vp / t : 0.0;
+    double flops = work * (linear + head + attention);
+    if (l.recompute == RecomputeMode::kFull) {
+      flops += linear + attention;
+    } else if (l.recompute == RecomputeMode::kSelective) {
+      flops += attention;
+    }
+    slowest_compute = std::max(slowest_compute, flops * tokens / hw.flops_per_s);
+
+    const double p2p = micro_steps * (sends_forward + sends_back) * message;
+    double bytes = p2p;
+    if (l.tp > 1) {
+      // As without a pipeline, over this rank's blocks; the embedding's output on the first
+      // stage, the logits' input on the last.
+      const double per_block =
+          (l.recompute == RecomputeMode::kFull ? 6.0 : 4.0) * 2.0 * (t - 1) / t * stream;
+      const double ends_count = (first ? 1.0 : 0.0) + (r == spec.rank_of(last) ? 1.0 : 0.0);
+      bytes += micro_steps * (L * per_block + ends_count * 2.0 * (t - 1) / t * stream);
+    }
+    const double psi =
+        static_cast<double>(blocks * block_parameters(m, l.tp)) + (ends ? root_params : 0.0);
+    if (l.dp > 1) {
+      const double grads = psi * kFp32;
+      bytes += (l.zero >= 2 ? 0.5 : 1.0) * all_reduce_bytes(dp, grads); // all-reduce or r-s
+      if (l.zero >= 1) {
+        bytes += (dp - 1) / dp * psi * static_cast<double>(e); // the parameter all-gather
+      }
+    }
+    if (ends && spec.ranks > 1) {
+      bytes += all_reduce_bytes(2.0, root_params * kFp32); // the shared gradients, fp32
+    }
+    if (bytes > static_cast<double>(cost.comm_bytes)) {
+      cost.comm_bytes = static_cast<int64_t>(bytes);
+    }
+    cost.p2p_bytes = std::max(cost.p2p_bytes, static_cast<int64_t>(p2p));
+  }
+  cost.bubble = run.sim.idle_fraction;
+  cost.compute_s = slowest_compute / std::max(1.0 - cost.bubble, 1e-9);
+  cost.comm_s = static_cast<double>(cost.comm_bytes) / hw.bytes_per_s;
+  cost.step_s = cost.compute_s + cost.comm_s;
+  return cost;
+}
+
+} // namespace
+
 PlanCost estimate_cost(const PlanModel& m, const ParallelPlan& plan, const PlanHardware& hw) {
-  const Layout l(validate_plan(m, plan));
+  const ParallelPlan resolved = validate_plan(m, plan);
+  if (resolved.dims.pp > 1) {
+    return pipeline_cost(m, resolved, hw, pipeline_run(m, resolved));
+  }
+  const Layout l(resolved);
   const int64_t e = element_bytes(l.precision);
   const double t = static_cast<double>(l.tp);
   const double dp = static_cast<double>(l.dp);
@@ -349,6 +718,57 @@ std::vector<RankedLayout> plan_layouts(const PlanModel& m, int64_t world, const 
               const auto memory = estimate_memory(m, plan);
               if (memory.peak <= budget_bytes) {
                 out.push_back({plan, memory, estimate_cost(m, plan, hw)});
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+  // Pipeline layouts: pp stages of dp x tp ranks (ZeRO 0-2 and no context parallelism with a
+  // pipeline; validate refuses the rest, and blocks that do not split evenly: interleaved has
+  // 2 chunks per rank). The estimate is the largest stage's.
+  const std::pair<PipelineSchedule, int> schedules[] = {{PipelineSchedule::kGPipe, 1},
+                                                        {PipelineSchedule::k1F1B, 1},
+                                                        {PipelineSchedule::kInterleaved1F1B, 2},
+                                                        {PipelineSchedule::kZeroBubbleH1, 1}};
+  PipelineRuns runs;
+  for (int pp = 2; pp <= world && pp <= m.n_layer; ++pp) {
+    if (world % pp != 0) {
+      continue;
+    }
+    for (int tp = 1; tp * pp <= world; ++tp) {
+      for (int zero = 0; zero <= 2; ++zero) {
+        for (bool sp : {false, true}) {
+          for (auto mode :
+               {RecomputeMode::kNone, RecomputeMode::kSelective, RecomputeMode::kFull}) {
+            for (int64_t b = 1; b <= fixed.global_batch; ++b) {
+              for (const auto& [schedule, virtual_stages] : schedules) {
+                ParallelPlan candidate = fixed;
+                candidate.dims = ParallelDims{-1, 1, tp, pp};
+                candidate.zero_stage = zero;
+                candidate.reshard_after_forward = true;
+                candidate.prefetch = 1;
+                candidate.sequence_parallel = sp;
+                candidate.recompute = mode;
+                candidate.micro_batch = b;
+                candidate.pp_schedule = schedule;
+                candidate.virtual_stages = virtual_stages;
+                candidate.pp_layout.clear();
+                ParallelPlan plan;
+                try {
+                  plan = candidate.validate(static_cast<int>(world), shape_of(m));
+                } catch (const LayoutError&) {
+                  continue; // not a layout of this world and model
+                }
+                if (zero > 0 && plan.dims.dp == 1) {
+                  continue; // the same layout as stage 0
+                }
+                const auto& run = runs.of(m, plan);
+                const auto memory = worst_of(stages_of(m, plan, &run));
+                if (memory.peak <= budget_bytes) {
+                  out.push_back({plan, memory, pipeline_cost(m, plan, hw, run)});
+                }
               }
             }
           }

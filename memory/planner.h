@@ -1,7 +1,13 @@
-// defines: PlanModel, validate_plan, MemoryEstimate, estimate_memory, PlanCost, estimate_cost,
-// RankedLayout, plan_layouts — the memory planner: per-rank bytes of a GPT (examples/gpt) in a
-// layout (a ParallelPlan), from formulas that count what this implementation keeps
-// (docs/memory.md#memory-planner), and the layouts that fit a budget.
+// defines: PlanModel, validate_plan, MemoryEstimate, estimate_memory, estimate_memory_per_stage,
+// PlanCost, estimate_cost, RankedLayout, plan_layouts — the memory planner: per-rank bytes of a
+// GPT (examples/gpt) in a layout (a ParallelPlan), from formulas that count what this
+// implementation keeps (docs/memory.md#memory-planner), and the layouts that fit a budget.
+//
+// Under pipeline parallelism (pp > 1) the ranks of a pp group hold different things, so the
+// estimate is per pp rank ("stage"; with virtual stages rank r holds stages r, r + pp, ...):
+// its blocks' state, the parameters outside the blocks on the first and the last rank, and
+// the micro-batches in flight as the schedule's simulation (parallel/pipeline_schedule.h)
+// runs this rank's list. The one-estimate overload returns the worst stage.
 //
 // Pure arithmetic (no tensors, no communication). The activation terms follow Korthikanti
 // et al. 2022 ("Reducing activation recomputation in large transformer models"), adjusted
@@ -57,13 +63,35 @@ struct MemoryEstimate {
   int64_t saved_head = 0;
   int64_t transient = 0;
   int64_t gathered = 0; // ZeRO-3: parameters gathered at the activation peak
+  // Pipeline only (0 otherwise), at the activation peak: autograd's gradient of every
+  // parameter of the stage, kept from its first backward to the end of the schedule (one
+  // no_sync scope; the reducer's buckets hold the sums), and the message buffers alive (a
+  // received output gradient, an input gradient being sent).
+  int64_t held_gradients = 0;
+  int64_t messages = 0;
+  // = saved_layers + saved_head + transient + gathered + held_gradients + messages.
   int64_t activation_peak = 0;
   int64_t optimizer_transient = 0;
   int64_t peak = 0;
   int64_t parameters_per_rank = 0; // element count
+  // This estimate's pp rank, the blocks it holds (all its stages; all L without a pipeline),
+  // whether it holds the parameters outside the blocks (wte, wpe, ln_f: under a pipeline the
+  // first and the last stage, both), and the most chunk-micro-batches it holds at once (the
+  // schedule's simulation; 1 without a pipeline).
+  int pp_rank = 0;
+  int64_t blocks = 0;
+  bool holds_outside_blocks = true;
+  int micro_batches_in_flight = 1;
 };
 
+// The estimate of one rank; under pipeline parallelism the worst pp rank's (the largest peak).
 MemoryEstimate estimate_memory(const PlanModel& model, const ParallelPlan& plan);
+// The estimate of pp rank `pp_rank` (0 .. pp-1; 0 without a pipeline). Throws LayoutError
+// naming the value when it is out of range.
+MemoryEstimate estimate_memory(const PlanModel& model, const ParallelPlan& plan, int pp_rank);
+// One estimate per pp rank, in rank order (one element without a pipeline).
+std::vector<MemoryEstimate> estimate_memory_per_stage(const PlanModel& model,
+                                                      const ParallelPlan& plan);
 
 // A simple cost model to order layouts: matmul FLOPs at a sustained rate plus the bytes each
 // rank moves, at a bus bandwidth (ring algorithms; overlap ignored). Seconds per step.
@@ -71,11 +99,16 @@ struct PlanHardware {
   double flops_per_s = 5e10; // per rank
   double bytes_per_s = 5e9;  // bus bandwidth per rank
 };
+// Under pipeline parallelism: compute is the slowest stage's, stretched by the schedule's
+// simulated bubble (the idle fraction of its timeline); communication the busiest rank's,
+// its point-to-point activations and gradients included.
 struct PlanCost {
   double compute_s = 0;
   double comm_s = 0;
   double step_s = 0;
-  int64_t comm_bytes = 0; // per rank and step
+  int64_t comm_bytes = 0; // per rank and step (pipeline: the busiest rank's)
+  double bubble = 0;      // pipeline: the simulated idle fraction (0 without)
+  int64_t p2p_bytes = 0;  // pipeline: activations and gradients one rank sends (busiest)
 };
 PlanCost estimate_cost(const PlanModel& model, const ParallelPlan& plan,
                        const PlanHardware& hardware = {});
@@ -87,7 +120,10 @@ struct RankedLayout {
 };
 // Every layout of `world` ranks (dp x cp x tp, ZeRO 0-3, sequence parallel, recompute modes,
 // micro-batch sizes dividing B / dp) with the precision and global batch of `fixed` whose estimated
-// peak fits `budget_bytes`, fastest first (ties: smaller peak).
+// peak fits `budget_bytes`, fastest first (ties: smaller peak). Also the pipeline layouts
+// (pp > 1 dividing the world and at most n_layer, dp x tp x pp; ZeRO 0-2, no cp; the schedules
+// gpipe, 1f1b, zb-h1 and interleaved with 2 virtual stages where the blocks split so), whose
+// largest stage must fit.
 std::vector<RankedLayout> plan_layouts(const PlanModel& model, int64_t world,
                                        const ParallelPlan& fixed, int64_t budget_bytes,
                                        const PlanHardware& hardware = {});

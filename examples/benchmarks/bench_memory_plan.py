@@ -5,11 +5,14 @@ For each layout it runs train_gpt for a few steps on real mpirun ranks (the coun
 allocator is installed there; rank 0 writes mem_state_bytes, mem_activation_peak_bytes and
 mem_tensor_peak_bytes to its metrics) and asks meshtrain-plan --json for the same layout,
 then prints one Markdown table row: measured, planned and the error of the state, the
-activation peak and the total peak (the largest step after the first).
+activation peak and the total peak (the largest step after the first). A pipeline layout
+(--pp) gives one row per pp rank ("s0", "s1", ...): rank 0's metrics carry every stage's
+figures (mem_stage_*), and meshtrain-plan --json every stage's estimate ("stages").
 
   bench_memory_plan.py --build build --data data/fortunes_train.bin            all layouts
   bench_memory_plan.py --build build --data ... --quick --max-error 15         CTest's check
   bench_memory_plan.py --build build --data ... --match cp                     the cp rows
+  bench_memory_plan.py --build build --data ... --match pp                     the pipelines
 
 --max-error P: exit 1 when an activation or total peak is off by more than P percent.
 Memory does not depend on speed, so figures are the same on a busy or oversubscribed machine.
@@ -66,12 +69,32 @@ LAYOUTS = [
     ("T1024 cp1", 1, LONG, []),
     ("T1024 cp4", 4, LONG, ["--cp", "4"]),
 ]
+PIPE = ["--micro-batch-size", "4"]  # 4 micro-batches of the global batch 16 per step
+LAYOUTS += [
+    # Pipelines: each stage's blocks, the parameters outside the blocks on the first and the
+    # last stage, the micro-batches in flight per the schedule (docs/memory.md).
+    ("pp2 1f1b", 2, SMALL, ["--pp", "2"] + PIPE),
+    ("pp2 gpipe", 2, SMALL, ["--pp", "2", "--pp-schedule", "gpipe"] + PIPE),
+    ("pp2 interleaved v2", 2, SMALL, ["--pp", "2", "--pp-schedule", "interleaved",
+                                      "--virtual-stages", "2"] + PIPE),
+    ("pp2 zb-h1", 2, SMALL, ["--pp", "2", "--pp-schedule", "zb-h1"] + PIPE),
+    ("pp2 dp2 1f1b zero1", 4, SMALL, ["--dp", "2", "--pp", "2", "--zero", "1",
+                                      "--micro-batch-size", "2"]),
+    ("pp4 1f1b", 4, SMALL, ["--pp", "4", "--micro-batch-size", "2"]),
+    ("pp2 1f1b full", 2, SMALL, ["--pp", "2", "--recompute", "full"] + PIPE),
+    ("pp2 1f1b bf16", 2, SMALL, ["--pp", "2", "--precision", "bf16"] + PIPE),
+    ("pp2 tp2 sp gpipe", 4, SMALL, ["--pp", "2", "--tp", "2", "--sequence-parallel",
+                                    "--pp-schedule", "gpipe"] + PIPE),
+    ("L8 T128 pp2 1f1b 8 micro-batches", 2, DEEP, ["--pp", "2", "--micro-batch-size", "2"]),
+]
 QUICK = {"dp2 zero1", "dp2 zero2", "tp2 sp", "dp2 full", "dp2 bf16", "tp2 dropout 0.1",
-         "dp4 bf16 micro-batch 2", "L8 T128 cp2"}
+         "dp4 bf16 micro-batch 2", "L8 T128 cp2", "pp2 1f1b", "pp2 zb-h1"}
+KEYS = ("mem_state_bytes", "mem_activation_peak_bytes", "mem_tensor_peak_bytes")
 
 
 def measure(args, ranks, model, layout, work):
-    """Rank 0's figures of the largest step after the first."""
+    """Rank 0's figures of the largest step after the first; under a pipeline, a list of every
+    pp rank's."""
     metrics = os.path.join(work, "metrics.jsonl")
     # train_gpt infers dp = ranks / tp; --dp is the planner's flag only.
     flags = [f for i, f in enumerate(layout) if f != "--dp" and (i == 0 or layout[i - 1] != "--dp")]
@@ -85,8 +108,11 @@ def measure(args, ranks, model, layout, work):
         sys.exit("train_gpt failed:\n" + " ".join(cmd) + "\n" + done.stdout + done.stderr)
     steps = [json.loads(line) for line in open(metrics) if '"val_loss"' not in line]
     later = [s for s in steps if s["step"] >= 2]
-    keys = ("mem_state_bytes", "mem_activation_peak_bytes", "mem_tensor_peak_bytes")
-    return {k: max(s[k] for s in later) for k in keys}
+    if "mem_stage_tensor_peak_bytes" in later[0]:
+        stages = len(later[0]["mem_stage_tensor_peak_bytes"])
+        return [{k: max(s[k.replace("mem_", "mem_stage_")][r] for s in later) for k in KEYS}
+                for r in range(stages)]
+    return {k: max(s[k] for s in later) for k in KEYS}
 
 
 def plan(args, model, layout):
@@ -123,15 +149,26 @@ def main():
         for name, ranks, model, layout in LAYOUTS:
             if (args.quick and name not in QUICK) or args.match not in name:
                 continue
-            m = measure(args, ranks, model, layout, work)
-            p = plan(args, model, layout)
-            act = err(p["activation_peak"], m["mem_activation_peak_bytes"])
-            peak = err(p["peak"], m["mem_tensor_peak_bytes"])
-            worst = max(worst, abs(act), abs(peak))
-            print(f"| {name} | {ranks} | {mib(m['mem_state_bytes'])} / {mib(p['state'])} "
-                  f"| {mib(m['mem_activation_peak_bytes'])} / {mib(p['activation_peak'])} "
-                  f"({act:+.1f}%) | {mib(m['mem_tensor_peak_bytes'])} / {mib(p['peak'])} "
-                  f"({peak:+.1f}%) |", flush=True)
+            measured = measure(args, ranks, model, layout, work)
+            planned = plan(args, model, layout)
+            rows = [(name, measured, planned)]
+            if "stages" in planned and not isinstance(measured, list):
+                sys.exit(f"{name}: train_gpt's metrics have no per-stage figures "
+                         "(mem_stage_tensor_peak_bytes)")
+            if isinstance(measured, list):  # a pipeline: one row per pp rank
+                if len(measured) != len(planned["stages"]):
+                    sys.exit(f"{name}: {len(measured)} stages measured, "
+                             f"{len(planned['stages'])} planned")
+                rows = [(f"{name} s{r}", m, p)
+                        for r, (m, p) in enumerate(zip(measured, planned["stages"]))]
+            for row, m, p in rows:
+                act = err(p["activation_peak"], m["mem_activation_peak_bytes"])
+                peak = err(p["peak"], m["mem_tensor_peak_bytes"])
+                worst = max(worst, abs(act), abs(peak))
+                print(f"| {row} | {ranks} | {mib(m['mem_state_bytes'])} / {mib(p['state'])} "
+                      f"| {mib(m['mem_activation_peak_bytes'])} / {mib(p['activation_peak'])} "
+                      f"({act:+.1f}%) | {mib(m['mem_tensor_peak_bytes'])} / {mib(p['peak'])} "
+                      f"({peak:+.1f}%) |", flush=True)
     print(f"\nlargest error: {worst:.1f}%")
     if args.max_error > 0 and worst > args.max_error:
         print(f"FAIL: an estimate is off by {worst:.1f}% > {args.max_error}%", file=sys.stderr)
