@@ -211,8 +211,9 @@ void add_layout_flags(cxxopts::Options& options, int64_t default_batch) {
     ("sequence-parallel", "sequence parallelism between the TP regions (tp > 1)", boolean())
     ("recompute", "activation recomputation: none, selective (the attention core) or full "
                   "(every transformer block)", text("none"))
-    ("precision", "fp32, or bf16 (bf16 parameters and compute; fp32 master weights, optimizer "
-                  "state, gradient reduction and loss)", text("fp32"));
+    ("precision", "fp32, or bf16: the mixed-precision policy (bf16 matrix products on weight "
+                  "copies cast once per step; fp32 master weights, norms, softmax statistics, "
+                  "loss, optimizer and gradient reduction)", text("fp32"));
   // clang-format on
 }
 

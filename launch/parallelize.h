@@ -16,7 +16,9 @@
 //   3. dropout    the model's RngTracker reseeded per dp x cp rank and tp rank
 //   4. recompute  selective: every AttentionCore's core (the ring under cp) wrapped in
 //                 memory/recompute; full: every block's forward recomputed in backward
-//   5. precision  bf16: parameters and compute in bf16 (fp32 masters stay in the optimizer)
+//   5. precision  bf16: the parameters become the bf16 compute copies (the optimizer keeps the
+//                 fp32 masters and rewrites them once per step); the layers compute norms,
+//                 softmax statistics and the loss in fp32 (DESIGN §3 "Mixed precision")
 //   6. reducer    one BucketLayout (bucket bytes, fp32 reduction, ZeRO stage; at stage 3 one
 //                 bucket per block and one for the rest) and the DataParallelReducer over
 //                 mesh.group("dp_cp") (the dp group when cp = 1; parameters broadcast from

@@ -6,7 +6,6 @@
 #include "meshtrain/parallel/column_parallel_fanout.h"
 
 #include <cmath>
-#include <limits>
 
 namespace meshtrain {
 
@@ -112,12 +111,9 @@ torch::Tensor GroupedQueryAttentionImpl::forward(const torch::Tensor& x) {
           .expand({m.size(0), m.size(1), groups, m.size(2), m.size(3)})
           .reshape({m.size(0), heads, m.size(2), m.size(3)}); // [B, h, T, D]
     };
-    const int64_t t = q.size(2);
-    auto att = torch::matmul(q, repeat(k).transpose(-2, -1)) *
-               (1.0 / std::sqrt(static_cast<double>(d))); // [B, h, T, T]
-    const auto future = torch::ones({t, t}, q.options().dtype(torch::kBool)).triu(1);
-    att = att.masked_fill(future, -std::numeric_limits<float>::infinity()).softmax(-1);
-    return torch::matmul(att, repeat(v)); // [B, h, T, D]
+    const auto att = causal_softmax(torch::matmul(q, repeat(k).transpose(-2, -1)) *
+                                    (1.0 / std::sqrt(static_cast<double>(d)))); // [B, h, T, T]
+    return torch::matmul(att, repeat(v));                                       // [B, h, T, D]
   };
   const auto y = (core_wrapper_ ? core_wrapper_(core, q, k, v) : core(q, k, v))
                      .transpose(1, 2)

@@ -2,6 +2,9 @@
 // over the last dim with replicated weight/bias (the names and math of torch::nn::LayerNorm),
 // aware of sequence parallelism.
 //
+// bf16/fp16 input: the statistics and affine are computed in fp32 and the output rounded
+// back to the input dtype (DESIGN §3 "Mixed precision").
+//
 // Shapes: weight [C] = 1, bias [C] = 0 (no draws); input/output [B, T, C], or [B, T/tp, C]
 // under sequence parallelism. There each rank normalises its own tokens, so the gradients
 // of weight and bias cover only those tokens: they pass through

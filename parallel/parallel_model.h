@@ -42,6 +42,11 @@ public:
 // parallelize installs under context parallelism, takes them so, without repeating them.)
 using AttentionCoreFn = std::function<torch::Tensor(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v)>;
+// softmax(scores, causal) over the last dim: scores [.., T, T] (already scaled) in the
+// compute dtype -> probabilities in the same dtype, with fp32 statistics (max, sum of
+// exponentials) whatever the dtype (DESIGN §3 "Mixed precision").
+torch::Tensor causal_softmax(const torch::Tensor& scores);
+
 // Runs a core in forward (selective recomputation installs one).
 using AttentionCoreWrapper =
     std::function<torch::Tensor(const AttentionCoreFn& core, const torch::Tensor& q,

@@ -4,7 +4,6 @@
 #include "meshtrain/core/errors.h"
 
 #include <cmath>
-#include <limits>
 
 namespace meshtrain {
 
@@ -88,11 +87,8 @@ torch::Tensor ParallelSelfAttentionImpl::forward(const torch::Tensor& x) {
 
   const CoreFn core = [this, d](const torch::Tensor& q, const torch::Tensor& k,
                                 const torch::Tensor& v) {
-    const int64_t t = q.size(2);
-    auto att = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(static_cast<double>(d)));
-    const auto future = torch::ones({t, t}, q.options().dtype(torch::kBool)).triu(1); // [T, T]
-    att = att.masked_fill(future, -std::numeric_limits<float>::infinity())
-              .softmax(-1); // [B, h, T, T]
+    auto att = causal_softmax(torch::matmul(q, k.transpose(-2, -1)) *
+                              (1.0 / std::sqrt(static_cast<double>(d)))); // [B, h, T, T]
     if (rng_) {
       att = rng_->dropout(att, options_.dropout(), is_training(), RngStream::kTensorParallel);
     }

@@ -72,9 +72,10 @@ torch::Tensor reference_logits(const gpt::GPT& model, const torch::Tensor& idx) 
 using Run = TrainedRun;
 
 Run train_run(const Mesh& mesh, const TokenFiles& files, bool sequence_parallel, int zero,
-              int64_t micro_batch) {
-  Trainer trainer(tiny_gpt(mesh, test_plan(mesh, zero, sequence_parallel, micro_batch)),
-                  files.train, files.val, quiet_options());
+              int64_t micro_batch, Precision precision = Precision::kFp32) {
+  auto plan = test_plan(mesh, zero, sequence_parallel, micro_batch);
+  plan.precision = precision;
+  Trainer trainer(tiny_gpt(mesh, plan), files.train, files.val, quiet_options());
   return train_steps(trainer);
 }
 
@@ -197,12 +198,6 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
   const int world = rt.world_size();
   const TokenFiles files;
 
-  // The serial run, on this rank alone.
-  const Mesh serial_mesh(ParallelDims{1, 1, 1, 1}, self_group());
-  const auto serial = train_run(serial_mesh, files, false, 0, kGlobalBatch);
-  CHECK(serial.losses.back() < serial.losses.front()); // it learns
-  CHECK(serial.norms.front() > 0.5);                   // clipping is exercised
-
   struct Layout {
     std::string name;
     int tp;
@@ -219,19 +214,39 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
     layouts.push_back({"dp2 x tp2", 2, false, 0, 1});
     layouts.push_back({"dp2 x tp2, sequence parallel, zero2, accumulation 2", 2, true, 2, 2});
   }
-  for (const auto& l : layouts) {
-    const Mesh mesh(ParallelDims{-1, 1, l.tp, 1}, rt.world());
-    const int64_t dp = mesh.group("dp")->size();
-    const auto run = train_run(mesh, files, l.sp, l.zero, kGlobalBatch / (dp * l.accumulation));
-    for (int s = 0; s < kSteps; ++s) {
-      INFO(rank_tag() << l.name << " (dp " << dp << " x tp " << l.tp << "), step " << s << ": loss "
-                      << run.losses[s] << " vs serial " << serial.losses[s] << ", grad norm "
-                      << run.norms[s] << " vs " << serial.norms[s]);
-      CHECK(std::abs(run.losses[s] - serial.losses[s]) <= 1e-5 * std::abs(serial.losses[s]));
-      CHECK(std::abs(run.norms[s] - serial.norms[s]) <= 1e-5 * std::abs(serial.norms[s]));
+  // fp32: the same model up to summation order. bf16 (the mixed-precision policy): every
+  // layout rounds its matrix products' inputs alike, but a TP shard or a micro-batch sums
+  // in a different order before the bf16 rounding, so the runs drift apart by roundings:
+  // the losses stay within 2e-2 (measured: within 0.3% over 20 steps), while the gradient
+  // norms, dominated by a few bf16-rounded extreme elements of this tiny model at lr 1e-2,
+  // differ by up to 40% at the loss spikes and are compared in fp32 only.
+  const std::vector<std::pair<Precision, double>> precisions = {{Precision::kFp32, 1e-5},
+                                                                {Precision::kBf16, 2e-2}};
+  for (const auto& [precision, tolerance] : precisions) {
+    // The serial run, on this rank alone.
+    const Mesh serial_mesh(ParallelDims{1, 1, 1, 1}, self_group());
+    const auto serial = train_run(serial_mesh, files, false, 0, kGlobalBatch, precision);
+    CHECK(serial.losses.back() < serial.losses.front()); // it learns
+    CHECK(serial.norms.front() > 0.5);                   // clipping is exercised
+    for (const auto& l : layouts) {
+      const Mesh mesh(ParallelDims{-1, 1, l.tp, 1}, rt.world());
+      const int64_t dp = mesh.group("dp")->size();
+      const auto run =
+          train_run(mesh, files, l.sp, l.zero, kGlobalBatch / (dp * l.accumulation), precision);
+      for (int s = 0; s < kSteps; ++s) {
+        INFO(rank_tag() << to_string(precision) << " " << l.name << " (dp " << dp << " x tp "
+                        << l.tp << "), step " << s << ": loss " << run.losses[s] << " vs serial "
+                        << serial.losses[s] << ", grad norm " << run.norms[s] << " vs "
+                        << serial.norms[s]);
+        CHECK(std::abs(run.losses[s] - serial.losses[s]) <= tolerance * std::abs(serial.losses[s]));
+        if (precision == Precision::kFp32) {
+          CHECK(std::abs(run.norms[s] - serial.norms[s]) <= tolerance * std::abs(serial.norms[s]));
+        }
+      }
+      INFO(rank_tag() << to_string(precision) << " " << l.name << ": val_loss " << run.val_loss
+                      << " vs serial " << serial.val_loss);
+      CHECK(std::abs(run.val_loss - serial.val_loss) <= tolerance * serial.val_loss);
     }
-    INFO(rank_tag() << l.name << ": val_loss " << run.val_loss << " vs serial " << serial.val_loss);
-    CHECK(std::abs(run.val_loss - serial.val_loss) <= 1e-5 * serial.val_loss);
   }
 }
 
