@@ -1,7 +1,10 @@
 // defines: the training programs' shared flags (see training_flags.h).
 #include "meshtrain/launch/training_flags.h"
 
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/launch/checkpoint.h"
+
+#include <torch/cuda.h>
 
 #include <filesystem>
 #include <utility>
@@ -98,9 +101,21 @@ TrainingFlags read_training_flags(const ParsedFlags& flags) {
   f.grad_clip = flags.number("grad-clip", 0.0, 1e12);
   f.seed = parse_uint64("seed", flags.str("seed"));
   f.plan = read_layout_flags(flags);
-  if (f.plan.precision == Precision::kFp16) {
-    throw UsageError("--precision fp16: needs a CUDA build (LibTorch on CPU has no fp16 "
-                     "matmul); use bf16 or fp32");
+  const bool cuda = torch::cuda::is_available();
+  if (f.plan.precision == Precision::kFp16 && !cuda) {
+    throw UsageError("--precision fp16: needs a CUDA build and GPU (LibTorch's CPU backend has "
+                     "no fp16 matrix product: addmm is not implemented for Half); use bf16, "
+                     "fast on CPUs with avx512_bf16 or amx_bf16, or fp32");
+  }
+  if (f.plan.precision == Precision::kBf16 && !cuda) {
+    const CpuInfo cpu = cpu_info();
+    if (!cpu.native_bf16()) {
+      f.notices.push_back("--precision bf16 will be slower than fp32 on this machine: its CPU (" +
+                          cpu.model +
+                          ") has neither avx512_bf16 nor amx_bf16, so bf16 matrix products are "
+                          "emulated in software (about 12x slower than fp32 on such a CPU); "
+                          "use fp32 here");
+    }
   }
   f.threads = static_cast<int>(flags.integer("threads", 0, 1 << 12));
   if (flags.given("metrics") && flags.str("metrics").empty()) {
@@ -199,6 +214,7 @@ void check_training_paths(const TrainingFlags& f, bool rank0, const std::string&
 
 TrainerOptions trainer_options(const TrainingFlags& f, int64_t seq_len) {
   return TrainerOptions()
+      .loss_scaling(f.plan.precision == Precision::kFp16) // fp16's range needs the scaler
       .steps(f.steps)
       .seq_len(seq_len)
       .shuffle(f.shuffle)

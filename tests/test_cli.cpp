@@ -1,12 +1,15 @@
 // Tests of the command-line helper every program uses (launch/cli.h, launch/training_flags.h):
 // the parsers name the flag and what is allowed; booleans take every spelling; --warmup above
 // --steps is lowered with a notice; --data naming a directory says so; the layout flags become
-// a ParallelPlan that only ParallelPlan::validate checks.
+// a ParallelPlan that only ParallelPlan::validate checks; --precision bf16 warns on a CPU
+// without native bf16, which cpu_info reads from /proc/cpuinfo.
 #include <catch2/catch.hpp>
 
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/launch/training_flags.h"
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -117,4 +120,42 @@ TEST_CASE("cli: --data naming a directory says so", "[cli]") {
   f.data = (dir / "no_such_tokens.bin").string();
   REQUIRE_THROWS_WITH(cli::check_training_paths(f, true, " (hint)"),
                       Catch::EndsWith("no_such_tokens.bin: no such file (hint)"));
+}
+
+TEST_CASE("cli: cpu_info reads the model and the bf16 extensions; bf16 without them warns",
+          "[cli]") {
+  const auto dir = std::filesystem::temp_directory_path() / "meshtrain_test_cpuinfo";
+  std::filesystem::create_directories(dir);
+  const auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+    return (dir / name).string();
+  };
+  const auto with = cpu_info(write("with", "processor\t: 0\nmodel name\t: AMD EPYC 9R14\n"
+                                           "flags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+                                           "processor\t: 1\nmodel name\t: other\n"));
+  CHECK(with.model == "AMD EPYC 9R14");
+  CHECK(with.avx512_bf16);
+  CHECK_FALSE(with.amx_bf16);
+  CHECK(with.native_bf16());
+  CHECK(describe_cpu(with) == "CPU: AMD EPYC 9R14 (avx512_bf16 yes, amx_bf16 no)");
+  const auto amx = cpu_info(write("amx", "model name : Xeon\nflags : amx_bf16 amx_tile\n"));
+  CHECK(amx.amx_bf16);
+  CHECK(amx.native_bf16());
+  const auto without = cpu_info(write("without", "model name\t: AMD EPYC 7B13\n"
+                                                 "flags\t\t: avx2 avx512f avx512_bf16x\n"));
+  CHECK_FALSE(without.native_bf16()); // a flag is a whole word
+  CHECK(describe_cpu(without).find("no native bf16") != std::string::npos);
+  const auto missing = cpu_info((dir / "absent").string());
+  CHECK(missing.model == "unknown CPU");
+  CHECK_FALSE(missing.native_bf16());
+  std::filesystem::remove_all(dir);
+
+  // --precision bf16 says it will be slower exactly on a CPU without native bf16 (this one).
+  const auto notices = training({"--steps", "100", "--precision", "bf16"}).notices;
+  if (cpu_info().native_bf16()) {
+    CHECK(notices.empty());
+  } else {
+    REQUIRE(notices.size() == 1);
+    CHECK(notices[0].find("--precision bf16 will be slower than fp32 on this machine") == 0);
+  }
 }
