@@ -190,6 +190,15 @@ std::string seconds_ago(int64_t ns, int64_t now) {
   return s.str();
 }
 
+// The report's line for ranks whose status file this rank cannot read: `who` is one rank
+// (plural false) or several.
+std::string unpublished(const std::string& who, bool plural) {
+  return "  " + who + (plural ? " publish" : " publishes") +
+         " no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a shared file system "
+         "reaches " +
+         (plural ? "them" : "it") + ")\n";
+}
+
 std::string kind_name(int kind) {
   return to_string(static_cast<CollectiveKind>(kind));
 }
@@ -456,9 +465,9 @@ std::string CommStatusBoard::explain(uint64_t group_id, const std::string& group
     int size = 0;
     const auto held_by = holders(id, seq, waiter, &members, &size);
     if (members < size) {
-      out << "  " << size - members << " of the " << size << " ranks of group '" << name
-          << "' publish no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a "
-             "shared file system reaches them)\n";
+      out << unpublished(std::to_string(size - members) + " of the " + std::to_string(size) +
+                             " ranks of group '" + name + "'",
+                         true);
     }
     for (const int r : held_by) {
       if (!seen.insert(r).second) {
@@ -488,9 +497,7 @@ std::string CommStatusBoard::explain(uint64_t group_id, const std::string& group
       }
     }
     if (roots.empty() && out.tellp() == 0) {
-      out << "  rank " << peer << " of group '" << group
-          << "' publishes no status here (on another node? MESHTRAIN_COMM_STATUS_DIR on a "
-             "shared file system reaches it)\n";
+      out << unpublished("rank " + std::to_string(peer) + " of group '" + group + "'", false);
     }
   } else {
     int members = 0;

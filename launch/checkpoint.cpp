@@ -828,11 +828,9 @@ describe_parameters(Trainer& trainer, const std::function<bool(const std::string
   const int pp = trainer.plan().dims.pp;
   for (int stage = 1; stage < pp; ++stage) {
     // The stage's first rank (dp, cp and tp rank 0): its TP shards' specs give global shapes.
-    int root = 0;
-    while (mesh.grid().index("pp", root) != stage || mesh.grid().index("dp_cp", root) != 0 ||
-           mesh.grid().index("tp", root) != 0) {
-      ++root;
-    }
+    MeshCoord first;
+    first.pp = stage;
+    const int root = mesh.grid().rank(first);
     json mine = json::array();
     if (world->rank() == root) {
       for (const auto& [name, p] : described) {
