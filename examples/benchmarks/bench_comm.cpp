@@ -25,6 +25,7 @@
 //
 // Only the MPI build has a raw MPI to compare with; elsewhere the program says so and exits 2.
 #include "meshtrain/core/communicator.h"
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/core/runtime.h"
 
 #include <cstdio>
@@ -289,6 +290,7 @@ int run(int argc, char** argv) {
   }
 
   if (printer) {
+    std::printf("%s\n", meshtrain::describe_cpu().c_str());
     std::printf("bench_comm: %d ranks, fp32, %s, meshtrain backend %s, torch threads %d\n", n,
                 mpi_library().c_str(), meshtrain::Runtime::backend_name(), runtime.threads());
     std::printf("iters %d x rounds %d (median of per-round means, slowest rank), warmup %d; "

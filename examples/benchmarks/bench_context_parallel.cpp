@@ -13,6 +13,7 @@
 //
 // The counts are exact; times on an oversubscribed machine are noisy (every rank shares the
 // cores), so the FLOP ratios are the figure of record.
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/core/runtime.h"
 #include "meshtrain/launch/cli.h"
 #include "meshtrain/parallel/context_parallel.h"
@@ -133,6 +134,7 @@ int main(int argc, char** argv) {
   const int cp = world->size();
   const int rank = world->rank();
   if (rank0) {
+    std::printf("%s\n", describe_cpu().c_str());
     std::printf("ring attention on %d rank(s) (cp = world), B %lld, h %lld, D %lld, T %lld, fp32, "
                 "%d thread(s)/rank; median of %d forward + backward calls\n",
                 cp, static_cast<long long>(b), static_cast<long long>(h), static_cast<long long>(d),

@@ -11,6 +11,7 @@
 // Every rank times each step; a step's time is the slowest rank's; the table shows the
 // median over the measured steps (after --warmup untimed steps). The overlap modes train
 // separate copies of the model, interleaved step by step.
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/core/mesh.h"
 #include "meshtrain/core/runtime.h"
 #include "meshtrain/launch/cli.h"
@@ -263,6 +264,7 @@ int main(int argc, char** argv) {
   }
   if (rt.rank() == 0) {
     const double tokens = static_cast<double>(c.global_batch * c.seq);
+    std::printf("%s\n", describe_cpu().c_str());
     std::printf("model: vocab %lld, C %lld, %lld blocks, %lld parameters; global batch %lld x %lld "
                 "tokens, accumulation %lld; ZeRO %d, bucket %.1f MiB; torch %s threads/rank\n\n",
                 static_cast<long long>(c.vocab), static_cast<long long>(c.embed),

@@ -26,6 +26,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_peer import parse_mpirun  # noqa: E402
+from machine import describe_cpu  # noqa: E402
 
 SMALL = ["--n-layer", "4", "--n-embd", "128", "--n-head", "4", "--block-size", "64"]
 DEEP = ["--n-layer", "8", "--n-embd", "128", "--n-head", "8", "--block-size", "128"]
@@ -43,6 +44,9 @@ LAYOUTS = [
     ("dp2 selective", 2, SMALL, ["--dp", "2", "--recompute", "selective"]),
     ("dp2 full", 2, SMALL, ["--dp", "2", "--recompute", "full"]),
     ("dp2 bf16", 2, SMALL, ["--dp", "2", "--precision", "bf16"]),
+    ("tp2 sp bf16", 2, SMALL, ["--tp", "2", "--sequence-parallel", "--precision", "bf16"]),
+    ("dp2 zero2 bf16", 2, SMALL, ["--dp", "2", "--zero", "2", "--precision", "bf16"]),
+    ("dp2 full bf16", 2, SMALL, ["--dp", "2", "--recompute", "full", "--precision", "bf16"]),
     # ZeRO-3: parameter shards, the gathered units in flight, the per-unit gradient staging.
     ("dp2 zero3", 2, SMALL, ["--dp", "2", "--zero", "3"]),
     ("dp4 zero3", 4, SMALL, ["--dp", "4", "--zero", "3"]),
@@ -141,6 +145,7 @@ def main():
 
     mib = lambda b: f"{b / 2**20:.2f}"
     err = lambda planned, measured: 100.0 * (planned - measured) / measured
+    print(describe_cpu())
     print("| layout | ranks | state MiB measured / planned | activations MiB measured / "
           "planned (error) | peak MiB measured / planned (error) |")
     print("|---|---|---|---|---|")

@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """meshtrain against PyTorch on the same GPT, global batch and threads per rank, in one run:
 PyTorch DDP (gloo backend) against train_gpt with dp = 2 ranks, and one PyTorch process
-against train_gpt with dp = 1. Prints global tokens/s of each side and meshtrain's ratio.
+against train_gpt with dp = 1, each in fp32 and in bf16. Prints global tokens/s of each side,
+meshtrain's ratio, and each side's bf16 speed-up over its fp32.
 
     bench_peer.py --build build --data data/fortunes_train.bin [--steps 40 --repeats 2]
+        [--precisions fp32,bf16]
+
+bf16: PyTorch runs its forward and loss under torch.autocast("cpu", dtype=torch.bfloat16)
+(the way a PyTorch user trains in bf16 on a CPU: fp32 parameters, the optimizer in fp32);
+train_gpt runs --precision bf16 (its mixed-precision policy, DESIGN section 3). The first line
+printed names the CPU and whether it has native bf16 (machine.py): bf16 figures depend on it.
 
 Both sides: the nanoGPT architecture (examples/gpt/nanogpt_check.py's model for PyTorch),
 AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), gradient clipping at 1.0, mean token
-cross-entropy, fp32, batches of --batch-size sequences of --block-size tokens of the same
+cross-entropy, batches of --batch-size sequences of --block-size tokens of the same
 llm.c token file, --threads torch threads per rank. Each side runs --warmup steps first.
 
 Both sides are timed alike, by rank 0's wall clock from the end of the last warm-up step to
@@ -34,6 +41,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from machine import describe_cpu  # noqa: E402
 
 
 def worker(a):
@@ -64,11 +73,13 @@ def worker(a):
     T, B = a.block_size, a.batch_size
     local = B // world
     samples = (tokens.numel() - 1) // T
+    autocast = a.worker_precision == "bf16"
     ends = []  # wall-clock time at the end of each step
     for step in range(a.warmup + a.steps):
         first = step * B + rank * local
         rows = torch.stack([tokens[((first + i) % samples) * T:][: T + 1] for i in range(local)])
-        logits_loss = model(rows[:, :-1], rows[:, 1:])  # mean over the local tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits_loss = model(rows[:, :-1], rows[:, 1:])  # mean over the local tokens
         opt.zero_grad(set_to_none=True)
         logits_loss.backward()  # DDP averages the gradients over the ranks
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -119,9 +130,10 @@ def model_flags(a):
             str(a.n_layer), "--n-head", str(a.n_head), "--n-embd", str(a.n_embd)]
 
 
-def run_pytorch(a, ranks, work):
+def run_pytorch(a, ranks, precision, work):
     out = os.path.join(work, "pytorch.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--out", out,
+           "--worker-precision", precision,
            "--port", str(free_port())] + [arg for arg in sys.argv[1:] if arg != "--worker"]
     if ranks > 1:
         cmd = a.mpirun + ["-np", str(ranks)] + cmd
@@ -130,14 +142,15 @@ def run_pytorch(a, ranks, work):
         return json.load(f)["tokens_per_s"]
 
 
-def run_meshtrain(a, ranks, work):
+def run_meshtrain(a, ranks, precision, work):
     metrics = os.path.join(work, "meshtrain.jsonl")
     cmd = a.mpirun + ["-np", str(ranks), "-x", f"MESHTRAIN_THREADS={a.threads}",
                       os.path.join(a.build, "examples/gpt/train_gpt"), "--data", a.data,
                       "--val-data", "", "--shuffle=false", "--warmup", "1", "--steps",
                       str(a.warmup + a.steps), "--batch-size", str(a.batch_size), "--lr",
                       str(a.lr), "--weight-decay", str(a.weight_decay), "--seed", str(a.seed),
-                      "--progress", "off", "--max-time", "0", "--metrics", metrics] + model_flags(a)
+                      "--progress", "off", "--max-time", "0", "--precision", precision,
+                      "--metrics", metrics] + model_flags(a)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     steps = [json.loads(line) for line in open(metrics) if '"val_loss"' not in line]
     measured = [s for s in steps if s["step"] > a.warmup]
@@ -146,6 +159,13 @@ def run_meshtrain(a, ranks, work):
     wall = measured[-1]["time"] - last_warmup["time"]
     step_ms = sum(s["step_ms"] for s in measured) / 1e3
     return tokens / wall, tokens / step_ms
+
+
+def comparison(ranks, precision):
+    """A row's name: the two sides and their precision."""
+    peer = f"PyTorch DDP (gloo) vs train_gpt dp={ranks}" if ranks > 1 else \
+        "1 process: PyTorch vs train_gpt dp=1"
+    return peer + (", autocast bf16 vs --precision bf16" if precision == "bf16" else ", fp32")
 
 
 def main():
@@ -162,13 +182,19 @@ def main():
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--mpirun", help="the MPI launcher and its options (default: mpirun "
                    "[--allow-run-as-root as root] --oversubscribe --bind-to none)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated: fp32 and/or bf16 (PyTorch: autocast bf16)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
     a.mpirun = parse_mpirun(a.mpirun)
     if a.worker:
         return worker(a)
+    precisions = a.precisions.split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions):
+        sys.exit(f"--precisions {a.precisions}: must list fp32 and/or bf16, comma-separated")
     if not os.path.isfile(a.data):
         sys.exit(f"--data {a.data}: no such file (make it with prepare_text, docs/gpt.md)")
     if not os.path.isfile(os.path.join(a.build, "examples/gpt/train_gpt")):
@@ -179,27 +205,37 @@ def main():
         sys.exit(f"--warmup {a.warmup} and --steps {a.steps} must be >= 1 (the wall clock "
                  "starts at the end of the last warm-up step)")
 
-    rows = []
+    print(describe_cpu(), flush=True)
+    rows = []  # (ranks, precision, PyTorch tokens/s, meshtrain by wall clock, by step_ms)
     with tempfile.TemporaryDirectory() as work:
-        for ranks, name in ((a.ranks, f"{a.ranks} ranks: PyTorch DDP (gloo) vs train_gpt dp={a.ranks}"),
-                            (1, "1 process: PyTorch vs train_gpt dp=1")):
-            torch_best = mesh_best = mesh_step_best = 0.0
-            for _ in range(a.repeats):
-                torch_best = max(torch_best, run_pytorch(a, ranks, work))
-                wall, step_ms = run_meshtrain(a, ranks, work)
-                mesh_best = max(mesh_best, wall)
-                mesh_step_best = max(mesh_step_best, step_ms)
-            rows.append((name, torch_best, mesh_best, mesh_step_best))
-            print(f"{name}: PyTorch {torch_best:,.0f} tokens/s, meshtrain {mesh_best:,.0f} "
-                  f"tokens/s (by step_ms {mesh_step_best:,.0f})", flush=True)
-    print(f"\nGPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
+        for ranks in (a.ranks, 1):
+            for precision in precisions:
+                torch_best = mesh_best = mesh_step_best = 0.0
+                for _ in range(a.repeats):
+                    torch_best = max(torch_best, run_pytorch(a, ranks, precision, work))
+                    wall, step_ms = run_meshtrain(a, ranks, precision, work)
+                    mesh_best = max(mesh_best, wall)
+                    mesh_step_best = max(mesh_step_best, step_ms)
+                rows.append((ranks, precision, torch_best, mesh_best, mesh_step_best))
+                print(f"{comparison(ranks, precision)}: PyTorch {torch_best:,.0f} tokens/s, "
+                      f"meshtrain {mesh_best:,.0f} tokens/s (by step_ms {mesh_step_best:,.0f})",
+                      flush=True)
+    print(f"\n{describe_cpu()}\nGPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
           f"V={a.vocab_size}, global batch {a.batch_size}, {a.threads} thread(s) per rank, "
           f"best of {a.repeats} x {a.steps} steps after {a.warmup}; both sides by wall clock\n")
     print("| comparison | PyTorch tokens/s | meshtrain tokens/s | meshtrain / PyTorch | "
           "meshtrain tokens/s by step_ms | by step_ms / PyTorch |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, t, m, ms in rows:
-        print(f"| {name} | {t:,.0f} | {m:,.0f} | {m / t:.2f}x | {ms:,.0f} | {ms / t:.2f}x |")
+    for ranks, precision, t, m, ms in rows:
+        print(f"| {comparison(ranks, precision)} | {t:,.0f} | {m:,.0f} | {m / t:.2f}x | {ms:,.0f} "
+              f"| {ms / t:.2f}x |")
+    by = {(r, p): (t, m) for r, p, t, m, _ in rows}
+    if "fp32" in precisions and "bf16" in precisions:
+        print("\n| ranks | PyTorch bf16 / fp32 | meshtrain bf16 / fp32 |")
+        print("|---:|---:|---:|")
+        for ranks in (a.ranks, 1):
+            (t32, m32), (t16, m16) = by[(ranks, "fp32")], by[(ranks, "bf16")]
+            print(f"| {ranks} | {t16 / t32:.2f}x | {m16 / m32:.2f}x |")
     return 0
 
 

@@ -25,6 +25,7 @@
 // span), span = the earliest begin to the latest end over all ranks (steady clock: one clock
 // for all processes of a host). Reported: the median step of --steps, after one warm-up step.
 #include "meshtrain/core/communicator.h"
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/core/errors.h"
 #include "meshtrain/core/runtime.h"
 #include "meshtrain/launch/cli.h"
@@ -228,6 +229,9 @@ int main(int argc, char** argv) {
   }
 
   const int p = world->size();
+  if (printer) {
+    std::printf("%s\n", describe_cpu().c_str());
+  }
   if (printer && compute) {
     const auto& c = model.config;
     std::printf("bench_pipeline: compute mode, pp %d (one process per stage), %d micro-batches "

@@ -14,6 +14,7 @@
 //   mpirun -np 2 bench_recompute --sequence-parallel # tp 2
 // Each mode runs its own copy of the model (same seed); the modes are interleaved step by step
 // so that machine noise falls on all of them alike.
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/core/runtime.h"
 #include "meshtrain/launch/cli.h"
 #include "meshtrain/launch/parallelize.h"
@@ -131,6 +132,7 @@ int main(int argc, char** argv) {
   const double base_ms = median(ms.at(RecomputeMode::kNone));
   const double base_kept = static_cast<double>(kept.at(RecomputeMode::kNone));
   const double base_peak = static_cast<double>(peak.at(RecomputeMode::kNone));
+  std::printf("%s\n", describe_cpu().c_str());
   std::printf("bench_recompute: GPT %lld layers, C %lld, %lld heads, T %lld, batch %lld; tp %d%s; "
               "%d thread(s)/rank; median of %d steps\n\n",
               static_cast<long long>(config.n_layer()), static_cast<long long>(config.n_embd()),

@@ -42,6 +42,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import comm_theory  # noqa: E402
 from bench_peer import add_gpt_arguments, model_flags, parse_mpirun  # noqa: E402
+from machine import describe_cpu  # noqa: E402
 
 # (name, ranks, train_gpt flags). dp = ranks / (cp x tp).
 LAYOUTS = [
@@ -174,7 +175,7 @@ def planned_error(row):
 
 
 def markdown(a, rows, seconds):
-    lines = [f"GPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
+    lines = [describe_cpu(), f"GPT L={a.n_layer} C={a.n_embd} heads={a.n_head} T={a.block_size} "
              f"V={a.vocab_size}, global batch {a.batch_size}, {a.threads} thread(s) per rank, "
              f"mean of {a.steps} steps after {a.warmup}, best of {a.repeats} pass(es); "
              f"{seconds:.0f} s in all", "",

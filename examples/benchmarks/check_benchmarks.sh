@@ -15,6 +15,9 @@
 #               measured figure is asserted. Compute mode (the GPT, 2 ranks, 1 step): a row
 #               per schedule with the same simulated bubbles at pp 2 m 8 (1/9, 1/9, 1/17,
 #               1/25). A bad --schedules or --mode exits 2 naming the value.
+#   ops         bench_ops (one process, 1 timed run per op): the CPU line names the model and
+#               both bf16 extensions, the table has one row per op with four times and a
+#               speed-up; --n-head not dividing --n-embd exits 2 naming both. No time asserted.
 #
 # usage: check_benchmarks.sh CASE BUILD_DIR MPIRUN [MPIRUN OPTIONS...]
 set -euo pipefail
@@ -121,8 +124,23 @@ pipeline)
   grep -q "schedules 2f2b: pipeline schedule '2f2b': must be gpipe, 1f1b, interleaved or zb-h1" \
     "$work/err.txt" || fail "the message does not name the schedule"
   ;;
+ops)
+  "$build/examples/benchmarks/bench_ops" --repeats 1 --warmup 0 --batch 2 --block-size 16 \
+    --n-embd 32 --n-head 2 --vocab 64 >"$work/out.txt"
+  grep -Eq "^bench_ops: CPU: .+ \(avx512_bf16 (yes|no), amx_bf16 (yes|no)\)" "$work/out.txt" ||
+    fail "no CPU line: $(head -1 "$work/out.txt")"
+  rows=$(grep -Ec "^\| [a-z].* \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$" \
+    "$work/out.txt")
+  [[ $rows == 17 ]] || fail "$rows op rows, expected 17"
+  grep -q "^| whole transformer block (policy) |" "$work/out.txt" || fail "no block row"
+  code=0
+  "$build/examples/benchmarks/bench_ops" --n-embd 30 --n-head 4 >/dev/null 2>"$work/err.txt" ||
+    code=$?
+  [[ $code == 2 ]] || fail "--n-head 4 with --n-embd 30 exited $code, expected 2"
+  grep -q "n-embd 30 must be divisible by --n-head 4" "$work/err.txt" || fail "not named"
+  ;;
 *)
-  fail "unknown case (trace, strategies, pipeline)"
+  fail "unknown case (trace, strategies, pipeline, ops)"
   ;;
 esac
 echo "check_benchmarks $case_name: ok"
