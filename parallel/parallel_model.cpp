@@ -10,7 +10,7 @@ namespace meshtrain {
 torch::Tensor causal_softmax(const torch::Tensor& scores) {
   const int64_t t = scores.size(-1);
   // -inf above the diagonal, 0 elsewhere: adding it gives masked_fill's exact result, and the
-  // add and its backward are several times faster than masked_fill's on CPU (bench_ops).
+  // add and its backward are faster than masked_fill's on CPU (bench_ops' two softmax rows).
   const auto future =
       torch::full({t, t}, -std::numeric_limits<float>::infinity(), scores.options()).triu(1);
   // LibTorch's softmax kernels accumulate bf16/fp16 in fp32 (acc_type) and round once: on

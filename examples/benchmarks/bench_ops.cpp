@@ -186,6 +186,14 @@ int main(int argc, char** argv) {
          return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt)};
        },
        [](const std::vector<torch::Tensor>& x) { return causal_softmax(x[0]); }},
+      {"causal softmax, masked_fill form (before)", scores,
+       [=](torch::Dtype dt) {
+         return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt)};
+       },
+       [=](const std::vector<torch::Tensor>& x) {
+         const auto future = torch::ones({t, t}, torch::kBool).triu(1);
+         return x[0].masked_fill(future, -std::numeric_limits<float>::infinity()).softmax(-1);
+       }},
       {"probs v (attention values)", scores + " x " + heads,
        [=](torch::Dtype dt) {
          return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt, 0.1), leaf({b, h, t, d}, dt)};

@@ -131,7 +131,7 @@ ops)
     fail "no CPU line: $(head -1 "$work/out.txt")"
   rows=$(grep -Ec "^\| [a-z].* \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+x \|$" \
     "$work/out.txt")
-  [[ $rows == 17 ]] || fail "$rows op rows, expected 17"
+  [[ $rows == 18 ]] || fail "$rows op rows, expected 18"
   grep -q "^| whole transformer block (policy) |" "$work/out.txt" || fail "no block row"
   code=0
   "$build/examples/benchmarks/bench_ops" --n-embd 30 --n-head 4 >/dev/null 2>"$work/err.txt" ||
