@@ -7,15 +7,17 @@
 
 namespace meshtrain {
 
-torch::Tensor causal_softmax(const torch::Tensor& scores) {
+torch::Tensor causal_softmax(const torch::Tensor& scores, double scale) {
   const int64_t t = scores.size(-1);
   // -inf above the diagonal, 0 elsewhere: adding it gives masked_fill's exact result, and the
-  // add and its backward are faster than masked_fill's on CPU (bench_ops' two softmax rows).
+  // add and its backward are faster than masked_fill's on CPU (bench_ops' softmax rows).
   const auto future =
       torch::full({t, t}, -std::numeric_limits<float>::infinity(), scores.options()).triu(1);
+  // future + scale * scores in one pass (add's alpha), forward and backward: the same values
+  // as scaling first, since adding 0 or -inf to the rounded product rounds nothing more.
   // LibTorch's softmax kernels accumulate bf16/fp16 in fp32 (acc_type) and round once: on
   // CPU a bf16 softmax equals the fp32 softmax of the same input rounded to bf16.
-  return (scores + future).softmax(-1); // [.., T, T]
+  return torch::add(future, scores, scale).softmax(-1); // [.., T, T]
 }
 
 std::vector<ParallelBlock*> parallel_blocks(ParallelModel& model) {

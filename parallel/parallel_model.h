@@ -42,10 +42,10 @@ public:
 // parallelize installs under context parallelism, takes them so, without repeating them.)
 using AttentionCoreFn = std::function<torch::Tensor(const torch::Tensor& q, const torch::Tensor& k,
                                                     const torch::Tensor& v)>;
-// softmax(scores, causal) over the last dim: scores [.., T, T] (already scaled) in the
-// compute dtype -> probabilities in the same dtype, with fp32 statistics (max, sum of
+// softmax(scale * scores, causal) over the last dim: scores [.., T, T] (q k^T, unscaled) in
+// the compute dtype -> probabilities in the same dtype, with fp32 statistics (max, sum of
 // exponentials) whatever the dtype (DESIGN §3 "Mixed precision").
-torch::Tensor causal_softmax(const torch::Tensor& scores);
+torch::Tensor causal_softmax(const torch::Tensor& scores, double scale);
 
 // Runs a core in forward (selective recomputation installs one).
 using AttentionCoreWrapper =

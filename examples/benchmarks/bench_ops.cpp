@@ -169,30 +169,39 @@ int main(int argc, char** argv) {
          return torch::layer_norm(x[0], {c}, x[1], x[2], 1e-5);
        }},
       linear("linear c_attn", c, 3 * c),
-      {"q k^T (attention scores)", heads + " x " + heads,
+      {"q k^T (attention scores), contiguous heads", heads + " x " + heads,
        [=](torch::Dtype dt) {
          return std::vector<torch::Tensor>{leaf({b, h, t, d}, dt), leaf({b, h, t, d}, dt)};
        },
        [](const std::vector<torch::Tensor>& x) {
          return torch::matmul(x[0], x[1].transpose(-2, -1));
        }},
-      {"scale scores", scores,
+      {"q k^T on views of the fused qkv (before)", heads + " x " + heads,
+       [=](torch::Dtype dt) {
+         return std::vector<torch::Tensor>{leaf({b, t, 3 * c}, dt)};
+       },
+       [=](const std::vector<torch::Tensor>& x) {
+         const auto parts = x[0].split(c, -1);
+         const auto q = parts[0].view({b, t, h, d}).transpose(1, 2);
+         const auto k = parts[1].view({b, t, h, d}).transpose(1, 2);
+         return torch::matmul(q, k.transpose(-2, -1));
+       }},
+      {"scale, causal mask, softmax (policy)", scores,
        [=](torch::Dtype dt) {
          return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt)};
        },
-       [=](const std::vector<torch::Tensor>& x) { return x[0] * (1.0 / std::sqrt(double(d))); }},
-      {"causal softmax (fp32 statistics)", scores,
-       [=](torch::Dtype dt) {
-         return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt)};
-       },
-       [](const std::vector<torch::Tensor>& x) { return causal_softmax(x[0]); }},
-      {"causal softmax, masked_fill form (before)", scores,
+       [=](const std::vector<torch::Tensor>& x) {
+         return causal_softmax(x[0], 1.0 / std::sqrt(double(d)));
+       }},
+      {"scale, masked_fill, softmax (before)", scores,
        [=](torch::Dtype dt) {
          return std::vector<torch::Tensor>{leaf({b, h, t, t}, dt)};
        },
        [=](const std::vector<torch::Tensor>& x) {
          const auto future = torch::ones({t, t}, torch::kBool).triu(1);
-         return x[0].masked_fill(future, -std::numeric_limits<float>::infinity()).softmax(-1);
+         return (x[0] * (1.0 / std::sqrt(double(d))))
+             .masked_fill(future, -std::numeric_limits<float>::infinity())
+             .softmax(-1);
        }},
       {"probs v (attention values)", scores + " x " + heads,
        [=](torch::Dtype dt) {
