@@ -96,7 +96,8 @@ void print_estimate(const PlanModel& model, const ParallelPlan& layout) {
             << mib(m.saved_layers) << ", head " << mib(m.saved_head) << ", transient "
             << mib(m.transient)
             << (m.gathered > 0 ? ", gathered parameters " + mib(m.gathered) : "") << ")\n"
-            << "  optimizer step       " << mib(m.optimizer_transient) << "   (AdamW temporaries)\n"
+            << "  optimizer step       " << mib(m.optimizer_transient)
+            << "   (fused AdamW: no temporaries on CPU)\n"
             << "  = peak               " << mib(m.peak) << "   (state + the larger of the two)\n\n"
             << "estimated step: " << cost.step_s * 1e3 << " ms (compute " << cost.compute_s * 1e3
             << " ms, communication " << cost.comm_s * 1e3 << " ms, " << mib(cost.comm_bytes)

@@ -187,6 +187,15 @@ ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
 }
 
 // The estimate of one rank without pipeline parallelism (every rank alike).
+// The optimizer step's rise above the state, after backward: none. AdamW's update runs as
+// one fused loop over the fp32 shards in place (optim/adamw_kernel.h) and the compute-dtype
+// copies are written into the parameters' own storage. (The tensor-op path that CUDA
+// tensors take would hold two temporaries of a bucket's owned elements; the planner, like
+// the tracker it is checked against, models the CPU backend.)
+int64_t optimizer_step_transient() {
+  return 0;
+}
+
 MemoryEstimate estimate_one_rank(const PlanModel& m, const Layout& l) {
   const ActivationTerms a = activation_terms(m, l);
   const int64_t e = a.e;
@@ -286,14 +295,7 @@ MemoryEstimate estimate_one_rank(const PlanModel& m, const Layout& l) {
   r.transient = std::max({loss_end, backward_start, replay, ring_backward, sharded_backward,
                           backward_end, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient + r.gathered;
-  // ---- the optimizer step, after backward: AdamW's update of a bucket's owned fp32 elements
-  // holds two temporaries of their size at once (sqrt(v) and its bias-corrected quotient,
-  // optim/adamw.cpp). With small micro-batches this, not the activations, is the peak.
-  const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
-  const int64_t largest_bucket =
-      l.zero == 3 ? std::max(root_params, block_params) : std::min(psi, bucket_elements);
-  const int64_t owned_per_bucket = l.zero >= 1 ? largest_bucket / shards : largest_bucket;
-  r.optimizer_transient = 2 * owned_per_bucket * kFp32;
+  r.optimizer_transient = optimizer_step_transient();
   r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
   return r;
 }
@@ -436,11 +438,7 @@ MemoryEstimate estimate_stage(const PlanModel& m, const Layout& l, const Pipelin
   if (r.holds_outside_blocks) {
     moment(0, 0, root_params * kFp32 + staging, 0, false);
   }
-  // ---- the optimizer step: as without a pipeline, over this rank's parameters.
-  const int64_t bucket_elements = std::max<int64_t>(l.bucket_bytes / kFp32, 1);
-  const int64_t largest_bucket = std::min(psi, bucket_elements);
-  const int64_t owned_per_bucket = l.zero >= 1 ? largest_bucket / shards : largest_bucket;
-  r.optimizer_transient = 2 * owned_per_bucket * kFp32;
+  r.optimizer_transient = optimizer_step_transient();
   r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
   return r;
 }

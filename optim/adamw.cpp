@@ -3,6 +3,7 @@
 #include "meshtrain/optim/adamw.h"
 
 #include "meshtrain/core/errors.h"
+#include "meshtrain/optim/adamw_kernel.h"
 
 #include <cmath>
 
@@ -37,6 +38,36 @@ void adamw_update_(const torch::Tensor& param, const torch::Tensor& grad,
   param.addcdiv_(exp_avg, denom, -lr / bias_correction1);
 }
 
+void fused_adamw_(const torch::Tensor& param, const torch::Tensor& grad,
+                  const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq, int64_t step,
+                  double lr, double weight_decay, const AdamWOptions& options) {
+  const auto fits = [&](const torch::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() &&
+           t.numel() == param.numel();
+  };
+  if (!(fits(param) && fits(grad) && fits(exp_avg) && fits(exp_avg_sq))) {
+    decoupled_weight_decay_(param, lr, weight_decay);
+    adamw_update_(param, grad, exp_avg, exp_avg_sq, step, lr, options);
+    return;
+  }
+  MT_ASSERT(step >= 1, "fused_adamw_: step is 1-based, got ", step);
+  // The scalars as adamw_update_ computes them in double, rounded to fp32 where torch's
+  // kernels take them.
+  const double bias_correction1 = 1 - std::pow(options.beta1(), static_cast<double>(step));
+  const double bias_correction2 = 1 - std::pow(options.beta2(), static_cast<double>(step));
+  detail::AdamWScalars s;
+  s.decay = weight_decay != 0.0 ? static_cast<float>(1 - lr * weight_decay) : 1.0f;
+  s.beta1 = static_cast<float>(options.beta1());
+  s.one_minus_beta1 = static_cast<float>(1 - options.beta1());
+  s.beta2 = static_cast<float>(options.beta2());
+  s.one_minus_beta2 = static_cast<float>(1 - options.beta2());
+  s.sqrt_bias_correction2 = static_cast<float>(std::sqrt(bias_correction2));
+  s.eps = static_cast<float>(options.eps());
+  s.step_size = static_cast<float>(-lr / bias_correction1);
+  detail::adamw_kernel(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                       exp_avg_sq.data_ptr<float>(), param.numel(), s);
+}
+
 AdamW::AdamW(std::vector<ParamGroup> groups, AdamWOptions options)
     : groups_(std::move(groups)), options_(options) {
   options_.validate();
@@ -63,8 +94,7 @@ void AdamW::step() {
         s.exp_avg_sq = torch::zeros_like(p, torch::MemoryFormat::Preserve);
       }
       s.step += 1;
-      decoupled_weight_decay_(p, options_.lr(), wd);
-      adamw_update_(p, grad, s.exp_avg, s.exp_avg_sq, s.step, options_.lr(), options_);
+      fused_adamw_(p, grad, s.exp_avg, s.exp_avg_sq, s.step, options_.lr(), wd, options_);
     }
   }
 }

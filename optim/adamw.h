@@ -1,4 +1,4 @@
-// defines: AdamWOptions, adamw_update_ (the update kernel shared with ZeroOptimizer), AdamW —
+// defines: AdamWOptions, adamw_update_ and fused_adamw_ (the update shared with ZeroOptimizer),
 // torch.optim.AdamW's semantics (DESIGN §3) over parameter groups.
 //
 // One step, with t the 1-based step count of the parameter:
@@ -42,6 +42,13 @@ void decoupled_weight_decay_(const torch::Tensor& param, double lr, double weigh
 void adamw_update_(const torch::Tensor& param, const torch::Tensor& grad,
                    const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq, int64_t step,
                    double lr, const AdamWOptions& options);
+
+// decoupled_weight_decay_ then adamw_update_, in one pass over memory instead of ten, with the
+// same result bit for bit. Takes that path for contiguous fp32 CPU tensors (optim/
+// adamw_kernel.h); others (CUDA, other dtypes) run the two calls.
+void fused_adamw_(const torch::Tensor& param, const torch::Tensor& grad,
+                  const torch::Tensor& exp_avg, const torch::Tensor& exp_avg_sq, int64_t step,
+                  double lr, double weight_decay, const AdamWOptions& options);
 
 // A plain (unsharded, per-tensor) AdamW. Parameters whose grad is undefined are skipped and
 // their step count does not advance, as in torch.

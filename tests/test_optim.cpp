@@ -103,6 +103,48 @@ TEST_CASE("AdamW equals torch::optim::AdamW with two param groups", "[optim]") {
   CHECK_FALSE(p_ours[0].grad().defined());
 }
 
+TEST_CASE("fused_adamw_ equals the decay and the AdamW update as tensor ops, bit for bit",
+          "[optim]") {
+  // Odd lengths run the vector loop's tail too; zeros, tiny and huge gradients the corners of
+  // sqrt and division; several steps the bias corrections.
+  const AdamWOptions options = AdamWOptions(3e-3).beta1(0.9).beta2(0.95).eps(1e-8);
+  for (const int64_t n : {1, 7, 16, 1000, 4099}) {
+    for (const double wd : {0.0, 0.1}) {
+      INFO("n " << n << ", weight decay " << wd);
+      torch::manual_seed(n);
+      const auto p0 = torch::randn({n});
+      torch::Tensor fused[3] = {p0.clone(), torch::zeros({n}), torch::zeros({n})};
+      torch::Tensor ops[3] = {p0.clone(), torch::zeros({n}), torch::zeros({n})};
+      for (int64_t step = 1; step <= 6; ++step) {
+        auto g = torch::randn({n}) * std::pow(10.0, static_cast<double>(step % 3) * 4 - 4);
+        g.index_put_({torch::randint(n, {n / 5})}, 0.0); // a fifth of the gradient is zero
+        fused_adamw_(fused[0], g, fused[1], fused[2], step, 1e-2 * step, wd, options);
+        decoupled_weight_decay_(ops[0], 1e-2 * step, wd);
+        adamw_update_(ops[0], g, ops[1], ops[2], step, 1e-2 * step, options);
+      }
+      for (int i = 0; i < 3; ++i) {
+        INFO("tensor " << i << " (param, exp_avg, exp_avg_sq): max difference "
+                       << (fused[i] - ops[i]).abs().max().item<float>());
+        CHECK(torch::equal(fused[i], ops[i]));
+      }
+      CHECK(relative_change(fused[0], p0) > 1e-3);
+    }
+  }
+  // A tensor the loop does not take (not contiguous) runs the tensor ops.
+  const auto base = torch::randn({8, 2});
+  auto p = base.clone().t(); // [2, 8], strided
+  auto m = torch::zeros({2, 8}).t().contiguous().t();
+  auto v = torch::zeros({2, 8}).t().contiguous().t();
+  const auto g = torch::randn({2, 8});
+  fused_adamw_(p, g, m, v, 1, 1e-2, 0.1, options);
+  auto q = base.clone().t().contiguous();
+  auto mq = torch::zeros({2, 8});
+  auto vq = torch::zeros({2, 8});
+  decoupled_weight_decay_(q, 1e-2, 0.1);
+  adamw_update_(q, g, mq, vq, 1, 1e-2, options);
+  CHECK(torch::equal(p, q));
+}
+
 TEST_CASE("SGD equals torch::optim::SGD", "[optim]") {
   struct Case {
     double momentum, dampening, weight_decay;
