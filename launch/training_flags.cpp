@@ -1,7 +1,6 @@
 // defines: the training programs' shared flags (see training_flags.h).
 #include "meshtrain/launch/training_flags.h"
 
-#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/launch/checkpoint.h"
 
 #include <torch/cuda.h>
@@ -75,6 +74,15 @@ void add_training_flags(cxxopts::Options& options) {
   // clang-format on
 }
 
+std::string bf16_notice(const CpuInfo& cpu) {
+  if (cpu.native_bf16()) {
+    return "";
+  }
+  return "--precision bf16 will be slower than fp32 on this machine: its CPU (" + cpu.model +
+         ") has neither avx512_bf16 nor amx_bf16, so bf16 matrix products are emulated in "
+         "software (about 12x slower than fp32 on such a CPU); use fp32 here";
+}
+
 TrainingFlags read_training_flags(const ParsedFlags& flags) {
   TrainingFlags f;
   f.data = flags.str("data");
@@ -108,13 +116,8 @@ TrainingFlags read_training_flags(const ParsedFlags& flags) {
                      "fast on CPUs with avx512_bf16 or amx_bf16, or fp32");
   }
   if (f.plan.precision == Precision::kBf16 && !cuda) {
-    const CpuInfo cpu = cpu_info();
-    if (!cpu.native_bf16()) {
-      f.notices.push_back("--precision bf16 will be slower than fp32 on this machine: its CPU (" +
-                          cpu.model +
-                          ") has neither avx512_bf16 nor amx_bf16, so bf16 matrix products are "
-                          "emulated in software (about 12x slower than fp32 on such a CPU); "
-                          "use fp32 here");
+    if (auto notice = bf16_notice(cpu_info()); !notice.empty()) {
+      f.notices.push_back(std::move(notice));
     }
   }
   f.threads = static_cast<int>(flags.integer("threads", 0, 1 << 12));

@@ -5,6 +5,7 @@
 // with train_gpt's defaults (docs/gpt.md).
 #pragma once
 
+#include "meshtrain/core/cpu_features.h"
 #include "meshtrain/launch/cli.h"
 #include "meshtrain/launch/reporting.h"
 #include "meshtrain/launch/trainer.h"
@@ -63,6 +64,9 @@ TrainingFlags read_training_flags(const ParsedFlags& flags);
 // be made (by rank 0), the metrics files' folders exist.
 // `hint`: how to make the default data (appended to a missing-file message).
 void check_training_paths(const TrainingFlags& flags, bool rank0, const std::string& hint);
+// The line --precision bf16 prints on a CPU without native bf16 (CpuInfo::native_bf16), saying
+// it will be slower than fp32 there and why; "" on one with it.
+std::string bf16_notice(const CpuInfo& cpu);
 // The Trainer's options and the optimizer's update rule (AdamW, betas 0.9 / 0.95).
 TrainerOptions trainer_options(const TrainingFlags& flags, int64_t seq_len);
 ZeroOptions optimizer_options(const TrainingFlags& flags);

@@ -150,12 +150,19 @@ TEST_CASE("cli: cpu_info reads the model and the bf16 extensions; bf16 without t
   CHECK_FALSE(missing.native_bf16());
   std::filesystem::remove_all(dir);
 
-  // --precision bf16 says it will be slower exactly on a CPU without native bf16 (this one).
+  // --precision bf16 says it will be slower exactly on a CPU without native bf16.
+  CHECK(cli::bf16_notice(with).empty());
+  CHECK(cli::bf16_notice(amx).empty());
+  const auto notice = cli::bf16_notice(without);
+  CHECK(notice.find("--precision bf16 will be slower than fp32 on this machine") == 0);
+  CHECK(notice.find("AMD EPYC 7B13") != std::string::npos);
+  CHECK(notice.find("neither avx512_bf16 nor amx_bf16") != std::string::npos);
+  // The flag parser prints it on this machine exactly when its CPU lacks native bf16.
   const auto notices = training({"--steps", "100", "--precision", "bf16"}).notices;
   if (cpu_info().native_bf16()) {
     CHECK(notices.empty());
   } else {
     REQUIRE(notices.size() == 1);
-    CHECK(notices[0].find("--precision bf16 will be slower than fp32 on this machine") == 0);
+    CHECK(notices[0] == cli::bf16_notice(cpu_info()));
   }
 }
