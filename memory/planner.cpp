@@ -186,7 +186,6 @@ ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
   return a;
 }
 
-// The estimate of one rank without pipeline parallelism (every rank alike).
 // The optimizer step's rise above the state, after backward: none. AdamW's update runs as
 // one fused loop over the fp32 shards in place (optim/adamw_kernel.h) and the compute-dtype
 // copies are written into the parameters' own storage. (The tensor-op path that CUDA
@@ -196,6 +195,7 @@ int64_t optimizer_step_transient() {
   return 0;
 }
 
+// The estimate of one rank without pipeline parallelism (every rank alike).
 MemoryEstimate estimate_one_rank(const PlanModel& m, const Layout& l) {
   const ActivationTerms a = activation_terms(m, l);
   const int64_t e = a.e;
