@@ -22,6 +22,7 @@
 #include "meshtrain/parallel/parallel_self_attention.h"
 #include "meshtrain/parallel/parallel_swiglu.h"
 #include "meshtrain/parallel/parallel_transformer_block.h"
+#include "meshtrain/parallel/param_init.h"
 #include "meshtrain/parallel/position_embedding.h"
 #include "meshtrain/parallel/rotary_embedding.h"
 #include "meshtrain/parallel/row_parallel_linear.h"

@@ -2,6 +2,7 @@
 #include "meshtrain/core/comm_status.h"
 
 #include "meshtrain/core/errors.h"
+#include "meshtrain/core/hash.h"
 
 #include <fcntl.h>
 #include <signal.h>
@@ -224,11 +225,12 @@ void remove_stale(const std::string& dir, const std::string& host) {
 
 uint64_t split_comm_id(uint64_t parent, int64_t split_index, int color) {
   // FNV-1a over the three numbers, never 0 (a free slot) nor the world's 1.
-  uint64_t h = 14695981039346656037ULL;
+  uint64_t h = kFnv1a64Offset;
   for (const uint64_t v : {parent, static_cast<uint64_t>(split_index),
                            static_cast<uint64_t>(static_cast<uint32_t>(color))}) {
     for (int b = 0; b < 8; ++b) {
-      h = (h ^ ((v >> (8 * b)) & 0xff)) * 1099511628211ULL;
+      const auto byte = static_cast<unsigned char>((v >> (8 * b)) & 0xff);
+      h = fnv1a64(&byte, 1, h);
     }
   }
   return h <= kWorldCommId ? h + 2 : h;

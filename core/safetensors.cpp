@@ -6,9 +6,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 namespace meshtrain {
 namespace {
@@ -88,16 +95,25 @@ const torch::Tensor& SafetensorsFile::at(const std::string& name) const {
   return tensors.front().second;
 }
 
-SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& source) {
-  MT_CHECK(bytes.size() >= 8, source, ": ", bytes.size(),
+namespace {
+
+// What the header says, checked against a file of `size` bytes: the tensors in data order.
+struct Header {
+  std::map<std::string, std::string> metadata;
+  std::vector<Entry> entries; // by offset
+  uint64_t data_begin = 0;
+};
+
+Header parse_header(const char* bytes, uint64_t size, const std::string& source) {
+  MT_CHECK(size >= 8, source, ": ", size,
            " bytes is too short for a safetensors file (needs an 8-byte header length)");
-  const uint64_t header_len = read_u64_le(bytes.data());
+  const uint64_t header_len = read_u64_le(bytes);
   MT_CHECK(header_len <= kMaxHeaderBytes, source, ": header length ", header_len,
            " exceeds the limit of ", kMaxHeaderBytes, " bytes");
-  MT_CHECK(header_len <= bytes.size() - 8, source, ": header length ", header_len,
-           " runs past the end of the file (", bytes.size(), " bytes)");
+  MT_CHECK(header_len <= size - 8, source, ": header length ", header_len,
+           " runs past the end of the file (", size, " bytes)");
   const uint64_t data_begin = 8 + header_len;
-  const uint64_t data_size = bytes.size() - data_begin;
+  const uint64_t data_size = size - data_begin;
 
   nlohmann::json header;
   const nlohmann::json::parser_callback_t limit_depth =
@@ -110,14 +126,13 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
         return true;
       };
   try {
-    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + static_cast<long>(data_begin),
-                                   limit_depth);
+    header = nlohmann::json::parse(bytes + 8, bytes + data_begin, limit_depth);
   } catch (const nlohmann::json::exception& e) {
     MT_CHECK(false, source, ": malformed JSON header: ", e.what());
   }
   MT_CHECK(header.is_object(), source, ": the JSON header must be an object");
 
-  SafetensorsFile file;
+  Header file;
   std::vector<Entry> entries;
   for (const auto& [key, value] : header.items()) {
     if (key == "__metadata__") {
@@ -180,20 +195,86 @@ SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& s
   }
   MT_CHECK(cursor == data_size, source, ": tensors cover ", cursor, " bytes of a ", data_size,
            "-byte data region");
-
   // Keep the file's order (the JSON object is sorted by key, the data by offset).
   for (const auto* e : by_offset) {
-    auto t = torch::empty(e->shape, torch::TensorOptions().dtype(e->dtype));
-    if (e->end > e->begin) {
-      std::memcpy(t.data_ptr(), bytes.data() + data_begin + e->begin, e->end - e->begin);
+    file.entries.push_back(*e);
+  }
+  file.data_begin = data_begin;
+  return file;
+}
+
+// A read-only mapping of a whole file, unmapped when the last tensor viewing it goes.
+class Mapping {
+public:
+  explicit Mapping(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    MT_CHECK(fd >= 0, path, ": cannot open: ", std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      ::close(fd);
+      MT_CHECK(false, path, ": cannot stat: ", std::strerror(err));
     }
-    file.tensors.emplace_back(e->name, std::move(t));
+    size_ = static_cast<uint64_t>(st.st_size);
+    if (size_ > 0) {
+      data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    }
+    const int err = errno;
+    ::close(fd);
+    MT_CHECK(data_ != MAP_FAILED, path, ": cannot map: ", std::strerror(err));
+  }
+  ~Mapping() {
+    if (data_ != nullptr && data_ != MAP_FAILED) {
+      ::munmap(data_, size_);
+    }
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  const char* data() const { return static_cast<const char*>(data_); }
+  uint64_t size() const { return size_; }
+
+private:
+  void* data_ = nullptr;
+  uint64_t size_ = 0;
+};
+
+} // namespace
+
+SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& source) {
+  const Header header = parse_header(bytes.data(), bytes.size(), source);
+  SafetensorsFile file;
+  file.metadata = header.metadata;
+  for (const auto& e : header.entries) {
+    auto t = torch::empty(e.shape, torch::TensorOptions().dtype(e.dtype));
+    if (e.end > e.begin) {
+      std::memcpy(t.data_ptr(), bytes.data() + header.data_begin + e.begin, e.end - e.begin);
+    }
+    file.tensors.emplace_back(e.name, std::move(t));
   }
   return file;
 }
 
 SafetensorsFile load_safetensors(const std::string& path) {
   return parse_safetensors(read_file(path), path);
+}
+
+SafetensorsFile map_safetensors(const std::string& path) {
+  auto mapping = std::make_shared<const Mapping>(path);
+  const Header header = parse_header(mapping->data(), mapping->size(), path);
+  SafetensorsFile file;
+  file.metadata = header.metadata;
+  for (const auto& e : header.entries) {
+    const auto options = torch::TensorOptions().dtype(e.dtype);
+    if (e.end == e.begin) {
+      file.tensors.emplace_back(e.name, torch::empty(e.shape, options));
+      continue;
+    }
+    // A view of the mapping (read-only: the tensors must not be written), which it keeps.
+    auto* data = const_cast<char*>(mapping->data() + header.data_begin + e.begin);
+    file.tensors.emplace_back(e.name, torch::from_blob(
+                                          data, e.shape, [mapping](void*) {}, options));
+  }
+  return file;
 }
 
 std::string serialize_safetensors(const NamedTensors& tensors,

@@ -29,6 +29,11 @@ struct SafetensorsFile {
 // `source` names the bytes in error messages (usually the path).
 SafetensorsFile parse_safetensors(const std::string& bytes, const std::string& source);
 SafetensorsFile load_safetensors(const std::string& path);
+// The same checks, but the file is mapped (mmap, read-only) instead of read: each tensor is a
+// view of the mapping, which lives as long as any of them, and a page is read from disk only
+// when touched. So a rank that reads the elements it keeps of a large file reads only those
+// pages (sharded start-up, parallel/param_init.h). The tensors must not be written.
+SafetensorsFile map_safetensors(const std::string& path);
 
 std::string serialize_safetensors(const NamedTensors& tensors,
                                   const std::map<std::string, std::string>& metadata = {});

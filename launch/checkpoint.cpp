@@ -4,6 +4,8 @@
 
 #include "meshtrain/core/errors.h"
 #include "meshtrain/core/file_io.h"
+#include "meshtrain/core/hash.h"
+#include "meshtrain/parallel/param_init.h"
 #include "meshtrain/parallel/shard_tensor.h"
 
 #include <nlohmann/json.hpp>
@@ -64,20 +66,6 @@ std::string model_file(int pp_rank, int tp_rank, int pp) {
 std::string optim_file(int pp_rank, int dp_rank, int tp_rank, int pp) {
   return "optim-" + pp_part(pp_rank, pp) + "dp" + two_digits(dp_rank) + "-tp" +
          two_digits(tp_rank) + ".safetensors";
-}
-
-constexpr uint64_t kFnvOffset = 14695981039346656037ULL;
-
-// FNV-1a, 64 bit: cheap, and enough to catch a torn or corrupted file. `h` continues a hash.
-uint64_t fnv1a64(const unsigned char* bytes, size_t n, uint64_t h = kFnvOffset) {
-  for (size_t i = 0; i < n; ++i) {
-    h = (h ^ bytes[i]) * 1099511628211ULL;
-  }
-  return h;
-}
-
-uint64_t fnv1a64(const std::string& bytes) {
-  return fnv1a64(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
 }
 
 std::string hex64(uint64_t v) {
@@ -879,6 +867,13 @@ std::string CheckpointManager::save(Trainer& trainer) {
   const fs::path root = options_.dir();
   const fs::path dir = root / step_dir_name(step);
   const fs::path staged = root / ("." + step_dir_name(step) + ".partial");
+
+  // 0. The copies of every parameter still agree (DESIGN §3 "Replicas agree"): a diverged copy
+  //    is named instead of saved as the model. Collective; every rank throws alike.
+  {
+    const GatheredParameters whole(trainer.shards());
+    check_replicas(trainer.model(), mesh, "at the checkpoint of step " + std::to_string(step));
+  }
 
   // 1. Rank 0 makes a fresh staging directory (a crashed save may have left one).
   std::string error;

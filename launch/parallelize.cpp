@@ -4,11 +4,14 @@
 #include "meshtrain/core/errors.h"
 #include "meshtrain/memory/recompute.h"
 #include "meshtrain/parallel/context_parallel.h"
+#include "meshtrain/parallel/param_init.h"
 #include "meshtrain/parallel/parameter_shards.h"
 #include "meshtrain/parallel/ring_attention.h"
 #include "meshtrain/parallel/sharding.h"
 #include "meshtrain/parallel/tensor_parallel_layer.h"
 
+#include <map>
+#include <set>
 #include <utility>
 
 namespace meshtrain {
@@ -117,6 +120,49 @@ LossFunction make_loss(const std::shared_ptr<ParallelModel>& model,
   };
 }
 
+size_t unique_parameter_count(const torch::nn::Module& model) {
+  std::set<const void*> seen;
+  for (const auto& p : model.parameters()) {
+    seen.insert(p.unsafeGetTensorImpl());
+  }
+  return seen.size();
+}
+
+// Step 2c: parameters no layer declared a ShardSpec for (a model's own, registered with
+// register_parameter) are replicated; under sequence parallelism each tp rank's gradient of
+// one covers only its own tokens, so it is summed over tp in backward, before the
+// data-parallel reducer sees it (DESIGN §3 "Replicas agree").
+void reduce_undeclared_over_tp(ParallelModel& model, const CommunicatorPtr& tp) {
+  std::set<const void*> seen;
+  for (const auto& item : model.named_modules()) {
+    const auto* sharded = dynamic_cast<const ShardedModule*>(item.value().get());
+    for (const auto& own : item.value()->named_parameters(/*recurse=*/false)) {
+      auto p = own.value();
+      const bool declared = sharded != nullptr && sharded->shard_specs().count(own.key()) > 0;
+      if (declared || !p.requires_grad() || !seen.insert(p.unsafeGetTensorImpl()).second) {
+        continue;
+      }
+      p.register_hook([tp](const torch::Tensor& grad) {
+        auto sum = grad.clone();
+        tp->all_reduce(sum, ReduceOp::kSum);
+        return sum;
+      });
+    }
+  }
+}
+
+// Step 5 without giving the deferred parameters storage: a placeholder becomes one of the
+// compute dtype; the rest as torch::nn::Module::to(dtype) (parameters and buffers).
+void cast_model(torch::nn::Module& model, torch::Dtype dtype) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.parameters()) {
+    p.set_data(is_deferred_placeholder(p) ? deferred_placeholder(p.sizes(), dtype) : p.to(dtype));
+  }
+  for (auto& b : model.buffers()) {
+    b.set_data(b.to(dtype));
+  }
+}
+
 // Step 1b: which blocks this pp rank keeps, and the model cut to them (see
 // drop_other_stages). Returns the names of the parameters the first and last stage share.
 std::vector<std::string> split_pipeline(ParallelModel& model, const ParallelPlan& plan,
@@ -194,6 +240,22 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   MT_CHECK(pp == 1 || resolved.global_batch > 0,
            "parallelize: pipeline parallelism needs the global batch in the plan (its "
            "micro-steps are the schedule's micro-batches)");
+  // 1a. The seed of the deferred parameters' values: rank 0's, whatever each rank declared;
+  //     or the initial weights, checked against the whole model before it is cut.
+  const auto declared = deferred_parameters(*model);
+  const uint64_t init_seed = agree_init_seed(declared, mesh.group("world"));
+  const auto& weights = options.initial_weights();
+  if (weights) {
+    MT_CHECK(declared.size() == unique_parameter_count(*model),
+             "parallelize: initial weights are read into a declared model: build it inside a "
+             "DeferredInit scope (",
+             declared.size(), " of its ", unique_parameter_count(*model),
+             " parameters are deferred)");
+    check_whole_weights(declared, weights->tensors, options.initial_weights_source());
+  }
+  const auto whole_of = [&weights](const std::string& name) {
+    return weights ? weights->at(name) : torch::Tensor();
+  };
 
   // 1b. Pipeline stages: this rank keeps its stages' blocks (the first and the last stage
   //     also the parameters outside the blocks). Block functions are made first: they hold
@@ -210,6 +272,9 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
 
   // 2. Tensor (and sequence) parallelism: every layer keeps its shard.
   apply_tensor_parallel(*model, TensorParallelism{mesh.group("tp"), resolved.sequence_parallel});
+  if (resolved.sequence_parallel && resolved.dims.tp > 1) {
+    reduce_undeclared_over_tp(*model, mesh.group("tp"));
+  }
   // 2b. Context parallelism: position-dependent layers learn their chunks; attention becomes
   //     ring attention (installed with step 4's wrapper).
   const ContextParallelism cp{mesh.group("cp")};
@@ -233,11 +298,26 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   wrap_attention_cores(*model, std::move(context_core),
                        resolved.recompute == RecomputeMode::kSelective, rng.get());
 
-  // 5. Precision: after the fp32 init (or loaded weights), so every layout rounds the same
-  //    weights; the optimizer keeps fp32 masters of them.
+  // 5. Precision: every layout rounds the same fp32 values (a deferred parameter's are made
+  //    in fp32 and rounded in 5b); the optimizer keeps fp32 masters of them.
   if (resolved.precision != Precision::kFp32) {
-    model->to(compute_dtype(resolved.precision));
+    cast_model(*model, compute_dtype(resolved.precision));
   }
+
+  // 5b. Values of the deferred parameters, for what this rank keeps (parallel/param_init.h):
+  //     whole here, or under ZeRO-3 training only this rank's shard of each block, made as
+  //     ParameterShards cuts them (step 6b). Then the copies of every parameter with values
+  //     are compared across the ranks that hold them.
+  const bool values_per_shard = options.training() && resolved.zero_stage == 3;
+  std::map<std::string, DeferredParameter> per_shard;
+  for (auto& p : deferred_parameters(*model)) {
+    if (values_per_shard && p.param.requires_grad()) {
+      per_shard.emplace(p.name, p);
+    } else {
+      materialize(p, init_seed, whole_of(p.name));
+    }
+  }
+  check_replicas(*model, mesh, "at start-up");
 
   Parallelized out{model, mesh, resolved};
   out.all_parameters = std::move(all_parameters);
@@ -263,13 +343,30 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   }
   out.buckets =
       std::make_shared<const BucketLayout>(*model, mesh.group("dp_cp")->size(), bucket_options);
-  out.reducer = std::make_shared<DataParallelReducer>(*model, mesh, out.buckets);
+  // No broadcast: the replicas start equal (the agreed seed, the check of step 5b).
+  out.reducer = std::make_shared<DataParallelReducer>(
+      *model, mesh, out.buckets, DataParallelOptions().broadcast_parameters(false));
   if (resolved.zero_stage == 3) {
+    auto fill = [&per_shard, init_seed, &whole_of](const std::string& name,
+                                                   const torch::Tensor& shard, int64_t first) {
+      auto it = per_shard.find(name);
+      if (it == per_shard.end()) {
+        return false;
+      }
+      auto& p = it->second;
+      fill_deferred(p, shard, first, init_seed, whole_of(name));
+      p.owner->mark_materialized(p.local_name);
+      per_shard.erase(it);
+      return true;
+    };
     out.shards =
         std::make_shared<ParameterShards>(*model, model->blocks(), mesh, out.buckets,
                                           ParameterShardsOptions()
                                               .reshard_after_forward(resolved.reshard_after_forward)
-                                              .prefetch(resolved.prefetch));
+                                              .prefetch(resolved.prefetch)
+                                              .fill(fill));
+    MT_ASSERT(per_shard.empty(), "parallelize: ", per_shard.size(),
+              " deferred parameters in no ZeRO-3 unit, e.g. '", per_shard.begin()->first, "'");
   }
   out.optimizer =
       std::make_shared<ZeroOptimizer>(*model, mesh, out.buckets, options.optimizer(), out.shards);

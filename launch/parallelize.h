@@ -36,6 +36,7 @@
 #pragma once
 
 #include "meshtrain/core/mesh.h"
+#include "meshtrain/core/safetensors.h"
 #include "meshtrain/launch/token_loader.h"
 #include "meshtrain/optim/zero.h"
 #include "meshtrain/parallel/bucket_layout.h"
@@ -65,6 +66,12 @@ struct ParallelizeOptions {
   TORCH_ARG(ZeroOptions, optimizer);
   // false: only steps 1-5 (sampling, evaluation); no reducer and no optimizer.
   TORCH_ARG(bool, training) = true;
+  // Start from these weights instead of the init rules: whole, unpadded tensors by parameter
+  // name (an export, a Hugging Face file). With map_safetensors each rank reads only the
+  // elements it keeps. The model must be declared under DeferredInit; the file is checked
+  // against it first (names and shapes), naming `initial_weights_source`.
+  TORCH_ARG(std::shared_ptr<const SafetensorsFile>, initial_weights);
+  TORCH_ARG(std::string, initial_weights_source) = "the initial weights";
 };
 
 // What parallelize returns: everything the Trainer (or a hand-written loop) needs.

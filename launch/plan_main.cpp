@@ -52,7 +52,7 @@ nlohmann::json to_json(const MemoryEstimate& m) {
           {"held_gradients", m.held_gradients},
           {"messages", m.messages},
           {"activation_peak", m.activation_peak},
-          {"optimizer_transient", m.optimizer_transient},
+          {"startup", m.startup},
           {"peak", m.peak},
           {"parameters_per_rank", m.parameters_per_rank}};
 }
@@ -96,9 +96,10 @@ void print_estimate(const PlanModel& model, const ParallelPlan& layout) {
             << mib(m.saved_layers) << ", head " << mib(m.saved_head) << ", transient "
             << mib(m.transient)
             << (m.gathered > 0 ? ", gathered parameters " + mib(m.gathered) : "") << ")\n"
-            << "  optimizer step       " << mib(m.optimizer_transient)
-            << "   (fused AdamW: no temporaries on CPU)\n"
-            << "  = peak               " << mib(m.peak) << "   (state + the larger of the two)\n\n"
+            << "  start-up             " << mib(m.startup)
+            << "   (values of this rank's part, buffers, ZeRO-3 units one at a time)\n"
+            << "  = peak               " << mib(m.peak)
+            << "   (the larger of state + activations and start-up)\n\n"
             << "estimated step: " << cost.step_s * 1e3 << " ms (compute " << cost.compute_s * 1e3
             << " ms, communication " << cost.comm_s * 1e3 << " ms, " << mib(cost.comm_bytes)
             << " MiB per rank)\n";
@@ -171,7 +172,7 @@ int print_pipeline(const PlanModel& model, const ParallelPlan& layout, bool json
                "chunk-micro-batches held at once):\n\n"
             << "| pp rank | blocks | outside | in flight | parameters | gradients | optimizer | "
                "batches | state | saved | transient | held grads | messages | activations | "
-               "optimizer step | peak |\n"
+               "start-up | peak |\n"
             << "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   for (const auto& m : stages) {
     std::cout << "| " << m.pp_rank << " | " << m.blocks << " | "
@@ -180,8 +181,8 @@ int print_pipeline(const PlanModel& model, const ParallelPlan& layout, bool json
               << mib(m.optimizer) << " | " << mib(m.data) << " | " << mib(m.state) << " | "
               << mib(m.saved_layers + m.saved_head) << " | " << mib(m.transient) << " | "
               << mib(m.held_gradients) << " | " << mib(m.messages) << " | "
-              << mib(m.activation_peak) << " | " << mib(m.optimizer_transient) << " | "
-              << mib(m.peak) << " |\n";
+              << mib(m.activation_peak) << " | " << mib(m.startup) << " | " << mib(m.peak)
+              << " |\n";
   }
   std::cout << "\nlargest: pp rank " << worst.pp_rank << ", " << mib(worst.peak)
             << " MiB; estimated step: " << cost.step_s * 1e3 << " ms (compute "

@@ -186,13 +186,20 @@ ActivationTerms activation_terms(const PlanModel& m, const Layout& l) {
   return a;
 }
 
-// The optimizer step's rise above the state, after backward: none. AdamW's update runs as
-// one fused loop over the fp32 shards in place (optim/adamw_kernel.h) and the compute-dtype
-// copies are written into the parameters' own storage. (The tensor-op path that CUDA
-// tensors take would hold two temporaries of a bucket's owned elements; the planner, like
-// the tracker it is checked against, models the CPU backend.)
-int64_t optimizer_step_transient() {
-  return 0;
+// The most a rank holds during start-up (parallel/param_init.h: a declared model; launch/
+// parallelize.h's order): it gets the values of its parameters (a bf16 parameter's are made in
+// fp32 first, one parameter at a time: `largest_param` elements), then the reducer's gradient
+// buffers, at ZeRO-3 every unit's full buffer in turn while its shard is cut (`largest_unit`
+// elements), then the optimizer's state. The optimizer step itself adds nothing: AdamW runs as
+// one fused loop in place (optim/adamw_kernel.h; the CUDA tensor-op path would hold two
+// temporaries of a bucket's owned elements: the planner models the CPU backend).
+int64_t startup_peak(const MemoryEstimate& r, int64_t e, bool full_sharding, int64_t largest_param,
+                     int64_t largest_unit) {
+  if (full_sharding) {
+    return r.parameters + r.gradients + std::max(largest_unit * e, r.optimizer);
+  }
+  const int64_t fp32_values = e == kFp32 ? 0 : largest_param * kFp32;
+  return r.parameters + std::max(fp32_values, r.gradients + r.optimizer);
 }
 
 // The estimate of one rank without pipeline parallelism (every rank alike).
@@ -295,8 +302,9 @@ MemoryEstimate estimate_one_rank(const PlanModel& m, const Layout& l) {
   r.transient = std::max({loss_end, backward_start, replay, ring_backward, sharded_backward,
                           backward_end, int64_t{0}});
   r.activation_peak = r.saved_layers + r.saved_head + r.transient + r.gathered;
-  r.optimizer_transient = optimizer_step_transient();
-  r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
+  r.startup = startup_peak(r, e, l.zero == 3, padded_vocab(m, t) * C / t,
+                           std::max(block_params, root_params));
+  r.peak = std::max(r.state + r.activation_peak, r.startup);
   return r;
 }
 
@@ -438,8 +446,11 @@ MemoryEstimate estimate_stage(const PlanModel& m, const Layout& l, const Pipelin
   if (r.holds_outside_blocks) {
     moment(0, 0, root_params * kFp32 + staging, 0, false);
   }
-  r.optimizer_transient = optimizer_step_transient();
-  r.peak = r.state + std::max(r.activation_peak, r.optimizer_transient);
+  r.startup = startup_peak(r, e, /*full_sharding=*/false,
+                           r.holds_outside_blocks ? padded_vocab(m, l.tp) * m.n_embd / l.tp
+                                                  : 4 * m.n_embd * m.n_embd / l.tp,
+                           0);
+  r.peak = std::max(r.state + r.activation_peak, r.startup);
   return r;
 }
 

@@ -48,9 +48,9 @@ ParallelPlan validate_plan(const PlanModel& model, const ParallelPlan& plan);
 
 // Per-rank bytes. `state` = parameters + gradients + optimizer + data: what lives between
 // steps. `activation_peak`: how far a step's forward + backward rises above that (what the
-// Trainer reports as mem_activation_peak_bytes). `optimizer_transient`: how far the AdamW
-// update rises above it, after backward. `peak` = state + the larger of the two (the
-// Trainer's mem_tensor_peak_bytes).
+// Trainer reports as mem_activation_peak_bytes). `startup`: the most held before the first
+// step. `peak` = the larger of state + activation_peak and startup (the Trainer's
+// mem_tensor_peak_bytes, counted from process start).
 struct MemoryEstimate {
   int64_t parameters = 0; // ZeRO-3: this rank's shards
   int64_t gradients = 0;  // the reducer's persistent buffer (fp32)
@@ -71,7 +71,12 @@ struct MemoryEstimate {
   int64_t messages = 0;
   // = saved_layers + saved_head + transient + gathered + held_gradients + messages.
   int64_t activation_peak = 0;
-  int64_t optimizer_transient = 0;
+  // The most held during start-up (a declared model given its values, then the reducer's
+  // buffers, ZeRO-3's units cut one at a time, the optimizer's state; planner.cpp's
+  // startup_peak): at most the state plus one block, so rarely the peak.
+  int64_t startup = 0;
+  // = max(state + activation_peak, startup). The optimizer step adds nothing on CPU (AdamW
+  // fused in place).
   int64_t peak = 0;
   int64_t parameters_per_rank = 0; // element count
   // This estimate's pp rank, the blocks it holds (all its stages; all L without a pipeline),

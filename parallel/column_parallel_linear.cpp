@@ -28,14 +28,12 @@ void ColumnParallelLinearImpl::reset() {
   const auto& o = options_;
   const int tp = tp_group_->size();
   const int rank = tp_group_->rank();
-  torch::NoGradGuard no_grad;
-  // The serial layer's draw: one normal_ over the full [out, in] master.
-  const auto master = torch::empty({o.out_features(), o.in_features()}).normal_(0.0, o.init_std());
-  weight = register_parameter("weight", cut_shard(master, 0, rank, tp, o.blocks()));
-  set_shard_spec("weight", partitioned_spec(0, o.out_features(), rank, tp, -1, o.blocks()));
+  // Rows of the whole [out, in] weight and [out] bias, cut block by block.
+  const auto spec = partitioned_spec(0, o.out_features(), rank, tp, -1, o.blocks());
+  weight = declare_parameter(*this, "weight", {o.out_features(), o.in_features()},
+                             InitRule::normal(o.init_std()), spec, tp);
   if (o.bias()) {
-    bias = register_parameter("bias", torch::zeros({o.out_features() / tp}));
-    set_shard_spec("bias", partitioned_spec(0, o.out_features(), rank, tp, -1, o.blocks()));
+    bias = declare_parameter(*this, "bias", {o.out_features()}, InitRule::zeros(), spec, tp);
   } else {
     bias = register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
   }

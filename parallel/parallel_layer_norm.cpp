@@ -45,12 +45,10 @@ ParallelLayerNormImpl::ParallelLayerNormImpl(ParallelLayerNormOptions options,
 }
 
 void ParallelLayerNormImpl::reset() {
-  weight = register_parameter("weight", torch::ones({options_.normalized_size()}));
-  bias = register_parameter("bias", torch::zeros({options_.normalized_size()}));
   ShardSpec spec = ShardSpec::replicated();
   spec.sequence_parallel = options_.sequence_parallel();
-  set_shard_spec("weight", spec);
-  set_shard_spec("bias", spec);
+  weight = declare_parameter(*this, "weight", {options_.normalized_size()}, InitRule::ones(), spec);
+  bias = declare_parameter(*this, "bias", {options_.normalized_size()}, InitRule::zeros(), spec);
 }
 
 void ParallelLayerNormImpl::pretty_print(std::ostream& stream) const {

@@ -16,10 +16,9 @@ ParallelRMSNormImpl::ParallelRMSNormImpl(ParallelRMSNormOptions options, Communi
 }
 
 void ParallelRMSNormImpl::reset() {
-  weight = register_parameter("weight", torch::ones({options_.normalized_size()}));
   ShardSpec spec = ShardSpec::replicated();
   spec.sequence_parallel = options_.sequence_parallel();
-  set_shard_spec("weight", spec);
+  weight = declare_parameter(*this, "weight", {options_.normalized_size()}, InitRule::ones(), spec);
 }
 
 void ParallelRMSNormImpl::pretty_print(std::ostream& stream) const {

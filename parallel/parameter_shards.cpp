@@ -140,21 +140,30 @@ ParameterShards::ParameterShards(const torch::nn::Module& model,
     const auto& bucket = layout_->buckets()[b];
     const auto& first = params[bucket.slots.front().param].second;
     unit.full = torch::zeros({bucket.padded}, first.options().requires_grad(false));
+    const int64_t owned_begin = layout_->owned_begin(b, rank);
+    const int64_t owned_end = owned_begin + layout_->owned_size(b);
     for (const auto& slot : bucket.slots) {
       const auto& p = params[slot.param].second;
       MT_CHECK(p.scalar_type() == first.scalar_type() && p.device() == first.device(),
                "ParameterShards: ", unit.name, " mixes dtypes or devices ('", slot.name, "' is ",
                p.scalar_type(), " on ", p.device(), "); use one per block");
       auto view = unit.full.narrow(0, slot.offset, slot.numel).view(p.sizes());
-      view.copy_(p.detach());
+      // The part of the parameter inside this rank's shard: [lo, hi) of the bucket.
+      const int64_t lo = std::clamp(slot.offset, owned_begin, owned_end);
+      const int64_t hi = std::clamp(slot.offset + slot.numel, owned_begin, owned_end);
+      if (!options_.fill() ||
+          !options_.fill()(slot.name, unit.full.narrow(0, lo, hi - lo), lo - slot.offset)) {
+        view.copy_(p.detach());
+      }
       p.set_data(view);
       unit.params.push_back(p);
     }
-    unit.shard = unit.full.narrow(0, layout_->owned_begin(b, rank), layout_->owned_size(b)).clone();
+    unit.shard = unit.full.narrow(0, owned_begin, owned_end - owned_begin).clone();
     expect_gradients(unit);
     free_storage(unit.full);
     unit.state = State::kFreed;
   }
+  options_.fill(nullptr); // used at construction only; it may refer to the caller's state
   if (units_.size() > static_cast<size_t>(num_blocks_)) {
     root_ = num_blocks_;
   }

@@ -61,6 +61,14 @@ struct ParameterShardsOptions {
   TORCH_ARG(bool, reshard_after_forward) = true;
   // Blocks gathered ahead of the one running (forward: the next ones; backward: the previous).
   TORCH_ARG(int, prefetch) = 1;
+  // Sharded start-up (parallel/param_init.h): at construction, called for every parameter
+  // with its name, the part of this rank's shard that holds it (`out`, 1-D, maybe empty) and
+  // where that part starts in the parameter's flat elements; it writes the initial values
+  // into `out` and returns true, or returns false and the parameter's own values are copied.
+  // So a deferred parameter's values are made only for this rank's shard, never whole.
+  using FillFn =
+      std::function<bool(const std::string& name, const torch::Tensor& out, int64_t first)>;
+  TORCH_ARG(FillFn, fill) = nullptr;
 };
 
 // The units of `model` for the stage-3 BucketLayoutOptions::units, in bucket order: the

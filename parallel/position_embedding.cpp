@@ -18,11 +18,8 @@ PositionEmbeddingImpl::PositionEmbeddingImpl(PositionEmbeddingOptions options,
 }
 
 void PositionEmbeddingImpl::reset() {
-  torch::NoGradGuard no_grad;
-  weight = register_parameter("weight",
-                              torch::empty({options_.num_positions(), options_.embedding_dim()})
-                                  .normal_(0.0, options_.init_std())); // [T, C]
-  set_shard_spec("weight", ShardSpec::replicated());
+  weight = declare_parameter(*this, "weight", {options_.num_positions(), options_.embedding_dim()},
+                             InitRule::normal(options_.init_std())); // [T, C]
 }
 
 void PositionEmbeddingImpl::apply_tensor_parallel(const TensorParallelism& tp) {

@@ -27,15 +27,14 @@ void RowParallelLinearImpl::reset() {
   const auto& o = options_;
   const int tp = tp_group_->size();
   const int rank = tp_group_->rank();
-  torch::NoGradGuard no_grad;
-  const auto master = torch::empty({o.out_features(), o.in_features()}).normal_(0.0, o.init_std());
-  weight = register_parameter("weight", cut_shard(master, 1, rank, tp));
-  set_shard_spec("weight", partitioned_spec(1, o.in_features(), rank, tp));
+  // Columns of the whole [out, in] weight; the bias is whole on every rank.
+  weight = declare_parameter(*this, "weight", {o.out_features(), o.in_features()},
+                             InitRule::normal(o.init_std()),
+                             partitioned_spec(1, o.in_features(), rank, tp), tp);
   if (o.bias()) {
-    bias = register_parameter("bias", torch::zeros({o.out_features()}));
     ShardSpec spec = ShardSpec::replicated();
     spec.sequence_parallel = o.sequence_parallel();
-    set_shard_spec("bias", spec);
+    bias = declare_parameter(*this, "bias", {o.out_features()}, InitRule::zeros(), spec);
   } else {
     bias = register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
   }

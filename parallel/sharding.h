@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,20 +38,54 @@ struct ShardSpec {
   static ShardSpec replicated() { return ShardSpec{}; }
 };
 
+// How a parameter's initial values are made (DESIGN §3 "Sharded start-up and init
+// invariance"; parallel/param_init.h draws them): normal(0, std), zeros or ones. `seed` is the
+// DeferredInit scope's at declaration; parallelize replaces it by rank 0's.
+struct InitRule {
+  enum class Kind { kNormal, kZeros, kOnes };
+  Kind kind = Kind::kZeros;
+  double std = 0.0;
+  uint64_t seed = 0;
+
+  static InitRule normal(double std) { return InitRule{Kind::kNormal, std, 0}; }
+  static InitRule zeros() { return InitRule{Kind::kZeros, 0.0, 0}; }
+  static InitRule ones() { return InitRule{Kind::kOnes, 0.0, 0}; }
+};
+
 // Mixin for layers that own sharded parameters: they record a spec per local parameter
-// name (as registered with register_parameter).
+// name (as registered with register_parameter), and the init rule of every parameter they
+// declare with declare_parameter.
 class ShardedModule {
 public:
   virtual ~ShardedModule() = default;
   const std::map<std::string, ShardSpec>& shard_specs() const { return shard_specs_; }
+  const std::map<std::string, InitRule>& init_rules() const { return init_rules_; }
+  // Declared inside a DeferredInit scope and not yet given values: the parameter is a
+  // placeholder with its local sizes and no storage (parallel/param_init.h).
+  bool is_deferred(const std::string& param_name) const { return deferred_.count(param_name) > 0; }
+  void mark_materialized(const std::string& param_name) { deferred_.erase(param_name); }
 
 protected:
   void set_shard_spec(const std::string& param_name, ShardSpec spec) {
     shard_specs_[param_name] = std::move(spec);
   }
 
+  // Registers parameter `name` of `self` (this module): `global_sizes` are the whole
+  // parameter's (dim spec.dim of size spec.unpadded_size; spec.global_size with padding),
+  // `spec` says which part of it this module holds (its cut over `parts` ranks; replicated:
+  // the whole). Inside a DeferredInit scope the parameter is a placeholder of the local sizes
+  // with no storage, to be given values by `rule` once laid out (parallelize); outside one it
+  // gets them now, drawn as the layers always did (the whole tensor from the default
+  // generator, then cut; padding zero). Returns the registered tensor. The one call a
+  // model's own parameter needs to be deferred and checked like the library's.
+  torch::Tensor declare_parameter(torch::nn::Module& self, const std::string& name,
+                                  std::vector<int64_t> global_sizes, InitRule rule,
+                                  ShardSpec spec = ShardSpec::replicated(), int parts = 1);
+
 private:
   std::map<std::string, ShardSpec> shard_specs_;
+  std::map<std::string, InitRule> init_rules_;
+  std::set<std::string> deferred_;
 };
 
 // Spec of every parameter of `root`, keyed by its full dotted name (as

@@ -2,6 +2,7 @@
 #include "meshtrain/parallel/tensor_parallel_layer.h"
 
 #include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/param_init.h"
 #include "meshtrain/parallel/shard_tensor.h"
 
 namespace meshtrain {
@@ -17,7 +18,24 @@ void apply_tensor_parallel(torch::nn::Module& root, const TensorParallelism& tp)
 
 void keep_shard(torch::Tensor& param, int64_t dim, int rank, int size, int64_t blocks) {
   torch::NoGradGuard no_grad;
+  if (is_deferred_placeholder(param)) {
+    auto sizes = param.sizes().vec();
+    MT_CHECK(sizes[dim] % (blocks * size) == 0, "keep_shard: size ", sizes[dim], " of dim ", dim,
+             " must be divisible by blocks (", blocks, ") x group size (", size, ")");
+    sizes[dim] /= size;
+    param.set_data(deferred_placeholder(sizes, param.scalar_type()));
+    return;
+  }
   param.set_data(cut_shard(param.detach(), dim, rank, size, blocks));
+}
+
+void keep_vocab_shard(torch::Tensor& param, int64_t vocab, int64_t padded, int rank, int size) {
+  torch::NoGradGuard no_grad;
+  if (is_deferred_placeholder(param)) {
+    param.set_data(deferred_placeholder({padded / size, param.size(1)}, param.scalar_type()));
+    return;
+  }
+  param.set_data(cut_shard(pad_dim(param.detach().narrow(0, 0, vocab), 0, padded), 0, rank, size));
 }
 
 } // namespace meshtrain

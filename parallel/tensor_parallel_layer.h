@@ -39,4 +39,11 @@ void apply_tensor_parallel(torch::nn::Module& root, const TensorParallelism& tp)
 // every reference see the new shape. No autograd.
 void keep_shard(torch::Tensor& param, int64_t dim, int rank, int size, int64_t blocks = 1);
 
+// The same for a serial vocabulary table [Vp1, C] padded for one rank: the first `vocab` rows
+// padded to `padded` (for `size` ranks), then this rank's rows.
+void keep_vocab_shard(torch::Tensor& param, int64_t vocab, int64_t padded, int rank, int size);
+
+// Both keep a deferred parameter (parallel/param_init.h) deferred: a placeholder of the
+// shard's sizes, nothing allocated.
+
 } // namespace meshtrain

@@ -31,11 +31,10 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(VocabParallelEmbeddingOpt
 void VocabParallelEmbeddingImpl::reset() {
   const int tp = tp_group_->size();
   const int rank = tp_group_->rank();
-  torch::NoGradGuard no_grad;
-  const auto master = torch::empty({options_.num_embeddings(), options_.embedding_dim()})
-                          .normal_(0.0, options_.init_std()); // [V, C]
-  weight = register_parameter("weight", cut_shard(pad_dim(master, 0, padded_), 0, rank, tp));
-  set_shard_spec("weight", partitioned_spec(0, padded_, rank, tp, options_.num_embeddings()));
+  // Rows of the whole [V, C] table padded to [Vp, C] (padding rows 0).
+  weight = declare_parameter(*this, "weight", {options_.num_embeddings(), options_.embedding_dim()},
+                             InitRule::normal(options_.init_std()),
+                             partitioned_spec(0, padded_, rank, tp, options_.num_embeddings()), tp);
 }
 
 void VocabParallelEmbeddingImpl::pretty_print(std::ostream& stream) const {
@@ -81,11 +80,7 @@ void VocabParallelEmbeddingImpl::apply_tensor_parallel(const TensorParallelism& 
   // The serial table is padded for one rank; pad it for `size` ranks, then keep this rank's
   // rows (the shard a layer built on the group would have drawn).
   padded_ = padded_vocab_size(vocab, options_.pad_to_multiple_of(), size);
-  {
-    torch::NoGradGuard no_grad;
-    weight.set_data(
-        cut_shard(pad_dim(weight.detach().narrow(0, 0, vocab), 0, padded_), 0, rank, size));
-  }
+  keep_vocab_shard(weight, vocab, padded_, rank, size);
   set_shard_spec("weight", partitioned_spec(0, padded_, rank, size, vocab));
   start_ = rank * (padded_ / size);
   options_.sequence_parallel(tp.sequence_parallel);

@@ -22,11 +22,10 @@ VocabParallelHeadImpl::VocabParallelHeadImpl(VocabParallelHeadOptions options,
 void VocabParallelHeadImpl::reset() {
   const int tp = tp_group_->size();
   const int rank = tp_group_->rank();
-  torch::NoGradGuard no_grad;
-  const auto master = torch::empty({options_.vocab_size(), options_.embedding_dim()})
-                          .normal_(0.0, options_.init_std()); // [V, C]
-  weight = register_parameter("weight", cut_shard(pad_dim(master, 0, padded_), 0, rank, tp));
-  set_shard_spec("weight", partitioned_spec(0, padded_, rank, tp, options_.vocab_size()));
+  // Rows of the whole [V, C] weight padded to [Vp, C] (padding rows 0).
+  weight = declare_parameter(*this, "weight", {options_.vocab_size(), options_.embedding_dim()},
+                             InitRule::normal(options_.init_std()),
+                             partitioned_spec(0, padded_, rank, tp, options_.vocab_size()), tp);
 }
 
 void VocabParallelHeadImpl::pretty_print(std::ostream& stream) const {
@@ -56,11 +55,7 @@ void VocabParallelHeadImpl::apply_tensor_parallel(const TensorParallelism& tp) {
   // The serial weight is padded for one rank; pad it for `size` ranks, then keep this rank's
   // rows (the shard a layer built on the group would have drawn).
   padded_ = meshtrain::padded_vocab_size(vocab, options_.pad_to_multiple_of(), size);
-  {
-    torch::NoGradGuard no_grad;
-    weight.set_data(
-        cut_shard(pad_dim(weight.detach().narrow(0, 0, vocab), 0, padded_), 0, rank, size));
-  }
+  keep_vocab_shard(weight, vocab, padded_, rank, size);
   set_shard_spec("weight", partitioned_spec(0, padded_, rank, size, vocab));
   options_.sequence_parallel(tp.sequence_parallel);
   tp_group_ = tp.group;

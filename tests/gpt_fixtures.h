@@ -8,6 +8,7 @@
 #include "meshtrain/core/token_file.h"
 #include "meshtrain/launch/parallelize.h"
 #include "meshtrain/launch/trainer.h"
+#include "meshtrain/parallel/param_init.h"
 #include "tests/harness.h"
 
 #include "examples/gpt/gpt_model.h"
@@ -113,11 +114,32 @@ inline ParallelizeOptions test_optimizer() {
   return ParallelizeOptions().optimizer(ZeroOptions().adamw(AdamWOptions(1e-2).weight_decay(0.1)));
 }
 
-// A GPT of `config` drawn from kSeed and laid out by parallelize() with `plan` on `mesh`.
+inline bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// What a parameter `name` of `sizes` (whole, unpadded) starts as under `seed` with
+// normal(0, std) (parallel/param_init.h): the documented init of the GPT and the Llama.
+inline torch::Tensor normal_init(const std::string& name, std::vector<int64_t> sizes, double std,
+                                 uint64_t seed = kSeed) {
+  auto out = torch::empty(sizes);
+  fill_initial_values(out.view({-1}), 0, sizes, name, InitRule::normal(std),
+                      ShardSpec::replicated(), seed);
+  return out;
+}
+
+// A GPT of `config` declared under kSeed and laid out by parallelize() with `plan` on `mesh`
+// (each rank makes only its part's values: sharded start-up).
 inline Parallelized tiny_gpt(const Mesh& mesh, const ParallelPlan& plan,
                              const gpt::GPTConfig& config = tiny_config()) {
   torch::manual_seed(kSeed);
-  return parallelize(std::make_shared<gpt::GPTImpl>(config), mesh, plan, test_optimizer());
+  std::shared_ptr<gpt::GPTImpl> model;
+  {
+    DeferredInit deferred(kSeed);
+    model = std::make_shared<gpt::GPTImpl>(config);
+  }
+  return parallelize(model, mesh, plan, test_optimizer());
 }
 
 // What the parity tests compare: kSteps steps' losses and gradient norms, then the validation

@@ -118,14 +118,20 @@ TEST_CASE("GPT: nanoGPT parameter names and shapes, init draws, loss at init", "
   }
   CHECK(model->num_parameters() == total);
 
-  // The documented draw order: wte [V, C], then wpe [T, C], then the blocks.
-  torch::manual_seed(kSeed);
-  const auto wte = torch::empty({256, C}).normal_(0.0, 0.02);
-  const auto wpe = torch::empty({24, C}).normal_(0.0, 0.02);
-  CHECK(torch::equal(params["transformer.wte.weight"], wte));
-  CHECK(torch::equal(params["transformer.wpe.weight"], wpe));
-  const auto c_attn = torch::empty({3 * C, C}).normal_(0.0, 0.02);
-  CHECK(torch::equal(params["transformer.h.0.attn.c_attn.weight"], c_attn));
+  // The documented init (gpt_model.h): each value by (seed, name, index); c_proj weights
+  // scaled by 1/sqrt(2L), biases 0, LayerNorm weights 1.
+  for (const auto& [name, shape] : expected) {
+    INFO("init of " << name);
+    const auto& p = params[name];
+    if (ends_with(name, "bias")) {
+      CHECK(torch::equal(p, torch::zeros(shape)));
+    } else if (name.find("ln_") != std::string::npos) {
+      CHECK(torch::equal(p, torch::ones(shape)));
+    } else {
+      const double std = ends_with(name, "c_proj.weight") ? 0.02 / std::sqrt(4.0) : 0.02;
+      CHECK(torch::equal(p, normal_init(name, shape, std)));
+    }
+  }
 
   // Small weights: the logits start near 0, the loss near ln(V).
   auto gen = at::detail::createCPUGenerator(7);
@@ -216,12 +222,14 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
   }
   // fp32: the same model up to summation order. bf16 (the mixed-precision policy): every
   // layout rounds its matrix products' inputs alike, but a TP shard or a micro-batch sums
-  // in a different order before the bf16 rounding, so the runs drift apart by roundings:
-  // the losses stay within 2e-2 (measured: within 0.3% over 20 steps), while the gradient
-  // norms, dominated by a few bf16-rounded extreme elements of this tiny model at lr 1e-2,
-  // differ by up to 40% at the loss spikes and are compared in fp32 only.
+  // in a different order before the bf16 rounding, so the runs drift apart by roundings, most
+  // at a loss spike: tp 2 and 4 were 2.1% off the serial run at step 6 (the spike of this
+  // tiny model at lr 1e-2 from the counter-based init) and 0.75% on average over the 20
+  // steps; the default GPT's tp 2 drifts up to 2.9% at its spike, before and after that init
+  // (train_gpt, 40 steps). So each step within 3e-2 and the mean within 1e-2. The gradient norms, dominated by a few bf16-rounded extreme elements,
+  // differ by up to 40% at the spikes and are compared in fp32 only.
   const std::vector<std::pair<Precision, double>> precisions = {{Precision::kFp32, 1e-5},
-                                                                {Precision::kBf16, 2e-2}};
+                                                                {Precision::kBf16, 3e-2}};
   for (const auto& [precision, tolerance] : precisions) {
     // The serial run, on this rank alone.
     const Mesh serial_mesh(ParallelDims{1, 1, 1, 1}, self_group());
@@ -233,16 +241,22 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
       const int64_t dp = mesh.group("dp")->size();
       const auto run =
           train_run(mesh, files, l.sp, l.zero, kGlobalBatch / (dp * l.accumulation), precision);
+      double mean_drift = 0;
       for (int s = 0; s < kSteps; ++s) {
         INFO(rank_tag() << to_string(precision) << " " << l.name << " (dp " << dp << " x tp "
                         << l.tp << "), step " << s << ": loss " << run.losses[s] << " vs serial "
                         << serial.losses[s] << ", grad norm " << run.norms[s] << " vs "
                         << serial.norms[s]);
-        CHECK(std::abs(run.losses[s] - serial.losses[s]) <= tolerance * std::abs(serial.losses[s]));
+        const double drift =
+            std::abs(run.losses[s] - serial.losses[s]) / std::abs(serial.losses[s]);
+        mean_drift += drift / kSteps;
+        CHECK(drift <= tolerance);
         if (precision == Precision::kFp32) {
           CHECK(std::abs(run.norms[s] - serial.norms[s]) <= tolerance * std::abs(serial.norms[s]));
         }
       }
+      INFO(rank_tag() << to_string(precision) << " " << l.name << ": mean drift " << mean_drift);
+      CHECK(mean_drift <= (precision == Precision::kFp32 ? 1e-5 : 1e-2));
       INFO(rank_tag() << to_string(precision) << " " << l.name << ": val_loss " << run.val_loss
                       << " vs serial " << serial.val_loss);
       CHECK(std::abs(run.val_loss - serial.val_loss) <= tolerance * serial.val_loss);

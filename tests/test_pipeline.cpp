@@ -199,7 +199,12 @@ TEST_CASE("pipeline: per-step losses, gradient norms and validation of every pip
                       << serial.losses[s] << ", grad norm " << run.norms[s] << " vs "
                       << serial.norms[s]);
       CHECK(std::abs(run.losses[s] - serial.losses[s]) <= 1e-5 * std::abs(serial.losses[s]));
-      CHECK(std::abs(run.norms[s] - serial.norms[s]) <= 1e-5 * std::abs(serial.norms[s]));
+      // The norm sums the stages' squares (and tp's, dp's partial gradients) in another order
+      // than the serial run. From the counter-based init (2026-12-08) the norms of this tiny
+      // model at lr 1e-2 drift from step 5 on while the losses stay equal to 6 digits:
+      // pp2 x dp2 1F1B 1.5e-5 and pp2 x tp2 SP GPipe 5.2e-5 off at step 10. A wrong stage or a
+      // missed shared gradient is > 1e-2 off.
+      CHECK(std::abs(run.norms[s] - serial.norms[s]) <= 1e-4 * std::abs(serial.norms[s]));
     }
     INFO(rank_tag() << v.name << ": val_loss " << run.val_loss << " vs serial " << serial.val_loss);
     CHECK(std::abs(run.val_loss - serial.val_loss) <= 1e-5 * serial.val_loss);

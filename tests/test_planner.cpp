@@ -77,7 +77,9 @@ TEST_CASE("planner: terms follow the layout", "[planner]") {
   const auto plain = estimate_memory(m, base);
   CHECK(plain.optimizer == 3 * 4 * plain.parameters_per_rank);
   CHECK(plain.gradients == 4 * plain.parameters_per_rank);
-  CHECK(plain.peak == plain.state + std::max(plain.activation_peak, plain.optimizer_transient));
+  CHECK(plain.peak == std::max(plain.state + plain.activation_peak, plain.startup));
+  // Start-up: the parameters, then the reducer's gradients and the optimizer's state.
+  CHECK(plain.startup == plain.parameters + plain.gradients + plain.optimizer);
 
   auto zero1 = base;
   zero1.zero_stage = 1;
@@ -291,7 +293,7 @@ TEST_CASE("planner: a pipeline stage holds the micro-batches its schedule has in
     for (const auto& s : stages) {
       CHECK(s.activation_peak == s.saved_layers + s.saved_head + s.transient + s.gathered +
                                      s.held_gradients + s.messages);
-      CHECK(s.peak == s.state + std::max(s.activation_peak, s.optimizer_transient));
+      CHECK(s.peak == std::max(s.state + s.activation_peak, s.startup));
     }
   }
   // After the first backward autograd's gradient of every parameter of the stage stays (one

@@ -12,6 +12,11 @@
 #                         meta.json is truncated: --resume names both as skipped and why,
 #                         resumes from step 2 and re-saves steps 4 and 6 intact; with every
 #                         checkpoint damaged, --resume fails naming them.
+#   startup-np2, startup-np4  sharded start-up: the step-0 checkpoint (--save-at-start) of
+#                         every layout on 2 (4) ranks exports to the same bytes as one rank's;
+#                         and two layouts started with --init from the serial run's trained
+#                         export (each rank reads its part of the mapped file) save it back
+#                         unchanged at step 0.
 # Runs in the build's examples/gpt directory, where the fixture left fortunes_{train,val}.bin.
 set -euo pipefail
 case_name=$1
@@ -79,6 +84,55 @@ export-matches-pytorch)
   "$build/launch/meshtrain-export" "$work/ckpt2/step_00000000" "$work/init.safetensors"
   "$python" "$(dirname "$0")/nanogpt_check.py" --weights "$work/init.safetensors" \
     --same-as "$work/gpt.safetensors"
+  ;;
+startup-np2 | startup-np4)
+  if [ "$case_name" = startup-np2 ]; then
+    np=2
+    layouts=("--zero 3" "--tp 2" "--tp 2 --sequence-parallel" "--pp 2" "--cp 2")
+    init_layouts=("--zero 3" "--tp 2 --sequence-parallel")
+  else
+    np=4
+    layouts=("--tp 2 --zero 1" "--tp 2 --sequence-parallel --zero 3" "--pp 2 --tp 2" "--pp 2 --zero 1"
+             "--cp 2 --tp 2" "--zero 3")
+    init_layouts=("--tp 2 --sequence-parallel --zero 3" "--pp 2 --tp 2")
+  fi
+  start() { # $1: a name, $2: ranks, the rest: the layout's flags
+    local name=$1 ranks=$2
+    shift 2
+    local launch=()
+    if [ "$ranks" -gt 1 ]; then launch=("${mpiexec[@]}" -np "$ranks"); fi
+    "${launch[@]}" "$train_gpt" "${train[@]}" "$@" --steps 1 --checkpoint-dir "$work/$name" \
+      --save-at-start > "$work/$name.log" 2>&1 || { cat "$work/$name.log"; fail "$name failed"; }
+    "$build/launch/meshtrain-export" "$work/$name/step_00000000" "$work/$name.safetensors" \
+      > /dev/null
+  }
+  header_size() { od -An -t u8 -N 8 "$1" | tr -d ' '; }
+  tensor_bytes() { tail -c +$((9 + $(header_size "$1"))) "$1"; }
+  header_of() { head -c $((8 + $(header_size "$1"))) "$1" | tail -c +9 | sed -E 's|"source":"[^"]*"||; s| *$||'; }
+  start serial 1
+  for layout in "${layouts[@]}"; do
+    name=$(echo "$layout" | tr -d ' -')
+    # shellcheck disable=SC2086 # the layout's flags split on purpose
+    start "$name" $np $layout
+    # The same tensors, byte for byte, and the same header but for its "source" (the path).
+    cmp <(tensor_bytes "$work/serial.safetensors") <(tensor_bytes "$work/$name.safetensors") ||
+      fail "np$np $layout: the step-0 export's tensors differ from the serial run's"
+    cmp <(header_of "$work/serial.safetensors") <(header_of "$work/$name.safetensors") ||
+      fail "np$np $layout: the step-0 export's header differs from the serial run's"
+    echo "np$np $layout: step-0 export identical to the serial run's ($(stat -c %s \
+      "$work/$name.safetensors") bytes)"
+  done
+  # The serial run's step 1 (trained: not the seed's values) as --init.
+  "$build/launch/meshtrain-export" "$work/serial" "$work/trained.safetensors" > /dev/null
+  for layout in "${init_layouts[@]}"; do
+    name=init$(echo "$layout" | tr -d ' -')
+    # shellcheck disable=SC2086 # the layout's flags split on purpose
+    start "$name" $np $layout --init "$work/trained.safetensors"
+    grep -q "initial weights from $work/trained.safetensors" "$work/$name.log" || fail "--init unused"
+    cmp <(tensor_bytes "$work/trained.safetensors") <(tensor_bytes "$work/$name.safetensors") ||
+      fail "np$np $layout --init: the step-0 export differs from the --init file's tensors"
+    echo "np$np $layout --init: step-0 export identical to the --init file's tensors"
+  done
   ;;
 sample-runs-with-tp)
   "$train_gpt" "${train[@]}" --checkpoint-dir "$work/ckpt" > /dev/null

@@ -2,6 +2,7 @@
 #include "examples/gpt/gpt_model.h"
 
 #include "meshtrain/core/errors.h"
+#include "meshtrain/parallel/param_init.h"
 #include "meshtrain/parallel/vocab_parallel_cross_entropy.h"
 
 #include <utility>
@@ -26,6 +27,7 @@ GPTImpl::GPTImpl(GPTConfig config, RngTrackerPtr rng)
     : config_(std::move(config)), rng_(std::move(rng)) {
   const auto& c = config_;
   c.validate();
+  ModelDeclaration declaration; // deferred under the caller's DeferredInit, else eager
   if (rng_ == nullptr && c.dropout() > 0.0) {
     rng_ = std::make_shared<RngTracker>(RngTrackerOptions(c.dropout_seed()), tp_.group);
   }
@@ -52,6 +54,7 @@ GPTImpl::GPTImpl(GPTConfig config, RngTrackerPtr rng)
   transformer.insert("h", h.ptr());
   transformer.insert("ln_f", ln_f.ptr());
   register_module("transformer", torch::nn::ModuleDict(transformer));
+  declaration.finish(*this);
 }
 
 void GPTImpl::apply_tensor_parallel(const TensorParallelism& tp) {

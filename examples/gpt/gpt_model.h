@@ -21,14 +21,14 @@
 // cross-entropy without ever gathering the full logits (as PyTorch's named_parameters()
 // lists a nanoGPT model: the tied lm_head.weight is de-duplicated away).
 //
-// Init (DESIGN §3 init invariance): every rank draws the full "master" tensors from the
-// default generator in this fixed order (parallelize then keeps each rank's shard):
-//   1. wte  [V, C] ~ N(0, 0.02)   one normal_ (VocabParallelEmbedding; padding rows are 0)
-//   2. wpe  [T, C] ~ N(0, 0.02)   one normal_
-//   3. h.0 .. h.<L-1>, each: c_attn.weight [3C, C], attn.c_proj.weight [C, C],
-//      c_fc.weight [4C, C], mlp.c_proj.weight [C, 4C] (c_proj std 0.02/sqrt(2L))
-//   LayerNorms (weight 1, bias 0) and biases (0) draw nothing.
-// So after torch::manual_seed(s) a GPT on any tp holds the shards of the tp = 1 GPT.
+// Init (DESIGN §3 "Sharded start-up and init invariance", §4): wte [V, C] and wpe [T, C] ~
+// N(0, 0.02), every block's c_attn.weight [3C, C] and c_fc.weight [4C, C] ~ N(0, 0.02), its
+// attn.c_proj.weight and mlp.c_proj.weight ~ N(0, 0.02/sqrt(2L)), biases 0, LayerNorm weights
+// 1; vocabulary padding rows 0. Each value is a function of (seed, name, element index)
+// (parallel/param_init.h). Declared inside a DeferredInit(seed) scope the model holds no
+// storage and parallelize gives each rank only its part; built outside one, it takes its values
+// at once under torch's default seed (torch::manual_seed). Either way every layout starts from
+// the same serial values bit for bit.
 //
 // Forward, idx [B, T'] int64 with T' <= block_size (ParallelModel's parts: embed, blocks,
 // head_loss):
@@ -86,9 +86,8 @@ struct GPTOutput {
 
 class GPTImpl : public ParallelModel, public TensorParallelLayer {
 public:
-  // Collective-free construction; draws the master weights (see above) from the default
-  // generator. `rng` supplies the dropout streams; when null and dropout > 0 the model
-  // makes one from config.dropout_seed().
+  // Collective-free construction; declares the weights (see "Init" above). `rng` supplies the
+  // dropout streams; when null and dropout > 0 the model makes one from config.dropout_seed().
   explicit GPTImpl(GPTConfig config, RngTrackerPtr rng = nullptr);
 
   // idx [B, T] int64 -> logits [B, T, Vp/tp]; with targets [B, T] int64 (-1: ignored) also

@@ -21,6 +21,7 @@
 #include "meshtrain/launch/trainer.h"
 #include "meshtrain/launch/training_flags.h"
 #include "meshtrain/memory/alloc_tracker.h"
+#include "meshtrain/parallel/param_init.h"
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -172,13 +173,9 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
           const Data& data) {
   const bool rank0 = runtime.rank() == 0;
   const auto& t = f.train;
-  // Same seed on every rank: every rank draws the same full weights, and parallelize keeps
-  // each rank's shard of them, so any layout starts from the serial model (DESIGN §3).
   torch::manual_seed(t.seed);
-  auto model = std::make_shared<gpt::GPTImpl>(model_config(f));
-
   // Where to start: the checkpoint --resume names (or finds), else --init's weights, else
-  // the seeded init above.
+  // the seeded init.
   std::optional<std::string> resume_from;
   if (t.resume == "latest") {
     resume_from = meshtrain::latest_checkpoint(t.checkpoint_dir);
@@ -189,16 +186,24 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
   } else if (!t.resume.empty()) {
     resume_from = meshtrain::resolve_checkpoint(t.resume);
   }
+  // The model is declared, not built: parallelize gives each rank only its part, every
+  // value a function of (seed, name, index) or read from --init's mapped file, so any layout
+  // starts from the serial model bit for bit and no rank holds the whole (DESIGN §3).
+  std::shared_ptr<gpt::GPTImpl> model;
+  {
+    meshtrain::DeferredInit deferred(t.seed);
+    model = std::make_shared<gpt::GPTImpl>(model_config(f));
+  }
+  auto options = meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t));
   if (!t.init.empty() && !resume_from) {
-    // Full weights into the serial model, before parallelize cuts them.
-    const auto weights = meshtrain::load_safetensors(t.init);
-    meshtrain::load_full_weights(*model, weights.tensors, 0, 1, t.init);
+    options.initial_weights(
+        std::make_shared<const meshtrain::SafetensorsFile>(meshtrain::map_safetensors(t.init)));
+    options.initial_weights_source(t.init);
     if (rank0) {
       std::printf("train_gpt: initial weights from %s\n", t.init.c_str());
     }
   }
-  auto parallel = meshtrain::parallelize(
-      model, mesh, f.plan, meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t)));
+  auto parallel = meshtrain::parallelize(model, mesh, f.plan, options);
   // Same flags but another build, or a model code change on some node: stop here.
   meshtrain::check_parameters_agree(mesh, *model);
   meshtrain::Trainer trainer(parallel, data.train, data.val,

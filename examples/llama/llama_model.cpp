@@ -116,6 +116,7 @@ torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x) {
 LlamaImpl::LlamaImpl(LlamaConfig config) : config_(std::move(config)) {
   const auto& c = config_;
   c.validate();
+  meshtrain::ModelDeclaration declaration; // deferred under the caller's DeferredInit
   // Construction order = draw order (see the header).
   embed_tokens = meshtrain::VocabParallelEmbedding(
       meshtrain::VocabParallelEmbeddingOptions(c.vocab_size(), c.n_embd())
@@ -139,6 +140,7 @@ LlamaImpl::LlamaImpl(LlamaConfig config) : config_(std::move(config)) {
                                          .pad_to_multiple_of(c.pad_vocab_to_multiple_of())
                                          .init_std(c.init_std())));
   }
+  declaration.finish(*this);
 }
 
 void LlamaImpl::apply_tensor_parallel(const meshtrain::TensorParallelism& tp) {

@@ -23,10 +23,11 @@
 // (Hugging Face's tie_word_embeddings). An export (meshtrain-export) drops the vocab padding.
 //
 // Init (DESIGN §4b): every matrix and embedding ~ N(0, init_std), o_proj and down_proj
-// N(0, init_std/sqrt(2L)), norms 1. Every rank draws the full master tensors from the default
-// generator in this order — embed_tokens [V, C]; per layer q, k, v, o, gate, up, down;
-// lm_head [V, C] — and parallelize keeps each rank's shard, so after torch::manual_seed(s) a
-// Llama on any tp holds the shards of the tp = 1 Llama.
+// N(0, init_std/sqrt(2L)), norms 1; each value a function of (seed, name, element index)
+// (<meshtrain/parallel/param_init.h>). Declared inside a meshtrain::DeferredInit(seed) scope
+// the model holds no storage and parallelize gives each rank only its part; built outside one
+// it takes its values at once under torch::manual_seed's seed. Every layout starts from the
+// same serial values bit for bit.
 //
 // Forward, idx [B, T'] int64 with T' <= block_size:
 //   x = embed_tokens(idx)                  [B, T', C] (sequence parallel: [B, T'/tp, C])
@@ -40,6 +41,7 @@
 #include <meshtrain/parallel/parallel_model.h>
 #include <meshtrain/parallel/parallel_rms_norm.h>
 #include <meshtrain/parallel/parallel_swiglu.h>
+#include <meshtrain/parallel/param_init.h>
 #include <meshtrain/parallel/tensor_parallel_layer.h>
 #include <meshtrain/parallel/vocab_parallel_embedding.h>
 #include <meshtrain/parallel/vocab_parallel_head.h>
@@ -116,8 +118,7 @@ TORCH_MODULE(LlamaDecoderLayer);
 
 class LlamaImpl : public meshtrain::ParallelModel, public meshtrain::TensorParallelLayer {
 public:
-  // Collective-free construction; draws the master weights (see above) from the default
-  // generator.
+  // Collective-free construction; declares the weights (see "Init" above).
   explicit LlamaImpl(LlamaConfig config);
 
   // idx [B, T] int64 -> logits [B, T, Vp/tp]; with targets [B, T] int64 (-1: ignored) also

@@ -27,6 +27,7 @@
 #include <meshtrain/launch/trainer.h>
 #include <meshtrain/launch/training_flags.h>
 #include <meshtrain/memory/alloc_tracker.h>
+#include <meshtrain/parallel/param_init.h>
 
 #include <torch/torch.h>
 
@@ -132,11 +133,12 @@ Data load_data(const Flags& f) {
   return data;
 }
 
-// --init: the full weights of a safetensors file (an export, Hugging Face's names) into the
-// serial model, before parallelize cuts them. A tied model takes a file that also holds
-// lm_head.weight when it equals embed_tokens (some writers keep both).
-void load_init(llama::LlamaImpl& model, const std::string& path) {
-  auto file = meshtrain::load_safetensors(path);
+// --init: a safetensors file (an export, Hugging Face's names), mapped: parallelize reads each
+// rank's part of it. A tied model takes a file that also holds lm_head.weight when it equals
+// embed_tokens (some writers keep both; that check reads both whole).
+std::shared_ptr<const meshtrain::SafetensorsFile> map_init(const llama::LlamaImpl& model,
+                                                           const std::string& path) {
+  auto file = meshtrain::map_safetensors(path);
   auto& tensors = file.tensors;
   const auto find = [&](const std::string& name) {
     return std::find_if(tensors.begin(), tensors.end(),
@@ -150,7 +152,7 @@ void load_init(llama::LlamaImpl& model, const std::string& path) {
              "(--tie-embeddings)");
     tensors.erase(head);
   }
-  meshtrain::load_full_weights(model, tensors, 0, 1, path);
+  return std::make_shared<const meshtrain::SafetensorsFile>(std::move(file));
 }
 
 void print_banner(const Flags& f, const meshtrain::Runtime& runtime, const llama::LlamaImpl& model,
@@ -193,11 +195,7 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
           const Data& data) {
   const bool rank0 = runtime.rank() == 0;
   const auto& t = f.train;
-  // Same seed on every rank: every rank draws the same full weights, and parallelize keeps
-  // each rank's shard of them, so any layout starts from the serial model.
   torch::manual_seed(t.seed);
-  auto model = std::make_shared<llama::LlamaImpl>(f.model);
-
   std::optional<std::string> resume_from;
   if (t.resume == "latest") {
     resume_from = meshtrain::latest_checkpoint(t.checkpoint_dir);
@@ -208,14 +206,21 @@ int train(const Flags& f, const meshtrain::Runtime& runtime, const meshtrain::Me
   } else if (!t.resume.empty()) {
     resume_from = meshtrain::resolve_checkpoint(t.resume);
   }
+  // Declared, not built: parallelize gives each rank only its part (drawn, or read from
+  // --init's mapped file), and any layout starts from the serial values bit for bit.
+  std::shared_ptr<llama::LlamaImpl> model;
+  {
+    meshtrain::DeferredInit deferred(t.seed);
+    model = std::make_shared<llama::LlamaImpl>(f.model);
+  }
+  auto options = meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t));
   if (!t.init.empty() && !resume_from) {
-    load_init(*model, t.init);
+    options.initial_weights(map_init(*model, t.init)).initial_weights_source(t.init);
     if (rank0) {
       std::printf("%s: initial weights from %s\n", kProgram, t.init.c_str());
     }
   }
-  auto parallel = meshtrain::parallelize(
-      model, mesh, f.plan, meshtrain::ParallelizeOptions().optimizer(cli::optimizer_options(t)));
+  auto parallel = meshtrain::parallelize(model, mesh, f.plan, options);
   meshtrain::check_parameters_agree(mesh, *model);
   meshtrain::Trainer trainer(parallel, data.train, data.val,
                              cli::trainer_options(t, f.model.block_size()));
