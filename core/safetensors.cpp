@@ -218,6 +218,10 @@ public:
     size_ = static_cast<uint64_t>(st.st_size);
     if (size_ > 0) {
       data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+      if (data_ != MAP_FAILED) {
+        // Reads of parts: no readahead into pages this process will not use.
+        ::madvise(data_, size_, MADV_RANDOM);
+      }
     }
     const int err = errno;
     ::close(fd);
@@ -258,11 +262,25 @@ SafetensorsFile load_safetensors(const std::string& path) {
   return parse_safetensors(read_file(path), path);
 }
 
+void release_pages(const SafetensorsFile& file, const torch::Tensor& tensor) {
+  if (!file.mapped || tensor.numel() == 0) {
+    return;
+  }
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  const auto end = begin + tensor.numel() * tensor.element_size();
+  const uintptr_t first = begin / page * page;
+  const uintptr_t last = (end + page - 1) / page * page;
+  // A private read-only file mapping: the pages stay in the page cache, only unmapped here.
+  ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
 SafetensorsFile map_safetensors(const std::string& path) {
   auto mapping = std::make_shared<const Mapping>(path);
   const Header header = parse_header(mapping->data(), mapping->size(), path);
   SafetensorsFile file;
   file.metadata = header.metadata;
+  file.mapped = true;
   for (const auto& e : header.entries) {
     const auto options = torch::TensorOptions().dtype(e.dtype);
     if (e.end == e.begin) {

@@ -19,8 +19,9 @@ namespace meshtrain {
 using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
 struct SafetensorsFile {
-  NamedTensors tensors; // in file order, each an owned CPU tensor
+  NamedTensors tensors; // in file order, each an owned CPU tensor (mapped: a view of the file)
   std::map<std::string, std::string> metadata;
+  bool mapped = false; // made by map_safetensors
 
   bool contains(const std::string& name) const;
   const torch::Tensor& at(const std::string& name) const; // throws naming the missing key
@@ -34,6 +35,11 @@ SafetensorsFile load_safetensors(const std::string& path);
 // when touched. So a rank that reads the elements it keeps of a large file reads only those
 // pages (sharded start-up, parallel/param_init.h). The tensors must not be written.
 SafetensorsFile map_safetensors(const std::string& path);
+// For a mapped file: this process stops mapping the pages under `tensor` (one of its tensors),
+// so the pages of a tensor read in part do not stay resident in it (the kernel maps whole
+// large folios of the page cache, not only the pages touched). Touching the tensor again maps
+// them back. Does nothing for a file read into memory.
+void release_pages(const SafetensorsFile& file, const torch::Tensor& tensor);
 
 std::string serialize_safetensors(const NamedTensors& tensors,
                                   const std::map<std::string, std::string>& metadata = {});

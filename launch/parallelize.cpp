@@ -256,6 +256,12 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   const auto whole_of = [&weights](const std::string& name) {
     return weights ? weights->at(name) : torch::Tensor();
   };
+  // After a parameter's part is read: its pages leave this rank's memory again.
+  const auto done_with = [&weights](const std::string& name) {
+    if (weights) {
+      release_pages(*weights, weights->at(name));
+    }
+  };
 
   // 1b. Pipeline stages: this rank keeps its stages' blocks (the first and the last stage
   //     also the parameters outside the blocks). Block functions are made first: they hold
@@ -315,6 +321,7 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
       per_shard.emplace(p.name, p);
     } else {
       materialize(p, init_seed, whole_of(p.name));
+      done_with(p.name);
     }
   }
   check_replicas(*model, mesh, "at start-up");
@@ -347,14 +354,15 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
   out.reducer = std::make_shared<DataParallelReducer>(
       *model, mesh, out.buckets, DataParallelOptions().broadcast_parameters(false));
   if (resolved.zero_stage == 3) {
-    auto fill = [&per_shard, init_seed, &whole_of](const std::string& name,
-                                                   const torch::Tensor& shard, int64_t first) {
+    auto fill = [&per_shard, init_seed, &whole_of,
+                 &done_with](const std::string& name, const torch::Tensor& shard, int64_t first) {
       auto it = per_shard.find(name);
       if (it == per_shard.end()) {
         return false;
       }
       auto& p = it->second;
       fill_deferred(p, shard, first, init_seed, whole_of(name));
+      done_with(name);
       p.owner->mark_materialized(p.local_name);
       per_shard.erase(it);
       return true;

@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <memory>
 
@@ -37,6 +38,18 @@ int64_t peak_rss_bytes() {
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   return static_cast<int64_t>(usage.ru_maxrss) * 1024; // KiB on Linux
+}
+
+// Resident pages of this process mapped from files (a mapped --init file's among them), now.
+int64_t rss_file_bytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("RssFile:", 0) == 0) {
+      return std::stoll(line.substr(8)) * 1024; // "RssFile:   1234 kB"
+    }
+  }
+  return 0;
 }
 
 } // namespace
@@ -54,6 +67,7 @@ int main(int argc, char** argv) {
     ("block-size", "sequence length T", cli::text("64"))
     ("tp", "tensor-parallel ranks (dp = the rest)", cli::text("1"))
     ("zero", "ZeRO stage", cli::text("3"))
+    ("recompute", "none, selective or full", cli::text("none"))
     ("batch", "global batch (sequences per step)", cli::text("8"))
     ("steps", "training steps", cli::text("2"))
     ("data", "llm.c token file", cli::text("data/fortunes_train.bin"))
@@ -83,6 +97,8 @@ int main(int argc, char** argv) {
     plan.dims = ParallelDims{-1, 1, tp, 1};
     plan.zero_stage = static_cast<int>(flags.integer("zero", 0, 3));
     plan.global_batch = flags.integer("batch", 1, 1 << 20);
+    plan.recompute =
+        cli::parse_choice<RecomputeMode>("recompute", flags.str("recompute"), parse_recompute_mode);
     steps = flags.integer("steps", 1, 1 << 20);
     whole = flags.flag("whole");
     data = flags.str("data");
@@ -123,27 +139,38 @@ int main(int argc, char** argv) {
   auto parallel = parallelize(model, mesh, plan, parallelize_options);
   const double startup_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const int64_t startup_rss = peak_rss_bytes();
+  const int64_t startup_tensors = tracker.peak_bytes();
+  const int64_t startup_file = rss_file_bytes();
   {
-    Trainer trainer(
-        parallel, tokens, nullptr,
-        TrainerOptions().steps(steps).seq_len(config.block_size()).progress(ProgressStyle::kOff));
+    Trainer trainer(parallel, tokens, nullptr,
+                    TrainerOptions()
+                        .steps(steps)
+                        .warmup_steps(0)
+                        .seq_len(config.block_size())
+                        .progress(ProgressStyle::kOff));
     for (int64_t s = 0; s < steps; ++s) {
       trainer.train_step();
     }
   }
-  // [rss, tensor peak, startup microseconds] of every rank, on rank 0.
-  auto mine =
-      torch::tensor({peak_rss_bytes(), tracker.peak_bytes(), static_cast<int64_t>(startup_s * 1e6)},
-                    torch::kLong);
-  auto all = torch::empty({world->size() * 3}, torch::kLong);
+  // Per rank: [rss, tensor peak, the same two at the end of start-up, start-up microseconds],
+  // on rank 0.
+  constexpr int kFigures = 6;
+  auto mine = torch::tensor({peak_rss_bytes(), tracker.peak_bytes(), startup_rss, startup_tensors,
+                             static_cast<int64_t>(startup_s * 1e6), startup_file},
+                            torch::kLong);
+  auto all = torch::empty({world->size() * kFigures}, torch::kLong);
   world->all_gather(mine, all);
   if (runtime.rank() == 0) {
     for (int r = 0; r < world->size(); ++r) {
+      const auto figure = [&](int i) {
+        return static_cast<long long>(all[kFigures * r + i].item<int64_t>());
+      };
       std::printf("{\"rank\": %d, \"peak_rss_bytes\": %lld, \"tensor_peak_bytes\": %lld, "
-                  "\"startup_s\": %.3f, \"model_bytes\": %lld}\n",
-                  r, static_cast<long long>(all[3 * r].item<int64_t>()),
-                  static_cast<long long>(all[3 * r + 1].item<int64_t>()),
-                  static_cast<double>(all[3 * r + 2].item<int64_t>()) / 1e6,
+                  "\"startup_rss_bytes\": %lld, \"startup_tensor_bytes\": %lld, "
+                  "\"startup_s\": %.3f, \"startup_rss_file_bytes\": %lld, \"model_bytes\": %lld}\n",
+                  r, figure(0), figure(1), figure(2), figure(3),
+                  static_cast<double>(figure(4)) / 1e6, figure(5),
                   static_cast<long long>(model_bytes));
     }
   }

@@ -8,6 +8,7 @@ model and once with the same model cut to one layer, and prints per rank:
                       memory the model's size costs, from process start to the last step
   x model             that, as a multiple of the whole model's fp32 bytes
   tensor peak         the counting allocator's peak since process start (x model likewise)
+  at start-up         the same two at the end of parallelize (before the first step)
   start-up s          construction + parallelize on the rank
 Then one summary row per layout and construction (the worst rank).
 
@@ -31,6 +32,7 @@ LAYOUTS = {
     "zero3": ["--zero", "3"],
     "tp2 zero3": ["--tp", "2", "--zero", "3"],
     "tp2 zero1": ["--tp", "2", "--zero", "1"],
+    "zero3 full": ["--zero", "3", "--recompute", "full"],
 }
 
 MIB = 1 << 20
@@ -82,25 +84,29 @@ def main():
             model = big[0]["model_bytes"]
             print(f"### {layout}, {construction} (model {model / MIB:.1f} MiB fp32)\n")
             print("| rank | peak RSS MiB | 1 layer MiB | RSS above 1 layer MiB | x model | "
-                  "tensor peak MiB | x model | start-up s |")
-            print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-            worst = (0.0, 0.0, 0.0)
+                  "tensor peak MiB | x model | at start-up: RSS above 1 layer x model | "
+                  "tensor peak x model | start-up s |")
+            print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            worst = [0.0] * 5
             for b, s in zip(big, base):
                 above = b["peak_rss_bytes"] - s["peak_rss_bytes"]
+                above_startup = b["startup_rss_bytes"] - s["startup_rss_bytes"]
+                row = [above / model, b["tensor_peak_bytes"] / model, above_startup / model,
+                       b["startup_tensor_bytes"] / model, b["startup_s"]]
                 print(f"| {b['rank']} | {b['peak_rss_bytes'] / MIB:.0f} | "
-                      f"{s['peak_rss_bytes'] / MIB:.0f} | {above / MIB:.0f} | {above / model:.2f} | "
-                      f"{b['tensor_peak_bytes'] / MIB:.0f} | {b['tensor_peak_bytes'] / model:.2f} | "
-                      f"{b['startup_s']:.2f} |")
-                worst = (max(worst[0], above / model), max(worst[1], b["tensor_peak_bytes"] / model),
-                         max(worst[2], b["startup_s"]))
+                      f"{s['peak_rss_bytes'] / MIB:.0f} | {above / MIB:.0f} | {row[0]:.2f} | "
+                      f"{b['tensor_peak_bytes'] / MIB:.0f} | {row[1]:.2f} | {row[2]:.2f} | "
+                      f"{row[3]:.2f} | {row[4]:.2f} |")
+                worst = [max(w, r) for w, r in zip(worst, row)]
             print()
-            summary.append((layout, construction, *worst))
-    print("### worst rank\n")
-    print("| layout | construction | RSS above 1 layer, x model | tensor peak, x model | "
-          "start-up s (slowest rank) |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for layout, construction, rss, tensors, startup in summary:
-        print(f"| {layout} | {construction} | {rss:.2f} | {tensors:.2f} | {startup:.2f} |")
+            summary.append((layout, construction, worst))
+    print("### worst rank (x the model's fp32 bytes; start-up s: the slowest rank)\n")
+    print("| layout | construction | RSS above 1 layer | tensor peak | at start-up: RSS above "
+          "1 layer | tensor peak | start-up s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for layout, construction, w in summary:
+        print(f"| {layout} | {construction} | {w[0]:.2f} | {w[1]:.2f} | {w[2]:.2f} | {w[3]:.2f} | "
+              f"{w[4]:.2f} |")
 
 
 if __name__ == "__main__":
