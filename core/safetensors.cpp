@@ -218,10 +218,6 @@ public:
     size_ = static_cast<uint64_t>(st.st_size);
     if (size_ > 0) {
       data_ = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (data_ != MAP_FAILED) {
-        // Reads of parts: no readahead into pages this process will not use.
-        ::madvise(data_, size_, MADV_RANDOM);
-      }
     }
     const int err = errno;
     ::close(fd);

@@ -763,34 +763,26 @@ NamedTensors load_consolidated_weights(const CheckpointInfo& info) {
 void load_full_weights(torch::nn::Module& model, const NamedTensors& weights, int tp_rank,
                        int tp_size, const std::string& source) {
   std::map<std::string, torch::Tensor> by_name(weights.begin(), weights.end());
+  const auto specs = named_shard_specs(model);
+  const auto params = model.named_parameters();
+  WholeShapes wanted;
+  for (const auto& [name, spec] : specs) {
+    wanted.emplace_back(name, unpadded_shape(global_shape(params[name], spec), spec));
+  }
+  check_whole_weights(wanted, weights, source);
+  const auto head = by_name.find("lm_head.weight");
+  if (head != by_name.end() && by_name.count("transformer.wte.weight") > 0) {
+    MT_CHECK(torch::equal(head->second, by_name.at("transformer.wte.weight")), source,
+             ": lm_head.weight differs from transformer.wte.weight; this GPT ties them");
+  }
   torch::NoGradGuard no_grad;
-  std::set<std::string> used;
-  for (const auto& [name, spec] : named_shard_specs(model)) {
-    auto it = by_name.find(name);
-    MT_CHECK(it != by_name.end(), source, ": has no tensor '", name, "' (the model needs it)");
-    used.insert(name);
-    torch::Tensor param = model.named_parameters()[name];
-    const auto want = unpadded_shape(global_shape(param, spec), spec);
-    MT_CHECK(it->second.sizes().vec() == want, source, ": '", name, "' has shape ",
-             it->second.sizes(), "; the model needs ", c10::IntArrayRef(want),
-             " (check --n-layer/--n-embd/--n-head/--block-size/--vocab-size)");
-    torch::Tensor local = it->second;
+  for (const auto& [name, spec] : specs) {
+    torch::Tensor local = by_name.at(name);
     if (spec.is_partitioned()) {
       local = cut_shard(pad_dim(local, spec.dim, spec.global_size), spec.dim, tp_rank, tp_size,
                         spec.blocks);
     }
-    param.copy_(local);
-  }
-  for (const auto& [name, tensor] : by_name) {
-    if (used.count(name) > 0) {
-      continue;
-    }
-    if (name == "lm_head.weight" && by_name.count("transformer.wte.weight") > 0) {
-      MT_CHECK(torch::equal(tensor, by_name.at("transformer.wte.weight")), source,
-               ": lm_head.weight differs from transformer.wte.weight; this GPT ties them");
-      continue;
-    }
-    MT_CHECK(false, source, ": tensor '", name, "' is not a parameter of the model");
+    params[name].copy_(local);
   }
 }
 

@@ -251,7 +251,11 @@ Parallelized parallelize(std::shared_ptr<ParallelModel> model, const Mesh& mesh,
              "DeferredInit scope (",
              declared.size(), " of its ", unique_parameter_count(*model),
              " parameters are deferred)");
-    check_whole_weights(declared, weights->tensors, options.initial_weights_source());
+    WholeShapes wanted;
+    for (const auto& p : declared) {
+      wanted.emplace_back(p.name, whole_sizes(p));
+    }
+    check_whole_weights(wanted, weights->tensors, options.initial_weights_source());
   }
   const auto whole_of = [&weights](const std::string& name) {
     return weights ? weights->at(name) : torch::Tensor();

@@ -5,8 +5,6 @@
 #include "meshtrain/core/trace.h"
 #include "meshtrain/memory/alloc_tracker.h"
 
-#include <sys/resource.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -69,17 +67,6 @@ private:
   int64_t wall_ns_ = 0;
   int64_t blocked_ns_ = 0;
 };
-
-// Peak resident set size of this process in bytes. getrusage's ru_maxrss (KiB on Linux)
-// counts every allocation, torch's and ours; a memory tracker of the memory/ layer (allocator
-// statistics, per-device peaks on CUDA) will replace it.
-int64_t peak_rss_bytes() {
-  struct rusage usage {};
-  if (getrusage(RUSAGE_SELF, &usage) != 0) {
-    return 0;
-  }
-  return static_cast<int64_t>(usage.ru_maxrss) * 1024;
-}
 
 ReporterOptions reporter_options(const TrainerOptions& o, const ParallelPlan& plan) {
   ReporterOptions r;

@@ -3,6 +3,7 @@
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <sys/resource.h>
 
 #include <algorithm>
 #include <cstring>
@@ -152,6 +153,14 @@ MemoryTagScope::~MemoryTagScope() {
 
 MemoryTag MemoryTagScope::current() {
   return current_tag;
+}
+
+int64_t peak_rss_bytes() {
+  struct rusage usage {};
+  if (getrusage(RUSAGE_SELF, &usage) != 0) {
+    return 0;
+  }
+  return static_cast<int64_t>(usage.ru_maxrss) * 1024;
 }
 
 } // namespace meshtrain

@@ -1,6 +1,6 @@
-// defines: MemoryTag, AllocationTracker, MemoryTagScope — a counting CPU allocator installed
-// through c10 (SetCPUAllocator): current and peak bytes of live CPU tensors, in total and per
-// tag (parameters, gradients, optimizer state, activations, other). Tags are per thread: an
+// defines: MemoryTag, AllocationTracker, MemoryTagScope, peak_rss_bytes — a counting CPU allocator
+// installed through c10 (SetCPUAllocator): current and peak bytes of live CPU tensors, in total and
+// per tag (parameters, gradients, optimizer state, activations, other). Tags are per thread: an
 // allocation belongs to the tag of the innermost MemoryTagScope of the thread making it.
 //
 // Only allocations made after install() are counted (tensors made before keep their original
@@ -58,5 +58,9 @@ public:
 private:
   MemoryTag previous_;
 };
+
+// Peak resident set size of this process in bytes since it started (getrusage's ru_maxrss,
+// KiB on Linux): every allocation, torch's and ours, and mapped file pages; 0 if unknown.
+int64_t peak_rss_bytes();
 
 } // namespace meshtrain

@@ -249,24 +249,23 @@ void fill_deferred(const DeferredParameter& p, const torch::Tensor& out, int64_t
   }
 }
 
-void check_whole_weights(const std::vector<DeferredParameter>& params, const NamedTensors& weights,
+void check_whole_weights(const WholeShapes& wanted, const NamedTensors& weights,
                          const std::string& source) {
   std::map<std::string, const torch::Tensor*> by_name;
   for (const auto& [name, tensor] : weights) {
     by_name[name] = &tensor;
   }
-  std::set<std::string> wanted;
-  for (const auto& p : params) {
-    wanted.insert(p.name);
-    const auto it = by_name.find(p.name);
-    MT_CHECK(it != by_name.end(), source, ": has no tensor '", p.name, "' (the model needs it)");
-    const auto want = whole_sizes(p);
-    MT_CHECK(it->second->sizes().vec() == want, source, ": '", p.name, "' has shape ",
+  std::set<std::string> names;
+  for (const auto& [name, want] : wanted) {
+    names.insert(name);
+    const auto it = by_name.find(name);
+    MT_CHECK(it != by_name.end(), source, ": has no tensor '", name, "' (the model needs it)");
+    MT_CHECK(it->second->sizes().vec() == want, source, ": '", name, "' has shape ",
              it->second->sizes(), "; the model needs ", c10::IntArrayRef(want),
              " (check --n-layer/--n-embd/--n-head/--block-size/--vocab-size)");
   }
   for (const auto& [name, tensor] : by_name) {
-    MT_CHECK(wanted.count(name) > 0 || name == "lm_head.weight", source, ": tensor '", name,
+    MT_CHECK(names.count(name) > 0 || name == "lm_head.weight", source, ": tensor '", name,
              "' is not a parameter of the model");
   }
 }

@@ -107,10 +107,11 @@ void fill_deferred(const DeferredParameter& p, const torch::Tensor& out, int64_t
 // fill_deferred), and marks it materialised.
 void materialize(DeferredParameter& p, uint64_t seed, const torch::Tensor& whole = {});
 
-// Throws naming `source` unless `weights` holds every parameter of `params` with its whole
-// shape and nothing else ("lm_head.weight" is allowed beside a model without one: a tied
-// head, as Hugging Face and nanoGPT files may carry it). Reads no tensor data.
-void check_whole_weights(const std::vector<DeferredParameter>& params, const NamedTensors& weights,
+// Throws naming `source` unless `weights` holds every (name, whole unpadded sizes) of `wanted`
+// with those sizes and nothing else ("lm_head.weight" is allowed beside a model without one:
+// a tied head, as Hugging Face and nanoGPT files may carry it). Reads no tensor data.
+using WholeShapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+void check_whole_weights(const WholeShapes& wanted, const NamedTensors& weights,
                          const std::string& source);
 
 // Every deferred parameter of `root` under its rule's own seed: what a model built outside

@@ -226,8 +226,9 @@ TEST_CASE("GPT + Trainer: per-step losses of every layout equal the serial run",
   // at a loss spike: tp 2 and 4 were 2.1% off the serial run at step 6 (the spike of this
   // tiny model at lr 1e-2 from the counter-based init) and 0.75% on average over the 20
   // steps; the default GPT's tp 2 drifts up to 2.9% at its spike, before and after that init
-  // (train_gpt, 40 steps). So each step within 3e-2 and the mean within 1e-2. The gradient norms, dominated by a few bf16-rounded extreme elements,
-  // differ by up to 40% at the spikes and are compared in fp32 only.
+  // (train_gpt, 40 steps). So each step within 3e-2 and the mean within 1e-2. The gradient norms,
+  // dominated by a few bf16-rounded extreme elements, differ by up to 40% at the spikes and are
+  // compared in fp32 only.
   const std::vector<std::pair<Precision, double>> precisions = {{Precision::kFp32, 1e-5},
                                                                 {Precision::kBf16, 3e-2}};
   for (const auto& [precision, tolerance] : precisions) {

@@ -21,7 +21,6 @@
 
 #include "examples/gpt/gpt_model.h"
 
-#include <sys/resource.h>
 #include <torch/torch.h>
 
 #include <chrono>
@@ -33,12 +32,6 @@
 using namespace meshtrain;
 
 namespace {
-
-int64_t peak_rss_bytes() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<int64_t>(usage.ru_maxrss) * 1024; // KiB on Linux
-}
 
 // Resident pages of this process mapped from files (a mapped --init file's among them), now.
 int64_t rss_file_bytes() {
